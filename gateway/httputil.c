@@ -1,0 +1,211 @@
+/*
+ * httputil.c - stateless HTTP helpers; callable from any thread (the random
+ * generator state is the caller's, one per thread).
+ */
+#include "gateway/httputil.h"
+
+#include <stdio.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/random.h>
+#include <time.h>
+
+#include <event2/buffer.h>
+#include <event2/http.h>
+#include <sys/queue.h>
+
+#include <event2/keyvalq_struct.h>
+
+#include "config/config.h"
+#include "gateway/log.h"
+
+static uint64_t rotl(uint64_t x, int k)
+{
+    return (x << k) | (x >> (64 - k));
+}
+
+uint64_t gw_rng_next(gw_rng *rng)
+{
+    uint64_t *s = rng->s;
+    uint64_t result = rotl(s[1] * 5, 7) * 9;
+    uint64_t t = s[1] << 17;
+    s[2] ^= s[0];
+    s[3] ^= s[1];
+    s[1] ^= s[2];
+    s[0] ^= s[3];
+    s[2] ^= t;
+    s[3] = rotl(s[3], 45);
+    return result;
+}
+
+void gw_rng_seed(gw_rng *rng)
+{
+    if (getrandom(rng->s, sizeof rng->s, 0) != (ssize_t)sizeof rng->s) {
+        /* No entropy source: ids only need to be unique, not secret. */
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        rng->s[0] = (uint64_t)ts.tv_nsec ^ 0x9e3779b97f4a7c15ULL;
+        rng->s[1] = (uint64_t)ts.tv_sec ^ (uint64_t)(uintptr_t)rng;
+        rng->s[2] = 0xbf58476d1ce4e5b9ULL;
+        rng->s[3] = 0x94d049bb133111ebULL;
+    }
+    if (!(rng->s[0] | rng->s[1] | rng->s[2] | rng->s[3]))
+        rng->s[0] = 1;
+}
+
+void gw_rng_hex(gw_rng *rng, char *out, size_t nbytes)
+{
+    static const char hex[] = "0123456789abcdef";
+    uint64_t v = 0;
+    for (size_t i = 0; i < nbytes; i++) {
+        if (i % 8 == 0)
+            v = gw_rng_next(rng);
+        unsigned char b = (unsigned char)(v >> ((i % 8) * 8));
+        out[2 * i] = hex[b >> 4];
+        out[2 * i + 1] = hex[b & 15];
+    }
+    out[2 * nbytes] = '\0';
+}
+
+bool gw_request_id_is_sane(const char *id)
+{
+    size_t n = 0;
+    if (!id)
+        return false;
+    for (; id[n]; n++) {
+        char c = id[n];
+        bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' ||
+                  c == '_' || c == ':' || c == '-';
+        if (!ok || n >= GW_REQUEST_ID_MAX)
+            return false;
+    }
+    return n > 0;
+}
+
+static bool is_lower_hex(const char *s, size_t n, bool *all_zero)
+{
+    *all_zero = true;
+    for (size_t i = 0; i < n; i++) {
+        char c = s[i];
+        if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f')))
+            return false;
+        if (c != '0')
+            *all_zero = false;
+    }
+    return true;
+}
+
+bool gw_traceparent_is_valid(const char *tp)
+{
+    bool zero;
+    if (!tp)
+        return false;
+    size_t len = strlen(tp);
+    if (len < GW_TRACEPARENT_LEN)
+        return false;
+    if (!is_lower_hex(tp, 2, &zero) || strncmp(tp, "ff", 2) == 0)
+        return false;
+    /* Version 00 is exactly 55 characters; later versions may append "-..." */
+    if (strncmp(tp, "00", 2) == 0 ? len != GW_TRACEPARENT_LEN : (len > GW_TRACEPARENT_LEN && tp[55] != '-'))
+        return false;
+    if (tp[2] != '-' || tp[35] != '-' || tp[52] != '-')
+        return false;
+    if (!is_lower_hex(tp + 3, 32, &zero) || zero)
+        return false;
+    if (!is_lower_hex(tp + 36, 16, &zero) || zero)
+        return false;
+    return is_lower_hex(tp + 53, 2, &zero);
+}
+
+void gw_traceparent_mint(gw_rng *rng, char *out)
+{
+    char trace[33], span[17];
+    do
+        gw_rng_hex(rng, trace, 16);
+    while (strspn(trace, "0") == 32);
+    do
+        gw_rng_hex(rng, span, 8);
+    while (strspn(span, "0") == 16);
+    snprintf(out, GW_TRACEPARENT_LEN + 1, "00-%s-%s-01", trace, span);
+}
+
+/* Does the comma-separated token list contain name (case-insensitive)? */
+static bool list_has_token(const char *list, const char *name)
+{
+    size_t name_len = strlen(name);
+    const char *p = list;
+    while (*p) {
+        while (*p == ' ' || *p == '\t' || *p == ',')
+            p++;
+        const char *start = p;
+        while (*p && *p != ',')
+            p++;
+        const char *end = p;
+        while (end > start && (end[-1] == ' ' || end[-1] == '\t'))
+            end--;
+        if ((size_t)(end - start) == name_len && strncasecmp(start, name, name_len) == 0)
+            return true;
+    }
+    return false;
+}
+
+bool gw_header_is_hop_by_hop(const char *name, const char *connection)
+{
+    static const char *const fixed[] = {"Connection", "Keep-Alive",        "TE",     "Trailer",
+                                        "Trailers",   "Transfer-Encoding", "Upgrade"};
+    for (size_t i = 0; i < sizeof fixed / sizeof fixed[0]; i++)
+        if (strcasecmp(name, fixed[i]) == 0)
+            return true;
+    if (strncasecmp(name, "Proxy-", 6) == 0)
+        return true;
+    return connection && list_has_token(connection, name);
+}
+
+void gw_copy_end_to_end_headers(const struct evkeyvalq *src, struct evkeyvalq *dst, bool keep_content_length)
+{
+    const char *connection = evhttp_find_header(src, "Connection");
+    const struct evkeyval *h;
+    TAILQ_FOREACH(h, src, next)
+    {
+        if (gw_header_is_hop_by_hop(h->key, connection))
+            continue;
+        if (!keep_content_length && strcasecmp(h->key, "Content-Length") == 0)
+            continue;
+        evhttp_add_header(dst, h->key, h->value);
+    }
+}
+
+void gw_error_body(struct evbuffer *out, int status, const char *text, const char *request_id)
+{
+    evbuffer_add_printf(out, "{\"error\":\"");
+    gw_json_escape(out, text);
+    evbuffer_add_printf(out, "\",\"status\":%d,\"request_id\":\"", status);
+    gw_json_escape(out, request_id ? request_id : "");
+    evbuffer_add_printf(out, "\"}\n");
+}
+
+const char *gw_method_name(unsigned method_bit)
+{
+    switch (method_bit) {
+    case CONFIG_METHOD_GET:
+        return "GET";
+    case CONFIG_METHOD_POST:
+        return "POST";
+    case CONFIG_METHOD_HEAD:
+        return "HEAD";
+    case CONFIG_METHOD_PUT:
+        return "PUT";
+    case CONFIG_METHOD_DELETE:
+        return "DELETE";
+    case CONFIG_METHOD_OPTIONS:
+        return "OPTIONS";
+    case CONFIG_METHOD_TRACE:
+        return "TRACE";
+    case CONFIG_METHOD_CONNECT:
+        return "CONNECT";
+    case CONFIG_METHOD_PATCH:
+        return "PATCH";
+    default:
+        return "OTHER";
+    }
+}

@@ -1,0 +1,57 @@
+/*
+ * httputil.h - small HTTP helpers with no state of their own: request ids,
+ * W3C traceparent, hop-by-hop header rules, the gateway's JSON error body,
+ * and a per-thread random generator for the ids.
+ */
+#ifndef GATEWAY_HTTPUTIL_H
+#define GATEWAY_HTTPUTIL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define GW_REQUEST_ID_MAX 128   /* longest inbound X-Request-Id kept */
+#define GW_REQUEST_ID_MINTED 32 /* hex characters of a minted id */
+#define GW_TRACEPARENT_LEN 55   /* "00-" 32 "-" 16 "-" 2 */
+
+struct evbuffer;
+struct evkeyvalq;
+
+/* xoshiro256** state; one per thread, seeded from getrandom(). */
+typedef struct gw_rng {
+    uint64_t s[4];
+} gw_rng;
+
+void gw_rng_seed(gw_rng *rng);
+uint64_t gw_rng_next(gw_rng *rng);
+
+/* Write 2*nbytes lowercase hex characters and a NUL into out. */
+void gw_rng_hex(gw_rng *rng, char *out, size_t nbytes);
+
+/* 1..GW_REQUEST_ID_MAX characters of [A-Za-z0-9._:-]. */
+bool gw_request_id_is_sane(const char *id);
+
+/* version "00" (or a later version with the same first fields), 32 hex trace
+ * id not all zero, 16 hex parent id not all zero, 2 hex flags; lowercase. */
+bool gw_traceparent_is_valid(const char *tp);
+/* A new traceparent into out (GW_TRACEPARENT_LEN + 1 bytes), sampled flag set. */
+void gw_traceparent_mint(gw_rng *rng, char *out);
+
+/* Is header `name` hop-by-hop, either by the fixed list (Connection, Keep-Alive,
+ * TE, Trailer, Transfer-Encoding, Upgrade, Proxy-*) or because the message's
+ * Connection header (`connection`, may be NULL) names it? */
+bool gw_header_is_hop_by_hop(const char *name, const char *connection);
+
+/* Copy every end-to-end header of src into dst (add, keeping repeats). When
+ * keep_content_length is false, Content-Length is left out as well (the
+ * sender recomputes it). */
+void gw_copy_end_to_end_headers(const struct evkeyvalq *src, struct evkeyvalq *dst, bool keep_content_length);
+
+/* The body of an error the gateway answers itself:
+ * {"error": "<text>", "status": <code>, "request_id": "<id>"} */
+void gw_error_body(struct evbuffer *out, int status, const char *text, const char *request_id);
+
+/* Method bit (CONFIG_METHOD_*) to its name; "OTHER" when unknown. */
+const char *gw_method_name(unsigned method_bit);
+
+#endif

@@ -1,0 +1,500 @@
+/*
+ * main.c - the gateway process: command line, start-up, signals, reload and
+ * shutdown.
+ *
+ * The main thread owns the configuration. It loads and validates the file,
+ * builds a runtime, opens one SO_REUSEPORT socket per worker and listen
+ * address, starts the workers, and then runs its own small event loop for
+ * signals and the admin listener. SIGHUP (or POST /admin/reload) builds a new
+ * runtime and posts it to every worker; a file that fails to load changes
+ * nothing. SIGTERM/SIGINT asks every worker to drain, then joins them.
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <netdb.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <event2/buffer.h>
+#include <event2/event.h>
+#include <event2/http.h>
+#include <sys/queue.h>
+
+#include <event2/keyvalq_struct.h>
+#include <openssl/crypto.h>
+
+#include "config/config.h"
+#include "gateway/httputil.h"
+#include "gateway/log.h"
+#include "gateway/runtime.h"
+#include "gateway/server.h"
+#include "gateway/worker.h"
+#include "metrics/metrics.h"
+
+#define GW_MAX_WORKERS 256
+
+typedef struct gw_main {
+    gw_server srv;
+    struct event_base *base;
+    struct evhttp *admin;
+    struct event *sig_hup, *sig_term, *sig_int;
+} gw_main;
+
+static void usage(FILE *out)
+{
+    fprintf(out, "usage: gateway -c FILE          run with the configuration in FILE\n"
+                 "       gateway --check -c FILE  validate FILE: print every error, exit 1 if any\n"
+                 "       gateway --reference      print the configuration keys as Markdown\n"
+                 "       gateway --version\n");
+}
+
+/* Print each line of a multi-line error text as a log line. */
+static void log_error_lines(const char *prefix, const char *errors)
+{
+    const char *p = errors;
+    while (p && *p) {
+        const char *nl = strchr(p, '\n');
+        int len = nl ? (int)(nl - p) : (int)strlen(p);
+        if (len > 0)
+            gw_log(CONFIG_LOG_ERROR, NULL, "%s%.*s", prefix, len, p);
+        p = nl ? nl + 1 : NULL;
+    }
+}
+
+/* ---- metrics ----------------------------------------------------------------- */
+
+int gw_metrics_register(gw_metrics *m, const double *buckets, size_t bucket_count)
+{
+    static const char *const route_method_code[] = {"route", "method", "code"};
+    static const char *const route[] = {"route"};
+    static const char *const upstream[] = {"upstream"};
+    static const char *const upstream_target[] = {"upstream", "target"};
+    static const char *const upstream_kind[] = {"upstream", "kind"};
+    static const char *const version[] = {"version"};
+    static const char *const result[] = {"result"};
+
+    m->reg = metrics_registry_create(buckets, bucket_count);
+    if (!m->reg)
+        return -1;
+    m->requests_total =
+        metrics_family_register(m->reg, "http_requests_total", "HTTP requests answered, by route.",
+                                METRICS_COUNTER, METRICS_MERGE_SUM, 3, route_method_code, NULL, 0);
+    m->request_duration = metrics_family_register(m->reg, "http_request_duration_seconds",
+                                                  "Time from request received to answer sent.",
+                                                  METRICS_HISTOGRAM, METRICS_MERGE_SUM, 1, route, NULL, 0);
+    m->in_flight = metrics_family_register(m->reg, "http_requests_in_flight", "Requests being answered now.",
+                                           METRICS_GAUGE, METRICS_MERGE_SUM, 0, NULL, NULL, 0);
+    m->upstream_duration =
+        metrics_family_register(m->reg, "gateway_upstream_request_duration_seconds",
+                                "Time of one upstream attempt, to answer or failure.", METRICS_HISTOGRAM,
+                                METRICS_MERGE_SUM, 1, upstream, NULL, 0);
+    m->target_up =
+        metrics_family_register(m->reg, "gateway_upstream_target_up",
+                                "1 when the target is in rotation, 0 while passive health ejects it.",
+                                METRICS_GAUGE, METRICS_MERGE_MIN, 2, upstream_target, NULL, 0);
+    m->upstream_errors =
+        metrics_family_register(m->reg, "gateway_upstream_errors_total",
+                                "Upstream attempts that failed, by kind (connect, timeout, other).",
+                                METRICS_COUNTER, METRICS_MERGE_SUM, 2, upstream_kind, NULL, 0);
+    m->build_info = metrics_family_register(m->reg, "gateway_build_info", "Always 1; the version is a label.",
+                                            METRICS_GAUGE, METRICS_MERGE_MAX, 1, version, NULL, 0);
+    m->config_reloads = metrics_family_register(m->reg, "gateway_config_reloads_total",
+                                                "Configuration reloads, by result (success, failure).",
+                                                METRICS_COUNTER, METRICS_MERGE_SUM, 1, result, NULL, 0);
+    if (!m->requests_total || !m->request_duration || !m->in_flight || !m->upstream_duration ||
+        !m->target_up || !m->upstream_errors || !m->build_info || !m->config_reloads)
+        return -1;
+    return 0;
+}
+
+/* Collector: values that live in atomics rather than shards. */
+static void server_collector(void *arg, metrics_append_fn append, void *out)
+{
+    gw_server *srv = arg;
+    char buf[512];
+    int n = snprintf(buf, sizeof buf,
+                     "# HELP gateway_client_connections Client connections open now.\n"
+                     "# TYPE gateway_client_connections gauge\n"
+                     "gateway_client_connections %ld\n"
+                     "# HELP gateway_client_connections_max The server.max_connections cap.\n"
+                     "# TYPE gateway_client_connections_max gauge\n"
+                     "gateway_client_connections_max %ld\n",
+                     atomic_load(&srv->connections), srv->max_connections);
+    if (n > 0)
+        append(out, buf, (size_t)n);
+}
+
+static void count_reload(gw_server *srv, bool ok)
+{
+    const char *labels[1] = {ok ? "success" : "failure"};
+    metrics_series_t *s = metrics_series(srv->main_shard, srv->metrics.config_reloads, labels);
+    if (s)
+        metrics_counter_add(s, 1);
+}
+
+/* ---- listeners ------------------------------------------------------------------- */
+
+static int open_listener(const char *addr, char **err)
+{
+    char host[256];
+    const char *port;
+    struct addrinfo hints = {0}, *res = NULL;
+    int fd = -1, one = 1;
+
+    if (gw_split_host_port(addr, host, sizeof host, &port) != 0) {
+        asprintf(err, "listen \"%s\": expected host:port", addr);
+        return -1;
+    }
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+    int rc = getaddrinfo(strcmp(host, "*") == 0 || !*host ? NULL : host, port, &hints, &res);
+    if (rc != 0) {
+        asprintf(err, "listen \"%s\": %s", addr, gai_strerror(rc));
+        return -1;
+    }
+    fd = socket(res->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        goto fail;
+    if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) != 0 ||
+        setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) != 0)
+        goto fail;
+    if (res->ai_family == AF_INET6)
+        setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one);
+    if (bind(fd, res->ai_addr, res->ai_addrlen) != 0 || listen(fd, GW_LISTEN_BACKLOG) != 0)
+        goto fail;
+    freeaddrinfo(res);
+    return fd;
+fail:
+    asprintf(err, "listen \"%s\": %s", addr, strerror(errno));
+    if (fd >= 0)
+        close(fd);
+    freeaddrinfo(res);
+    return -1;
+}
+
+/* ---- reload ------------------------------------------------------------------------ */
+
+/* Load the file again and hand the result to every worker. Returns 0, or -1
+ * with the reasons in *why (caller frees). */
+static int reload(gw_main *gm, char **why)
+{
+    gw_server *srv = &gm->srv;
+    char *errors = NULL;
+    *why = NULL;
+    config_t *cfg = config_load(srv->config_path, &errors);
+    if (!cfg) {
+        log_error_lines("reload refused: ", errors);
+        *why = errors;
+        count_reload(srv, false);
+        return -1;
+    }
+    if (srv->tls && !cfg->server.tls_cert) {
+        asprintf(why, "server.tls: the listeners speak TLS; removing server.tls needs a restart");
+        gw_error("reload refused: %s", *why);
+        config_free(cfg);
+        free(errors);
+        count_reload(srv, false);
+        return -1;
+    }
+    char *fixed = config_unreloadable_changes(srv->current->cfg, cfg);
+    gw_runtime *rt = gw_runtime_create(cfg, ++srv->generation, why);
+    if (!rt) {
+        gw_error("reload refused: %s", *why ? *why : "cannot build the configuration");
+        free(fixed);
+        count_reload(srv, false);
+        return -1;
+    }
+    if (fixed)
+        log_error_lines("reload: needs a restart, old value kept: ", fixed);
+    free(fixed);
+    gw_log_configure(rt->cfg->log.level, rt->cfg->log.format);
+    for (int i = 0; i < srv->worker_count; i++)
+        gw_worker_post_runtime(srv->workers[i], rt);
+    gw_runtime_unref(srv->current);
+    srv->current = rt;
+    count_reload(srv, true);
+    gw_info("configuration %lu loaded from %s", rt->generation, srv->config_path);
+    return 0;
+}
+
+/* ---- admin listener ------------------------------------------------------------------- */
+
+static bool admin_authorized(gw_server *srv, struct evhttp_request *req)
+{
+    const char *token = srv->current->cfg->admin.token;
+    const char *auth = evhttp_find_header(evhttp_request_get_input_headers(req), "Authorization");
+    if (!token || !*token || !auth || strncmp(auth, "Bearer ", 7) != 0)
+        return false;
+    const char *given = auth + 7;
+    size_t a = strlen(given), b = strlen(token);
+    /* Compare in constant time over the token's length; the length itself is
+     * not secret enough to hide. */
+    return a == b && CRYPTO_memcmp(given, token, b) == 0;
+}
+
+static void admin_request(struct evhttp_request *req, void *arg)
+{
+    gw_main *gm = arg;
+    gw_server *srv = &gm->srv;
+    const struct evhttp_uri *uri = evhttp_request_get_evhttp_uri(req);
+    const char *path = uri ? evhttp_uri_get_path(uri) : "/";
+    if (!path || !*path)
+        path = "/";
+    if (gw_builtin_serve(srv, srv->current->cfg, req, path))
+        return;
+    if (strncmp(path, "/admin/", 7) != 0) {
+        gw_send_json_error(req, 404, "no route", "");
+        return;
+    }
+    if (!admin_authorized(srv, req)) {
+        evhttp_add_header(evhttp_request_get_output_headers(req), "WWW-Authenticate", "Bearer");
+        gw_send_json_error(req, 401, "unauthorized", "");
+        return;
+    }
+    if (strcmp(path, "/admin/reload") == 0) {
+        if (evhttp_request_get_command(req) != EVHTTP_REQ_POST) {
+            evhttp_add_header(evhttp_request_get_output_headers(req), "Allow", "POST");
+            gw_send_json_error(req, 405, "method not allowed", "");
+            return;
+        }
+        char *why = NULL;
+        int rc = reload(gm, &why);
+        struct evbuffer *b = evbuffer_new();
+        if (rc == 0) {
+            evbuffer_add_printf(b, "{\"result\":\"success\",\"generation\":%lu}\n", srv->current->generation);
+        } else {
+            evbuffer_add_printf(b, "{\"result\":\"failure\",\"errors\":\"");
+            gw_json_escape(b, why ? why : "");
+            evbuffer_add_printf(b, "\"}\n");
+        }
+        free(why);
+        evhttp_add_header(evhttp_request_get_output_headers(req), "Content-Type", "application/json");
+        evhttp_send_reply(req, rc == 0 ? 200 : 422, NULL, b);
+        evbuffer_free(b);
+        return;
+    }
+    gw_send_json_error(req, 404, "no such admin endpoint", "");
+}
+
+static int start_admin(gw_main *gm, char **err)
+{
+    const config_t *cfg = gm->srv.current->cfg;
+    if (!cfg->admin.listen || !cfg->admin.token || !*cfg->admin.token)
+        return 0;
+    int fd = open_listener(cfg->admin.listen, err);
+    if (fd < 0)
+        return -1;
+    gm->admin = evhttp_new(gm->base);
+    if (!gm->admin || evhttp_accept_socket(gm->admin, fd) != 0) {
+        close(fd);
+        asprintf(err, "admin.listen \"%s\": cannot start the admin listener", cfg->admin.listen);
+        return -1;
+    }
+    evhttp_set_default_content_type(gm->admin, NULL);
+    evhttp_set_gencb(gm->admin, admin_request, gm);
+    struct timeval tv = {10, 0};
+    evhttp_set_timeout_tv(gm->admin, &tv);
+    return 0;
+}
+
+/* ---- signals ------------------------------------------------------------------------- */
+
+static void on_sighup(evutil_socket_t sig, short what, void *arg)
+{
+    char *why = NULL;
+    reload(arg, &why);
+    free(why);
+}
+
+static void on_sigterm(evutil_socket_t sig, short what, void *arg)
+{
+    gw_main *gm = arg;
+    gw_server *srv = &gm->srv;
+    if (atomic_exchange(&srv->draining, true))
+        return;
+    gw_info("signal %d: draining (up to %lldms)", (int)sig,
+            (long long)srv->current->cfg->server.drain_timeout_ms);
+    for (int i = 0; i < srv->worker_count; i++)
+        gw_worker_post(srv->workers[i], GW_WORKER_MSG_DRAIN);
+    event_base_loopexit(gm->base, NULL);
+}
+
+/* ---- main ------------------------------------------------------------------------------ */
+
+static int resolve_workers(int configured)
+{
+    if (configured > 0)
+        return configured > GW_MAX_WORKERS ? GW_MAX_WORKERS : configured;
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n < 1 ? 1 : n > GW_MAX_WORKERS ? GW_MAX_WORKERS : (int)n;
+}
+
+static int run(const char *path)
+{
+    gw_main gm = {0};
+    gw_server *srv = &gm.srv;
+    char *errors = NULL, *err = NULL;
+    int status = 1;
+
+    config_t *cfg = config_load(path, &errors);
+    if (!cfg) {
+        fputs(errors ? errors : "cannot load configuration\n", stderr);
+        free(errors);
+        return 1;
+    }
+    gw_log_configure(cfg->log.level, cfg->log.format);
+    srv->config_path = path;
+    srv->tls = cfg->server.tls_cert != NULL;
+    srv->max_connections = (long)cfg->server.max_connections;
+    atomic_init(&srv->connections, 0);
+    atomic_init(&srv->accept_paused, false);
+    atomic_init(&srv->draining, false);
+    atomic_init(&srv->ready, false);
+    if (gw_metrics_register(&srv->metrics, cfg->metrics.buckets, cfg->metrics.bucket_count) != 0) {
+        gw_error("cannot create metrics");
+        config_free(cfg);
+        goto out;
+    }
+    metrics_collector_register(srv->metrics.reg, server_collector, srv);
+    metrics_collector_register(srv->metrics.reg, metrics_process_collector, NULL);
+    srv->main_shard = metrics_shard_create(srv->metrics.reg);
+    const char *version[1] = {GATEWAY_VERSION};
+    metrics_series_t *bi =
+        srv->main_shard ? metrics_series(srv->main_shard, srv->metrics.build_info, version) : NULL;
+    if (bi)
+        metrics_gauge_set(bi, 1);
+
+    srv->current = gw_runtime_create(cfg, ++srv->generation, &err);
+    if (!srv->current) {
+        gw_error("%s", err ? err : "cannot build the configuration");
+        goto out;
+    }
+    cfg = srv->current->cfg;
+    gm.base = event_base_new();
+    if (!gm.base)
+        goto out;
+
+    srv->worker_count = resolve_workers(cfg->server.workers);
+    srv->workers = calloc((size_t)srv->worker_count, sizeof *srv->workers);
+    if (!srv->workers)
+        goto out;
+    for (int i = 0; i < srv->worker_count; i++) {
+        int fds[64];
+        size_t n = cfg->server.listen_count < 64 ? cfg->server.listen_count : 64;
+        for (size_t j = 0; j < n; j++) {
+            fds[j] = open_listener(cfg->server.listen[j], &err);
+            if (fds[j] < 0) {
+                gw_error("server.%s", err);
+                while (j-- > 0)
+                    close(fds[j]);
+                goto out;
+            }
+        }
+        srv->workers[i] = gw_worker_create(srv, i, srv->current, fds, n);
+        if (!srv->workers[i]) {
+            gw_error("cannot create worker %d", i);
+            goto out;
+        }
+    }
+    if (start_admin(&gm, &err) != 0) {
+        gw_error("%s", err);
+        goto out;
+    }
+    gm.sig_hup = evsignal_new(gm.base, SIGHUP, on_sighup, &gm);
+    gm.sig_term = evsignal_new(gm.base, SIGTERM, on_sigterm, &gm);
+    gm.sig_int = evsignal_new(gm.base, SIGINT, on_sigterm, &gm);
+    if (!gm.sig_hup || !gm.sig_term || !gm.sig_int || evsignal_add(gm.sig_hup, NULL) != 0 ||
+        evsignal_add(gm.sig_term, NULL) != 0 || evsignal_add(gm.sig_int, NULL) != 0)
+        goto out;
+    for (int i = 0; i < srv->worker_count; i++) {
+        if (gw_worker_start(srv->workers[i]) != 0) {
+            gw_error("cannot start worker %d", i);
+            for (int j = 0; j < i; j++)
+                gw_worker_post(srv->workers[j], GW_WORKER_MSG_DRAIN);
+            goto out;
+        }
+    }
+    atomic_store(&srv->ready, true);
+    gw_info("gateway %s: %d workers on %s%s", GATEWAY_VERSION, srv->worker_count, cfg->server.listen[0],
+            srv->tls ? " (TLS)" : "");
+    event_base_dispatch(gm.base);
+    status = 0;
+out:
+    if (srv->workers) {
+        for (int i = 0; i < srv->worker_count; i++)
+            gw_worker_join_free(srv->workers[i]);
+        free(srv->workers);
+    }
+    if (status == 0)
+        gw_info("stopped");
+    if (gm.admin)
+        evhttp_free(gm.admin);
+    if (gm.sig_hup)
+        event_free(gm.sig_hup);
+    if (gm.sig_term)
+        event_free(gm.sig_term);
+    if (gm.sig_int)
+        event_free(gm.sig_int);
+    if (gm.base)
+        event_base_free(gm.base);
+    gw_runtime_unref(srv->current);
+    metrics_registry_free(srv->metrics.reg);
+    free(err);
+    return status;
+}
+
+int main(int argc, char **argv)
+{
+    static const struct option options[] = {
+        {"config", required_argument, NULL, 'c'}, {"check", no_argument, NULL, 'k'},
+        {"version", no_argument, NULL, 'v'},      {"reference", no_argument, NULL, 'r'},
+        {"help", no_argument, NULL, 'h'},         {NULL, 0, NULL, 0}};
+    const char *path = NULL;
+    bool check = false;
+    int opt;
+    while ((opt = getopt_long(argc, argv, "c:hv", options, NULL)) != -1) {
+        switch (opt) {
+        case 'c':
+            path = optarg;
+            break;
+        case 'k':
+            check = true;
+            break;
+        case 'v':
+            printf("gateway %s\n", GATEWAY_VERSION);
+            return 0;
+        case 'r':
+            config_print_reference(stdout);
+            return 0;
+        case 'h':
+            usage(stdout);
+            return 0;
+        default:
+            usage(stderr);
+            return 2;
+        }
+    }
+    if (!path || optind != argc) {
+        usage(stderr);
+        return 2;
+    }
+    signal(SIGPIPE, SIG_IGN);
+    if (check) {
+        char *errors = NULL;
+        config_t *cfg = config_load(path, &errors);
+        if (!cfg) {
+            fputs(errors ? errors : "cannot load configuration\n", stderr);
+            free(errors);
+            return 1;
+        }
+        config_free(cfg);
+        printf("%s: configuration is valid\n", path);
+        return 0;
+    }
+    return run(path);
+}

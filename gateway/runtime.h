@@ -1,0 +1,59 @@
+/*
+ * runtime.h - one loaded configuration, made ready to serve.
+ *
+ * A runtime is built on the main thread from a validated config_t (start-up or
+ * reload): it compiles the router, resolves every upstream target to a numeric
+ * address (so workers never block on DNS), and loads the TLS certificate. After
+ * that it is immutable and shared by all workers; a reference count decides when
+ * the last worker is done with it. Swapping a runtime is how reload is atomic:
+ * a request keeps the runtime it started with until it ends.
+ */
+#ifndef GATEWAY_RUNTIME_H
+#define GATEWAY_RUNTIME_H
+
+#include <stdatomic.h>
+#include <stdbool.h>
+
+#include <openssl/ssl.h>
+
+#include "config/config.h"
+#include "gateway/router.h"
+
+typedef struct gw_target {
+    char *label; /* "host:port" as written, for metrics and logs */
+    char *addr;  /* numeric address evhttp connects to */
+    unsigned short port;
+} gw_target;
+
+typedef struct gw_upstream_addrs {
+    gw_target *targets; /* parallel to config_upstream.targets */
+    size_t count;
+} gw_upstream_addrs;
+
+typedef struct gw_runtime {
+    atomic_int refs;
+    unsigned long generation;
+    config_t *cfg;
+    router_t *router;
+    gw_upstream_addrs *upstreams; /* parallel to cfg->upstreams */
+    int *route_upstream;          /* per route: index into cfg->upstreams, or -1 */
+    SSL_CTX *ssl_ctx;             /* NULL without server.tls */
+} gw_runtime;
+
+/* Build a runtime that takes ownership of cfg (freed with the runtime, or at
+ * once on failure). Returns NULL and a malloc'd message in *err on failure. One
+ * reference is held by the caller. */
+gw_runtime *gw_runtime_create(config_t *cfg, unsigned long generation, char **err);
+
+void gw_runtime_ref(gw_runtime *rt);
+/* Drop a reference; the last one frees the runtime. NULL is fine. */
+void gw_runtime_unref(gw_runtime *rt);
+
+/* Split "host:port" or "[v6]:port": the host (without brackets) is written
+ * into buf, *port points into hp. 0, or -1 when malformed or too long. */
+int gw_split_host_port(const char *hp, char *buf, size_t size, const char **port);
+
+/* A TLS 1.2+ server context from PEM files; NULL and *err on failure. */
+SSL_CTX *gw_tls_context_create(const char *cert, const char *key, char **err);
+
+#endif

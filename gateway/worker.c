@@ -1,0 +1,819 @@
+/*
+ * worker.c - a worker thread and the request pipeline it runs.
+ *
+ * Every function here runs on the worker's own thread, except
+ * the gw_worker_* life-cycle and mailbox calls, which the main thread calls. The
+ * pipeline for one request: built-in endpoints, limits, route match (404/405),
+ * request id and traceparent, then the backend (the route's upstream); the
+ * answer is counted in the worker's metrics shard and written to its access log.
+ *
+ * Generations: a request pins the worker's generation (the runtime it started
+ * with and this worker's upstream pools for it) until it ends, so a reload swaps
+ * configuration for new requests without disturbing those in flight and without
+ * a lock.
+ */
+#include "gateway/worker.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <event2/buffer.h>
+#include <event2/bufferevent.h>
+#include <event2/bufferevent_ssl.h>
+#include <event2/event.h>
+#include <sys/queue.h>
+
+#include <event2/keyvalq_struct.h>
+#include <event2/listener.h>
+
+#include "gateway/httputil.h"
+#include "gateway/log.h"
+#include "gateway/upstream.h"
+
+typedef struct worker_gen {
+    gw_runtime *rt;
+    upstream_pool_t *ups;
+    metrics_series_t **route_duration; /* per route */
+    metrics_series_t *unmatched_duration;
+    unsigned refs; /* the worker's own + one per request in flight */
+} worker_gen;
+
+typedef struct gw_request gw_request;
+
+struct gw_worker {
+    int id;
+    gw_server *srv;
+    pthread_t thread;
+    bool started;
+    struct event_base *base;
+    struct evhttp *http;
+    struct evconnlistener **listeners;
+    struct evhttp_bound_socket **bound;
+    size_t listen_count;
+    bool listening;
+
+    int mailbox_fd;
+    struct event *mailbox_ev;
+    _Atomic(gw_runtime *) mailbox_rt;
+    atomic_uint mailbox_bits;
+
+    worker_gen *gen;
+    metrics_shard_t *shard;
+    metrics_series_t *in_flight_gauge;
+    gw_access_log_t *access;
+    gw_rng rng;
+
+    struct bufferevent **pending; /* accepted, closecb not yet set */
+    size_t pending_count, pending_cap;
+    struct event *pending_ev;
+
+    gw_request *requests; /* in flight, for a forced stop */
+    unsigned in_flight;
+    bool draining;
+    uint64_t drain_deadline_ns;
+    struct event *drain_timer;
+};
+
+struct gw_request {
+    gw_request *prev, *next;
+    gw_worker *w;
+    worker_gen *gen;
+    struct evhttp_request *req;
+    int route_index;
+    unsigned method;
+    const char *path; /* borrowed from req's parsed uri */
+    upstream_call_t *call;
+    const char *upstream_name;
+    uint64_t start_ns;
+    int status;
+    size_t bytes;
+    bool retry_body; /* body may be sent twice: reference, don't move */
+    char request_id[GW_REQUEST_ID_MAX + 1];
+    char traceparent[GW_TRACEPARENT_LEN + 1];
+    char client[INET6_ADDRSTRLEN];
+};
+
+/* ---- generations ------------------------------------------------------------ */
+
+static void gen_unref(worker_gen *g)
+{
+    if (!g || --g->refs > 0)
+        return;
+    upstream_pool_free(g->ups);
+    free(g->route_duration);
+    gw_runtime_unref(g->rt);
+    free(g);
+}
+
+static worker_gen *gen_create(gw_worker *w, gw_runtime *rt)
+{
+    const gw_metrics *m = &w->srv->metrics;
+    worker_gen *g = calloc(1, sizeof *g);
+    if (!g)
+        return NULL;
+    g->refs = 1;
+    g->rt = rt;
+    g->route_duration = calloc(rt->cfg->route_count + 1, sizeof *g->route_duration);
+    g->ups = upstream_pool_create(w->base, rt, w->shard, m);
+    if (!g->route_duration || !g->ups) {
+        upstream_pool_free(g->ups);
+        free(g->route_duration);
+        free(g);
+        return NULL;
+    }
+    for (size_t i = 0; i < rt->cfg->route_count; i++) {
+        const char *labels[1] = {rt->cfg->routes[i].name};
+        g->route_duration[i] = metrics_series(w->shard, m->request_duration, labels);
+    }
+    const char *unmatched[1] = {"_unmatched"};
+    g->unmatched_duration = metrics_series(w->shard, m->request_duration, unmatched);
+    return g;
+}
+
+static void apply_http_settings(gw_worker *w, const config_t *cfg)
+{
+    struct timeval tv = {(time_t)(cfg->server.read_timeout_ms / 1000),
+                         (suseconds_t)(cfg->server.read_timeout_ms % 1000) * 1000};
+    evhttp_set_timeout_tv(w->http, &tv);
+    evhttp_set_max_headers_size(w->http,
+                                (ev_ssize_t)(cfg->server.max_header_bytes * GW_HEADER_HARD_LIMIT_FACTOR));
+    evhttp_set_max_body_size(w->http,
+                             (ev_ssize_t)(cfg->server.max_body_bytes + GW_BODY_HARD_LIMIT_SLACK_BYTES));
+}
+
+static void install_runtime(gw_worker *w, gw_runtime *rt)
+{
+    worker_gen *g = gen_create(w, rt);
+    if (!g) {
+        gw_error("worker %d: out of memory installing configuration %lu; keeping the old one", w->id,
+                 rt->generation);
+        gw_runtime_unref(rt);
+        return;
+    }
+    worker_gen *old = w->gen;
+    w->gen = g;
+    apply_http_settings(w, rt->cfg);
+    gen_unref(old);
+}
+
+/* ---- answers ---------------------------------------------------------------- */
+
+void gw_send_json_error(struct evhttp_request *req, int status, const char *text, const char *request_id)
+{
+    struct evbuffer *body = evbuffer_new();
+    if (body)
+        gw_error_body(body, status, text, request_id);
+    struct evkeyvalq *oh = evhttp_request_get_output_headers(req);
+    evhttp_remove_header(oh, "Content-Type");
+    evhttp_add_header(oh, "Content-Type", "application/json");
+    evhttp_send_reply(req, status, NULL, body);
+    if (body)
+        evbuffer_free(body);
+}
+
+static void request_end(gw_request *r)
+{
+    gw_worker *w = r->w;
+    const gw_metrics *m = &w->srv->metrics;
+    double seconds = (double)(gw_now_ns() - r->start_ns) / 1e9;
+    const config_t *cfg = r->gen->rt->cfg;
+    const char *route = r->route_index >= 0 ? cfg->routes[r->route_index].name : "_unmatched";
+    char code[8];
+    snprintf(code, sizeof code, "%d", r->status);
+    const char *labels[3] = {route, gw_method_name(r->method), code};
+    metrics_series_t *s = metrics_series(w->shard, m->requests_total, labels);
+    if (s)
+        metrics_counter_add(s, 1);
+    metrics_series_t *d =
+        r->route_index >= 0 ? r->gen->route_duration[r->route_index] : r->gen->unmatched_duration;
+    if (d)
+        metrics_histogram_observe(d, seconds);
+    if (w->in_flight_gauge)
+        metrics_gauge_add(w->in_flight_gauge, -1);
+    if (cfg->log.access && w->access) {
+        gw_access_entry e = {.request_id = r->request_id,
+                             .route = route,
+                             .method = gw_method_name(r->method),
+                             .path = r->path,
+                             .client = r->client,
+                             .upstream = r->upstream_name,
+                             .status = r->status,
+                             .bytes = r->bytes,
+                             .duration_ms = seconds * 1000.0};
+        gw_access_log_write(w->access, &e);
+    }
+    if (r->prev)
+        r->prev->next = r->next;
+    else
+        w->requests = r->next;
+    if (r->next)
+        r->next->prev = r->prev;
+    w->in_flight--;
+    gen_unref(r->gen);
+    free(r);
+}
+
+static void add_common_headers(gw_request *r)
+{
+    struct evkeyvalq *oh = evhttp_request_get_output_headers(r->req);
+    evhttp_remove_header(oh, "X-Request-Id");
+    evhttp_add_header(oh, "X-Request-Id", r->request_id);
+    if (r->w->draining) {
+        evhttp_remove_header(oh, "Connection");
+        evhttp_add_header(oh, "Connection", "close");
+    }
+}
+
+static void respond_error(gw_request *r, int status, const char *text)
+{
+    struct evkeyvalq *oh = evhttp_request_get_output_headers(r->req);
+    if (status == 413 || status == 431 || status == 400)
+        evhttp_add_header(oh, "Connection", "close");
+    add_common_headers(r);
+    r->status = status;
+    gw_send_json_error(r->req, status, text, r->request_id);
+    request_end(r);
+}
+
+/* ---- proxying --------------------------------------------------------------- */
+
+static bool method_is_idempotent(unsigned method)
+{
+    return method & (CONFIG_METHOD_GET | CONFIG_METHOD_HEAD | CONFIG_METHOD_PUT | CONFIG_METHOD_DELETE |
+                     CONFIG_METHOD_OPTIONS | CONFIG_METHOD_TRACE);
+}
+
+static bool is_gateway_set_header(const char *name)
+{
+    return strcasecmp(name, "X-Request-Id") == 0 || strcasecmp(name, "traceparent") == 0 ||
+           strcasecmp(name, "X-Forwarded-For") == 0 || strcasecmp(name, "X-Forwarded-Proto") == 0 ||
+           strcasecmp(name, "X-Forwarded-Host") == 0 || strcasecmp(name, "Content-Length") == 0;
+}
+
+/* upstream_fill_fn: one attempt's request headers and body. */
+static void fill_upstream_request(void *arg, struct evhttp_request *out)
+{
+    gw_request *r = arg;
+    struct evkeyvalq *in = evhttp_request_get_input_headers(r->req);
+    struct evkeyvalq *oh = evhttp_request_get_output_headers(out);
+    const char *connection = evhttp_find_header(in, "Connection");
+    const char *xff = NULL;
+    const struct evkeyval *h;
+
+    TAILQ_FOREACH(h, in, next)
+    {
+        if (strcasecmp(h->key, "X-Forwarded-For") == 0 && !xff)
+            xff = h->value;
+        if (gw_header_is_hop_by_hop(h->key, connection) || is_gateway_set_header(h->key))
+            continue;
+        evhttp_add_header(oh, h->key, h->value);
+    }
+    if (xff) {
+        char *joined = NULL;
+        if (asprintf(&joined, "%s, %s", xff, r->client) >= 0) {
+            evhttp_add_header(oh, "X-Forwarded-For", joined);
+            free(joined);
+        }
+    } else {
+        evhttp_add_header(oh, "X-Forwarded-For", r->client);
+    }
+    evhttp_add_header(oh, "X-Forwarded-Proto", r->w->srv->tls ? "https" : "http");
+    const char *host = evhttp_find_header(in, "Host");
+    if (host)
+        evhttp_add_header(oh, "X-Forwarded-Host", host);
+    evhttp_add_header(oh, "X-Request-Id", r->request_id);
+    evhttp_add_header(oh, "traceparent", r->traceparent);
+
+    struct evbuffer *body = evhttp_request_get_input_buffer(r->req);
+    size_t len = evbuffer_get_length(body);
+    if (len > 0 || (r->method & (CONFIG_METHOD_POST | CONFIG_METHOD_PUT | CONFIG_METHOD_PATCH))) {
+        char cl[24];
+        snprintf(cl, sizeof cl, "%zu", len);
+        evhttp_add_header(oh, "Content-Length", cl);
+    }
+    if (len > 0) {
+        struct evbuffer *ob = evhttp_request_get_output_buffer(out);
+        if (r->retry_body)
+            evbuffer_add_buffer_reference(ob, body);
+        else
+            evbuffer_add_buffer(ob, body);
+    }
+}
+
+/* upstream_done_fn: pass the upstream's answer back, or our 502/504. */
+static void upstream_done(void *arg, struct evhttp_request *resp, int status, const char *target)
+{
+    gw_request *r = arg;
+    r->call = NULL;
+    if (!resp) {
+        gw_log(CONFIG_LOG_WARN, r->request_id, "upstream %s (%s): %s", r->upstream_name,
+               target ? target : "-", status == 504 ? "timed out" : "failed");
+        respond_error(r, status, status == 504 ? "upstream timed out" : "upstream failed");
+        return;
+    }
+    int code = evhttp_request_get_response_code(resp);
+    struct evkeyvalq *oh = evhttp_request_get_output_headers(r->req);
+    gw_copy_end_to_end_headers(evhttp_request_get_input_headers(resp), oh, r->method == CONFIG_METHOD_HEAD);
+    add_common_headers(r);
+    struct evbuffer *body = evhttp_request_get_input_buffer(resp);
+    r->status = code;
+    r->bytes = r->method == CONFIG_METHOD_HEAD ? 0 : evbuffer_get_length(body);
+    evhttp_send_reply(r->req, code, evhttp_request_get_response_code_line(resp), body);
+    request_end(r);
+}
+
+/* The request-target to send upstream: origin-form path and query. */
+static char *upstream_uri(struct evhttp_request *req)
+{
+    const char *raw = evhttp_request_get_uri(req);
+    if (raw[0] == '/')
+        return strdup(raw);
+    const struct evhttp_uri *u = evhttp_request_get_evhttp_uri(req);
+    const char *path = u ? evhttp_uri_get_path(u) : NULL;
+    const char *query = u ? evhttp_uri_get_query(u) : NULL;
+    char *out = NULL;
+    if (asprintf(&out, "%s%s%s", path && *path ? path : "/", query ? "?" : "", query ? query : "") < 0)
+        return NULL;
+    return out;
+}
+
+static void proxy(gw_request *r, int upstream_index)
+{
+    const gw_runtime *rt = r->gen->rt;
+    const config_upstream *u = &rt->cfg->upstreams[upstream_index];
+    r->upstream_name = u->name;
+    bool idempotent = method_is_idempotent(r->method);
+    r->retry_body = idempotent && u->retries > 0 && u->target_count > 1;
+    uint64_t deadline = r->start_ns + (uint64_t)rt->cfg->server.request_timeout_ms * 1000000ULL;
+    char *uri = upstream_uri(r->req);
+    if (!uri) {
+        respond_error(r, 500, "out of memory");
+        return;
+    }
+    r->call = upstream_call_start(r->gen->ups, (size_t)upstream_index, evhttp_request_get_command(r->req),
+                                  uri, idempotent, deadline, fill_upstream_request, upstream_done, r);
+    free(uri);
+    if (!r->call)
+        respond_error(r, 500, "out of memory");
+}
+
+/* ---- the pipeline ------------------------------------------------------------ */
+
+static size_t header_block_size(struct evhttp_request *req)
+{
+    size_t n = strlen(evhttp_request_get_uri(req)) + 20; /* request line */
+    const struct evkeyval *h;
+    TAILQ_FOREACH(h, evhttp_request_get_input_headers(req), next)
+    n += strlen(h->key) + strlen(h->value) + 4;
+    return n + 2;
+}
+
+static void client_address(struct evhttp_request *req, char *out, size_t size)
+{
+    struct evhttp_connection *evcon = evhttp_request_get_connection(req);
+    char *addr = NULL;
+    ev_uint16_t port = 0;
+    if (evcon)
+        evhttp_connection_get_peer(evcon, &addr, &port);
+    snprintf(out, size, "%s", addr ? addr : "-");
+}
+
+static void on_request(struct evhttp_request *req, void *arg)
+{
+    gw_worker *w = arg;
+    worker_gen *gen = w->gen;
+    const config_t *cfg = gen->rt->cfg;
+    const struct evhttp_uri *uri = evhttp_request_get_evhttp_uri(req);
+    const char *path = uri ? evhttp_uri_get_path(uri) : NULL;
+    if (!path || !*path)
+        path = "/";
+
+    if (gw_builtin_serve(w->srv, cfg, req, path))
+        return;
+
+    gw_request *r = calloc(1, sizeof *r);
+    if (!r) {
+        evhttp_send_error(req, 503, NULL);
+        return;
+    }
+    r->w = w;
+    r->gen = gen;
+    gen->refs++;
+    r->req = req;
+    r->path = path;
+    r->route_index = -1;
+    r->method = (unsigned)evhttp_request_get_command(req);
+    r->start_ns = gw_now_ns();
+    r->next = w->requests;
+    if (w->requests)
+        w->requests->prev = r;
+    w->requests = r;
+    w->in_flight++;
+    if (w->in_flight_gauge)
+        metrics_gauge_add(w->in_flight_gauge, 1);
+    client_address(req, r->client, sizeof r->client);
+
+    struct evkeyvalq *in = evhttp_request_get_input_headers(req);
+    const char *rid = evhttp_find_header(in, "X-Request-Id");
+    if (gw_request_id_is_sane(rid))
+        snprintf(r->request_id, sizeof r->request_id, "%s", rid);
+    else
+        gw_rng_hex(&w->rng, r->request_id, GW_REQUEST_ID_MINTED / 2);
+    const char *tp = evhttp_find_header(in, "traceparent");
+    if (tp && strlen(tp) == GW_TRACEPARENT_LEN && gw_traceparent_is_valid(tp))
+        memcpy(r->traceparent, tp, GW_TRACEPARENT_LEN + 1);
+    else
+        gw_traceparent_mint(&w->rng, r->traceparent);
+
+    if (header_block_size(req) > (size_t)cfg->server.max_header_bytes) {
+        respond_error(r, 431, "request header fields too large");
+        return;
+    }
+    if (evbuffer_get_length(evhttp_request_get_input_buffer(req)) > (size_t)cfg->server.max_body_bytes) {
+        respond_error(r, 413, "request body too large");
+        return;
+    }
+
+    router_match m;
+    router_match_path(gen->rt->router, path, r->method, &m);
+    if (m.status == 405) {
+        char allow[96];
+        router_allow_header(m.allow, allow, sizeof allow);
+        evhttp_add_header(evhttp_request_get_output_headers(req), "Allow", allow);
+        respond_error(r, 405, "method not allowed");
+        return;
+    }
+    if (m.status != 0) {
+        respond_error(r, 404, "no route");
+        return;
+    }
+    r->route_index = m.route_index;
+    int up = gen->rt->route_upstream[m.route_index];
+    if (up < 0) {
+        /* SQL routes arrive with the pool module. */
+        respond_error(r, 501, "route backend not available");
+        return;
+    }
+    proxy(r, up);
+}
+
+/* ---- built-in endpoints -------------------------------------------------------- */
+
+static void free_rendered(const void *data, size_t len, void *arg)
+{
+    free((void *)data);
+}
+
+static void send_text(struct evhttp_request *req, int status, const char *type, const char *text)
+{
+    struct evbuffer *b = evbuffer_new();
+    if (b)
+        evbuffer_add(b, text, strlen(text));
+    evhttp_add_header(evhttp_request_get_output_headers(req), "Content-Type", type);
+    evhttp_send_reply(req, status, NULL, b);
+    if (b)
+        evbuffer_free(b);
+}
+
+bool gw_builtin_serve(gw_server *srv, const config_t *cfg, struct evhttp_request *req, const char *path)
+{
+    bool is_metrics = strcmp(path, cfg->metrics.path) == 0;
+    bool is_live = strcmp(path, "/live") == 0;
+    bool is_ready = strcmp(path, "/ready") == 0;
+    if (!is_metrics && !is_live && !is_ready)
+        return false;
+    enum evhttp_cmd_type cmd = evhttp_request_get_command(req);
+    if (cmd != EVHTTP_REQ_GET && cmd != EVHTTP_REQ_HEAD) {
+        evhttp_add_header(evhttp_request_get_output_headers(req), "Allow", "GET, HEAD");
+        gw_send_json_error(req, 405, "method not allowed", "");
+        return true;
+    }
+    if (is_live) {
+        send_text(req, 200, "application/json", "{\"status\":\"live\"}\n");
+    } else if (is_ready) {
+        bool ready = atomic_load(&srv->ready) && !atomic_load(&srv->draining);
+        send_text(req, ready ? 200 : 503, "application/json",
+                  ready ? "{\"status\":\"ready\"}\n" : "{\"status\":\"not ready\"}\n");
+    } else {
+        size_t len = 0;
+        char *text = metrics_render(srv->metrics.reg, &len);
+        struct evbuffer *b = evbuffer_new();
+        if (!text || !b) {
+            free(text);
+            if (b)
+                evbuffer_free(b);
+            gw_send_json_error(req, 500, "cannot render metrics", "");
+            return true;
+        }
+        evbuffer_add_reference(b, text, len, free_rendered, NULL);
+        evhttp_add_header(evhttp_request_get_output_headers(req), "Content-Type",
+                          "text/plain; version=0.0.4; charset=utf-8");
+        evhttp_send_reply(req, 200, NULL, b);
+        evbuffer_free(b);
+    }
+    return true;
+}
+
+/* ---- connections and the connection cap ------------------------------------------ */
+
+static void set_listening(gw_worker *w, bool on)
+{
+    if (w->draining || w->listening == on)
+        return;
+    for (size_t i = 0; i < w->listen_count; i++) {
+        if (on)
+            evconnlistener_enable(w->listeners[i]);
+        else
+            evconnlistener_disable(w->listeners[i]);
+    }
+    w->listening = on;
+}
+
+static void broadcast_accept(gw_server *srv, gw_worker *self)
+{
+    for (int i = 0; i < srv->worker_count; i++) {
+        if (srv->workers[i] == self)
+            set_listening(self, !atomic_load(&srv->accept_paused));
+        else
+            gw_worker_post(srv->workers[i], GW_WORKER_MSG_ACCEPT);
+    }
+}
+
+static void on_connection_closed(struct evhttp_connection *evcon, void *arg)
+{
+    gw_worker *w = arg;
+    gw_server *srv = w->srv;
+    long open = atomic_fetch_sub(&srv->connections, 1) - 1;
+    bool paused = true;
+    if (open < srv->max_connections && atomic_compare_exchange_strong(&srv->accept_paused, &paused, false))
+        broadcast_accept(srv, w);
+}
+
+static void pending_cb(evutil_socket_t fd, short what, void *arg)
+{
+    gw_worker *w = arg;
+    for (size_t i = 0; i < w->pending_count; i++) {
+        void *cbarg = NULL;
+        bufferevent_getcb(w->pending[i], NULL, NULL, NULL, &cbarg);
+        if (cbarg)
+            evhttp_connection_set_closecb((struct evhttp_connection *)cbarg, on_connection_closed, w);
+        else
+            on_connection_closed(NULL, w); /* evhttp did not take it */
+    }
+    w->pending_count = 0;
+}
+
+/* evhttp's bufferevent factory: the one hook evhttp 2.1 offers per accepted
+ * connection. We count the connection here and, once evhttp has wrapped it
+ * (later in this loop iteration), attach a close callback that uncounts it. */
+static struct bufferevent *make_bufferevent(struct event_base *base, void *arg)
+{
+    gw_worker *w = arg;
+    gw_server *srv = w->srv;
+    struct bufferevent *bev;
+    if (srv->tls && w->gen->rt->ssl_ctx) {
+        SSL *ssl = SSL_new(w->gen->rt->ssl_ctx);
+        if (!ssl)
+            return NULL;
+        bev = bufferevent_openssl_socket_new(base, -1, ssl, BUFFEREVENT_SSL_ACCEPTING, BEV_OPT_CLOSE_ON_FREE);
+        if (!bev) {
+            SSL_free(ssl);
+            return NULL;
+        }
+        bufferevent_openssl_set_allow_dirty_shutdown(bev, 1);
+    } else {
+        bev = bufferevent_socket_new(base, -1, BEV_OPT_CLOSE_ON_FREE);
+        if (!bev)
+            return NULL;
+    }
+    if (w->pending_count == w->pending_cap) {
+        size_t cap = w->pending_cap ? w->pending_cap * 2 : 64;
+        struct bufferevent **p = realloc(w->pending, cap * sizeof *p);
+        if (!p) {
+            bufferevent_free(bev);
+            return NULL;
+        }
+        w->pending = p;
+        w->pending_cap = cap;
+    }
+    w->pending[w->pending_count++] = bev;
+    event_active(w->pending_ev, EV_TIMEOUT, 0);
+    long open = atomic_fetch_add(&srv->connections, 1) + 1;
+    bool paused = false;
+    if (open >= srv->max_connections && atomic_compare_exchange_strong(&srv->accept_paused, &paused, true))
+        broadcast_accept(srv, w);
+    return bev;
+}
+
+/* ---- drain and mailbox ---------------------------------------------------------- */
+
+static void worker_stop(gw_worker *w)
+{
+    if (w->in_flight > 0)
+        gw_warn("worker %d: drain deadline passed with %u requests in flight; closing them", w->id,
+                w->in_flight);
+    while (w->requests) {
+        gw_request *r = w->requests;
+        upstream_call_cancel(r->call);
+        r->call = NULL;
+        w->requests = r->next;
+        w->in_flight--;
+        gen_unref(r->gen);
+        free(r);
+    }
+    gw_access_log_flush(w->access);
+    evhttp_free(w->http); /* closes idle client connections */
+    w->http = NULL;
+    event_base_loopexit(w->base, NULL);
+}
+
+static void drain_timer_cb(evutil_socket_t fd, short what, void *arg)
+{
+    gw_worker *w = arg;
+    if (w->in_flight == 0 || gw_now_ns() >= w->drain_deadline_ns) {
+        worker_stop(w);
+        return;
+    }
+    struct timeval tv = {0, GW_DRAIN_POLL_MS * 1000};
+    evtimer_add(w->drain_timer, &tv);
+}
+
+static void start_drain(gw_worker *w)
+{
+    if (w->draining)
+        return;
+    w->draining = true;
+    for (size_t i = 0; i < w->listen_count; i++) {
+        evhttp_del_accept_socket(w->http, w->bound[i]); /* frees the listener, closes the socket */
+        w->bound[i] = NULL;
+        w->listeners[i] = NULL;
+    }
+    w->drain_deadline_ns = gw_now_ns() + (uint64_t)w->gen->rt->cfg->server.drain_timeout_ms * 1000000ULL;
+    drain_timer_cb(-1, 0, w);
+}
+
+static void mailbox_cb(evutil_socket_t fd, short what, void *arg)
+{
+    gw_worker *w = arg;
+    uint64_t v;
+    if (read(w->mailbox_fd, &v, sizeof v) < 0 && errno != EAGAIN)
+        gw_warn("worker %d: mailbox read: %s", w->id, strerror(errno));
+    gw_runtime *rt = atomic_exchange(&w->mailbox_rt, NULL);
+    if (rt)
+        install_runtime(w, rt);
+    unsigned bits = atomic_exchange(&w->mailbox_bits, 0);
+    if (bits & GW_WORKER_MSG_ACCEPT)
+        set_listening(w, !atomic_load(&w->srv->accept_paused));
+    if (bits & GW_WORKER_MSG_DRAIN)
+        start_drain(w);
+}
+
+void gw_worker_post_runtime(gw_worker *w, gw_runtime *rt)
+{
+    gw_runtime_ref(rt);
+    gw_runtime *old = atomic_exchange(&w->mailbox_rt, rt);
+    gw_runtime_unref(old); /* never installed: superseded */
+    uint64_t one = 1;
+    if (write(w->mailbox_fd, &one, sizeof one) < 0)
+        gw_error("worker %d: mailbox write: %s", w->id, strerror(errno));
+}
+
+void gw_worker_post(gw_worker *w, unsigned bits)
+{
+    atomic_fetch_or(&w->mailbox_bits, bits);
+    uint64_t one = 1;
+    if (write(w->mailbox_fd, &one, sizeof one) < 0)
+        gw_error("worker %d: mailbox write: %s", w->id, strerror(errno));
+}
+
+/* ---- life cycle ----------------------------------------------------------------- */
+
+static void worker_free(gw_worker *w)
+{
+    if (!w)
+        return;
+    if (w->http)
+        evhttp_free(w->http);
+    gen_unref(w->gen);
+    gw_runtime_unref(atomic_exchange(&w->mailbox_rt, NULL));
+    gw_access_log_free(w->access);
+    if (w->mailbox_ev)
+        event_free(w->mailbox_ev);
+    if (w->pending_ev)
+        event_free(w->pending_ev);
+    if (w->drain_timer)
+        event_free(w->drain_timer);
+    if (w->mailbox_fd >= 0)
+        close(w->mailbox_fd);
+    if (w->base)
+        event_base_free(w->base);
+    free(w->pending);
+    free(w->listeners);
+    free(w->bound);
+    free(w);
+}
+
+gw_worker *gw_worker_create(gw_server *srv, int id, gw_runtime *rt, const int *listen_fds,
+                            size_t listen_count)
+{
+    gw_worker *w = calloc(1, sizeof *w);
+    if (!w)
+        goto fail_fds;
+    w->id = id;
+    w->srv = srv;
+    w->mailbox_fd = -1;
+    atomic_init(&w->mailbox_rt, NULL);
+    atomic_init(&w->mailbox_bits, 0);
+    gw_rng_seed(&w->rng);
+    w->base = event_base_new();
+    w->shard = metrics_shard_create(srv->metrics.reg);
+    w->listeners = calloc(listen_count + 1, sizeof *w->listeners);
+    w->bound = calloc(listen_count + 1, sizeof *w->bound);
+    if (!w->base || !w->shard || !w->listeners || !w->bound)
+        goto fail;
+    w->http = evhttp_new(w->base);
+    w->mailbox_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (!w->http || w->mailbox_fd < 0)
+        goto fail;
+    w->mailbox_ev = event_new(w->base, w->mailbox_fd, EV_READ | EV_PERSIST, mailbox_cb, w);
+    w->pending_ev = event_new(w->base, -1, 0, pending_cb, w);
+    w->drain_timer = evtimer_new(w->base, drain_timer_cb, w);
+    w->access = gw_access_log_create(w->base, STDOUT_FILENO);
+    if (!w->mailbox_ev || !w->pending_ev || !w->drain_timer || !w->access ||
+        event_add(w->mailbox_ev, NULL) != 0)
+        goto fail;
+    w->in_flight_gauge = metrics_series(w->shard, srv->metrics.in_flight, NULL);
+
+    evhttp_set_gencb(w->http, on_request, w);
+    evhttp_set_bevcb(w->http, make_bufferevent, w);
+    evhttp_set_default_content_type(w->http, NULL);
+    evhttp_set_allowed_methods(w->http, EVHTTP_REQ_GET | EVHTTP_REQ_POST | EVHTTP_REQ_HEAD | EVHTTP_REQ_PUT |
+                                            EVHTTP_REQ_DELETE | EVHTTP_REQ_OPTIONS | EVHTTP_REQ_TRACE |
+                                            EVHTTP_REQ_CONNECT | EVHTTP_REQ_PATCH);
+    gw_runtime_ref(rt);
+    w->gen = gen_create(w, rt);
+    if (!w->gen) {
+        gw_runtime_unref(rt);
+        goto fail;
+    }
+    apply_http_settings(w, rt->cfg);
+
+    for (size_t i = 0; i < listen_count; i++) {
+        w->listeners[i] = evconnlistener_new(w->base, NULL, NULL,
+                                             LEV_OPT_CLOSE_ON_FREE | LEV_OPT_CLOSE_ON_EXEC, 0, listen_fds[i]);
+        if (!w->listeners[i]) {
+            for (size_t j = i; j < listen_count; j++)
+                close(listen_fds[j]);
+            w->listen_count = i;
+            goto fail;
+        }
+        w->listen_count = i + 1;
+        w->bound[i] = evhttp_bind_listener(w->http, w->listeners[i]);
+        if (!w->bound[i]) {
+            for (size_t j = i + 1; j < listen_count; j++)
+                close(listen_fds[j]);
+            goto fail;
+        }
+    }
+    w->listening = true;
+    return w;
+fail:
+    worker_free(w);
+    return NULL;
+fail_fds:
+    for (size_t i = 0; i < listen_count; i++)
+        close(listen_fds[i]);
+    return NULL;
+}
+
+static void *worker_main(void *arg)
+{
+    gw_worker *w = arg;
+    event_base_dispatch(w->base);
+    gw_access_log_flush(w->access);
+    return NULL;
+}
+
+int gw_worker_start(gw_worker *w)
+{
+    if (pthread_create(&w->thread, NULL, worker_main, w) != 0)
+        return -1;
+    w->started = true;
+    return 0;
+}
+
+void gw_worker_join_free(gw_worker *w)
+{
+    if (!w)
+        return;
+    if (w->started)
+        pthread_join(w->thread, NULL);
+    worker_free(w);
+}

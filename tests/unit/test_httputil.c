@@ -1,0 +1,105 @@
+/*
+ * test_httputil.c - request ids, traceparent, hop-by-hop rules and the JSON
+ * error body (gateway/httputil.c).
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <cmocka.h>
+#include <event2/buffer.h>
+
+#include "gateway/httputil.h"
+
+static void test_request_id(void **state)
+{
+    char long_id[GW_REQUEST_ID_MAX + 2];
+    assert_true(gw_request_id_is_sane("abc-123_X.y:z"));
+    assert_false(gw_request_id_is_sane(""));
+    assert_false(gw_request_id_is_sane(NULL));
+    assert_false(gw_request_id_is_sane("has space"));
+    assert_false(gw_request_id_is_sane("quote\""));
+    assert_false(gw_request_id_is_sane("new\nline"));
+    memset(long_id, 'a', sizeof long_id - 1);
+    long_id[GW_REQUEST_ID_MAX] = '\0';
+    assert_true(gw_request_id_is_sane(long_id));
+    long_id[GW_REQUEST_ID_MAX] = 'a';
+    long_id[GW_REQUEST_ID_MAX + 1] = '\0';
+    assert_false(gw_request_id_is_sane(long_id));
+}
+
+static void test_minted_ids(void **state)
+{
+    gw_rng rng;
+    char a[33], b[33];
+    gw_rng_seed(&rng);
+    gw_rng_hex(&rng, a, 16);
+    gw_rng_hex(&rng, b, 16);
+    assert_int_equal(strlen(a), 32);
+    assert_int_equal(strspn(a, "0123456789abcdef"), 32);
+    assert_string_not_equal(a, b);
+    assert_true(gw_request_id_is_sane(a));
+}
+
+static void test_traceparent(void **state)
+{
+    gw_rng rng;
+    char tp[GW_TRACEPARENT_LEN + 1];
+    assert_true(gw_traceparent_is_valid("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
+    assert_false(gw_traceparent_is_valid("00-00000000000000000000000000000000-00f067aa0ba902b7-01"));
+    assert_false(gw_traceparent_is_valid("00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01"));
+    assert_false(gw_traceparent_is_valid("00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"));
+    assert_false(gw_traceparent_is_valid("ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
+    assert_false(gw_traceparent_is_valid("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x"));
+    assert_false(gw_traceparent_is_valid("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7"));
+    assert_false(gw_traceparent_is_valid(NULL));
+    assert_true(gw_traceparent_is_valid("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-future"));
+    gw_rng_seed(&rng);
+    gw_traceparent_mint(&rng, tp);
+    assert_int_equal(strlen(tp), GW_TRACEPARENT_LEN);
+    assert_true(gw_traceparent_is_valid(tp));
+    assert_memory_equal(tp, "00-", 3);
+    assert_string_equal(tp + 52, "-01");
+}
+
+static void test_hop_by_hop(void **state)
+{
+    assert_true(gw_header_is_hop_by_hop("connection", NULL));
+    assert_true(gw_header_is_hop_by_hop("Keep-Alive", NULL));
+    assert_true(gw_header_is_hop_by_hop("TE", NULL));
+    assert_true(gw_header_is_hop_by_hop("Trailer", NULL));
+    assert_true(gw_header_is_hop_by_hop("Transfer-Encoding", NULL));
+    assert_true(gw_header_is_hop_by_hop("Upgrade", NULL));
+    assert_true(gw_header_is_hop_by_hop("Proxy-Authorization", NULL));
+    assert_true(gw_header_is_hop_by_hop("proxy-connection", NULL));
+    assert_false(gw_header_is_hop_by_hop("Content-Type", NULL));
+    assert_false(gw_header_is_hop_by_hop("X-Foo", NULL));
+    assert_true(gw_header_is_hop_by_hop("X-Foo", "keep-alive, x-foo"));
+    assert_true(gw_header_is_hop_by_hop("x-bar", "X-Foo ,X-Bar"));
+    assert_false(gw_header_is_hop_by_hop("X-Fo", "x-foo"));
+    assert_false(gw_header_is_hop_by_hop("X-Foo", ""));
+}
+
+static void test_error_body(void **state)
+{
+    struct evbuffer *b = evbuffer_new();
+    gw_error_body(b, 404, "no \"route\"", "id-1");
+    size_t len = evbuffer_get_length(b);
+    char *s = (char *)evbuffer_pullup(b, -1);
+    assert_int_equal(len,
+                     strlen("{\"error\":\"no \\\"route\\\"\",\"status\":404,\"request_id\":\"id-1\"}\n"));
+    assert_memory_equal(s, "{\"error\":\"no \\\"route\\\"\",\"status\":404,\"request_id\":\"id-1\"}\n", len);
+    evbuffer_free(b);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_request_id),  cmocka_unit_test(test_minted_ids),
+        cmocka_unit_test(test_traceparent), cmocka_unit_test(test_hop_by_hop),
+        cmocka_unit_test(test_error_body),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
