@@ -368,6 +368,11 @@ static int run(const char *path)
         srv->main_shard ? metrics_series(srv->main_shard, srv->metrics.build_info, version) : NULL;
     if (bi)
         metrics_gauge_set(bi, 1);
+    const char *success[1] = {"success"}, *failure[1] = {"failure"};
+    if (srv->main_shard) { /* both series exist from the start, at 0 */
+        metrics_series(srv->main_shard, srv->metrics.config_reloads, success);
+        metrics_series(srv->main_shard, srv->metrics.config_reloads, failure);
+    }
 
     srv->current = gw_runtime_create(cfg, ++srv->generation, &err);
     if (!srv->current) {

@@ -47,6 +47,87 @@ typedef struct worker_gen {
 
 typedef struct gw_request gw_request;
 
+/* One client connection. Its read timer bounds the time to read a whole request
+ * (server.read_timeout): armed when the connection opens and after each answer,
+ * stopped when a request has been read. evhttp's own timeout only measures the
+ * gap between two reads, which a client trickling bytes never exceeds. */
+typedef struct gw_conn {
+    gw_worker *w;
+    struct evhttp_connection *evcon;
+    struct event *read_timer;
+    bool replying; /* an answer is being written (counts in w->replying) */
+} gw_conn;
+
+/* Open addressing by evhttp_connection pointer, linear probing, backward-shift
+ * deletion; grows at half load. */
+typedef struct conn_table {
+    gw_conn **slots;
+    size_t cap; /* power of two, or 0 */
+    size_t count;
+} conn_table;
+
+static size_t conn_home(const conn_table *t, const void *key)
+{
+    return (size_t)(((uint64_t)(uintptr_t)key * 0x9E3779B97F4A7C15ULL) >> 32) & (t->cap - 1);
+}
+
+static gw_conn *conn_find(const conn_table *t, const struct evhttp_connection *evcon)
+{
+    if (!t->cap || !evcon)
+        return NULL;
+    for (size_t i = conn_home(t, evcon);; i = (i + 1) & (t->cap - 1)) {
+        if (!t->slots[i])
+            return NULL;
+        if (t->slots[i]->evcon == evcon)
+            return t->slots[i];
+    }
+}
+
+static int conn_insert(conn_table *t, gw_conn *c)
+{
+    if ((t->count + 1) * 2 > t->cap) {
+        size_t cap = t->cap ? t->cap * 2 : 256;
+        gw_conn **slots = calloc(cap, sizeof *slots);
+        if (!slots)
+            return -1;
+        conn_table grown = {slots, cap, 0};
+        for (size_t i = 0; i < t->cap; i++)
+            if (t->slots[i])
+                conn_insert(&grown, t->slots[i]);
+        free(t->slots);
+        *t = grown;
+    }
+    size_t i = conn_home(t, c->evcon);
+    while (t->slots[i])
+        i = (i + 1) & (t->cap - 1);
+    t->slots[i] = c;
+    t->count++;
+    return 0;
+}
+
+static void conn_remove(conn_table *t, const gw_conn *c)
+{
+    if (!t->cap)
+        return;
+    size_t i = conn_home(t, c->evcon);
+    while (t->slots[i] && t->slots[i] != c)
+        i = (i + 1) & (t->cap - 1);
+    if (!t->slots[i])
+        return;
+    t->slots[i] = NULL;
+    t->count--;
+    for (size_t j = (i + 1) & (t->cap - 1); t->slots[j]; j = (j + 1) & (t->cap - 1)) {
+        size_t home = conn_home(t, t->slots[j]->evcon);
+        /* Move slots[j] into the hole at i unless its home lies in (i, j]. */
+        bool stays = i <= j ? (home > i && home <= j) : (home > i || home <= j);
+        if (!stays) {
+            t->slots[i] = t->slots[j];
+            t->slots[j] = NULL;
+            i = j;
+        }
+    }
+}
+
 struct gw_worker {
     int id;
     gw_server *srv;
@@ -70,9 +151,12 @@ struct gw_worker {
     gw_access_log_t *access;
     gw_rng rng;
 
-    struct bufferevent **pending; /* accepted, closecb not yet set */
+    struct bufferevent **pending; /* accepted, not yet known as a gw_conn */
     size_t pending_count, pending_cap;
     struct event *pending_ev;
+    conn_table conns;                    /* evhttp_connection -> gw_conn */
+    const struct timeval *read_deadline; /* common timeout of server.read_timeout */
+    unsigned replying;                   /* connections writing an answer */
 
     gw_request *requests; /* in flight, for a forced stop */
     unsigned in_flight;
@@ -142,6 +226,7 @@ static void apply_http_settings(gw_worker *w, const config_t *cfg)
     struct timeval tv = {(time_t)(cfg->server.read_timeout_ms / 1000),
                          (suseconds_t)(cfg->server.read_timeout_ms % 1000) * 1000};
     evhttp_set_timeout_tv(w->http, &tv);
+    w->read_deadline = event_base_init_common_timeout(w->base, &tv);
     evhttp_set_max_headers_size(w->http,
                                 (ev_ssize_t)(cfg->server.max_header_bytes * GW_HEADER_HARD_LIMIT_FACTOR));
     evhttp_set_max_body_size(w->http,
@@ -385,6 +470,16 @@ static void client_address(struct evhttp_request *req, char *out, size_t size)
     snprintf(out, size, "%s", addr ? addr : "-");
 }
 
+/* evhttp wrote the whole answer: the connection waits for its next request. */
+static void reply_done(struct evhttp_request *req, void *arg)
+{
+    gw_conn *c = arg;
+    c->replying = false;
+    c->w->replying--;
+    if (!c->w->draining)
+        evtimer_add(c->read_timer, c->w->read_deadline);
+}
+
 static void on_request(struct evhttp_request *req, void *arg)
 {
     gw_worker *w = arg;
@@ -395,6 +490,13 @@ static void on_request(struct evhttp_request *req, void *arg)
     if (!path || !*path)
         path = "/";
 
+    gw_conn *c = conn_find(&w->conns, evhttp_request_get_connection(req));
+    if (c) {
+        evtimer_del(c->read_timer);
+        c->replying = true;
+        w->replying++;
+        evhttp_request_set_on_complete_cb(req, reply_done, c);
+    }
     if (gw_builtin_serve(w->srv, cfg, req, path))
         return;
 
@@ -546,14 +648,36 @@ static void broadcast_accept(gw_server *srv, gw_worker *self)
     }
 }
 
-static void on_connection_closed(struct evhttp_connection *evcon, void *arg)
+static void uncount_connection(gw_worker *w)
 {
-    gw_worker *w = arg;
     gw_server *srv = w->srv;
     long open = atomic_fetch_sub(&srv->connections, 1) - 1;
     bool paused = true;
-    if (open < srv->max_connections && atomic_compare_exchange_strong(&srv->accept_paused, &paused, false))
+    /* While draining, workers are being joined and freed: post to none. */
+    if (!atomic_load(&srv->draining) && open < srv->max_connections &&
+        atomic_compare_exchange_strong(&srv->accept_paused, &paused, false))
         broadcast_accept(srv, w);
+}
+
+static void on_connection_closed(struct evhttp_connection *evcon, void *arg)
+{
+    gw_conn *c = arg;
+    gw_worker *w = c->w;
+    if (c->replying)
+        w->replying--;
+    conn_remove(&w->conns, c);
+    if (c->read_timer)
+        event_free(c->read_timer);
+    free(c);
+    uncount_connection(w);
+}
+
+static void read_deadline_cb(evutil_socket_t fd, short what, void *arg)
+{
+    gw_conn *c = arg;
+    /* Not inside any evhttp callback and no request of ours is in flight on it
+     * (the timer stops when a request has been read): safe to free here. */
+    evhttp_connection_free(c->evcon);
 }
 
 static void pending_cb(evutil_socket_t fd, short what, void *arg)
@@ -562,10 +686,26 @@ static void pending_cb(evutil_socket_t fd, short what, void *arg)
     for (size_t i = 0; i < w->pending_count; i++) {
         void *cbarg = NULL;
         bufferevent_getcb(w->pending[i], NULL, NULL, NULL, &cbarg);
-        if (cbarg)
-            evhttp_connection_set_closecb((struct evhttp_connection *)cbarg, on_connection_closed, w);
-        else
-            on_connection_closed(NULL, w); /* evhttp did not take it */
+        struct evhttp_connection *evcon = cbarg;
+        gw_conn *c = evcon ? calloc(1, sizeof *c) : NULL;
+        if (c) {
+            c->w = w;
+            c->evcon = evcon;
+            c->read_timer = evtimer_new(w->base, read_deadline_cb, c);
+        }
+        if (!c || !c->read_timer || conn_insert(&w->conns, c) != 0) {
+            if (c && c->read_timer)
+                event_free(c->read_timer);
+            free(c);
+            if (evcon) {
+                gw_error("worker %d: out of memory tracking a connection; closing it", w->id);
+                evhttp_connection_free(evcon); /* no closecb set yet */
+            }
+            uncount_connection(w);
+            continue;
+        }
+        evhttp_connection_set_closecb(evcon, on_connection_closed, c);
+        evtimer_add(c->read_timer, w->read_deadline);
     }
     w->pending_count = 0;
 }
@@ -637,7 +777,7 @@ static void worker_stop(gw_worker *w)
 static void drain_timer_cb(evutil_socket_t fd, short what, void *arg)
 {
     gw_worker *w = arg;
-    if (w->in_flight == 0 || gw_now_ns() >= w->drain_deadline_ns) {
+    if ((w->in_flight == 0 && w->replying == 0) || gw_now_ns() >= w->drain_deadline_ns) {
         worker_stop(w);
         return;
     }
@@ -715,6 +855,7 @@ static void worker_free(gw_worker *w)
     if (w->base)
         event_base_free(w->base);
     free(w->pending);
+    free(w->conns.slots);
     free(w->listeners);
     free(w->bound);
     free(w);
