@@ -239,7 +239,19 @@ char *config_unreloadable_changes(const config_t *old_cfg, const config_t *new_c
 /* Print the key table as a Markdown reference (key, type, default, reloadable, help). */
 void config_print_reference(FILE *out);
 
-/* Names for the enums, as written in the file. */
+/*
+ * Every key of CFG as PgBouncer's SHOW CONFIG, in JSON, for /admin/config:
+ * [{"key":"server.listen","value":"0.0.0.0:8080","default":"0.0.0.0:8080",
+ * "changeable":"no"}, ...]. Keys are full paths (upstreams.NAME.timeout,
+ * routes[0].match.path); values are text in the file's units ("30s", "16KiB");
+ * passwords, the admin token and a URL's password are shown as "********".
+ * Caller frees; NULL when out of memory.
+ */
+char *config_show_json(const config_t *cfg);
+
+/* Names for the enums, as written in the file. config_method_name takes one
+ * CONFIG_METHOD_* bit and returns "GET", "POST", ... ("TRACE" and "CONNECT"
+ * too); NULL for any other value. */
 const char *config_method_name(unsigned method_bit);
 
 #endif

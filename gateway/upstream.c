@@ -335,11 +335,15 @@ static void call_free(upstream_call_t *call)
     free(call);
 }
 
+/* Free the call, then report: the callback may end the request and with it
+ * the generation that owns this pool, so nothing here runs after it. */
 static void call_finish(upstream_call_t *call, struct evhttp_request *resp, int status)
 {
-    const char *target = call->target ? call->target->addr->label : NULL;
-    call->done(call->arg, resp, status, target);
+    const char *target = call->target ? call->target->addr->label : NULL; /* owned by the runtime */
+    upstream_done_fn done = call->done;
+    void *arg = call->arg;
     call_free(call);
+    done(arg, resp, status, target);
 }
 
 static void arm_timer(upstream_call_t *call, int phase, uint64_t at_ns)

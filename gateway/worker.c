@@ -43,6 +43,7 @@ typedef struct worker_gen {
     metrics_series_t **route_duration; /* per route */
     metrics_series_t *unmatched_duration;
     unsigned refs; /* the worker's own + one per request in flight */
+    struct worker_gen *next_dead;
 } worker_gen;
 
 typedef struct gw_request gw_request;
@@ -158,6 +159,9 @@ struct gw_worker {
     const struct timeval *read_deadline; /* common timeout of server.read_timeout */
     unsigned replying;                   /* connections writing an answer */
 
+    worker_gen *dead_gens; /* released inside evhttp callbacks; freed by gen_reaper */
+    struct event *gen_reaper;
+
     gw_request *requests; /* in flight, for a forced stop */
     unsigned in_flight;
     bool draining;
@@ -186,14 +190,38 @@ struct gw_request {
 
 /* ---- generations ------------------------------------------------------------ */
 
-static void gen_unref(worker_gen *g)
+static void gen_free(worker_gen *g)
 {
-    if (!g || --g->refs > 0)
-        return;
     upstream_pool_free(g->ups);
     free(g->route_duration);
     gw_runtime_unref(g->rt);
     free(g);
+}
+
+static void gen_reaper_cb(evutil_socket_t fd, short what, void *arg)
+{
+    gw_worker *w = arg;
+    while (w->dead_gens) {
+        worker_gen *g = w->dead_gens;
+        w->dead_gens = g->next_dead;
+        gen_free(g);
+    }
+}
+
+/* Drop a reference. The last one frees the generation at once, or, when the
+ * caller is inside one of evhttp's callbacks (deferred), from the reaper
+ * event: the pool's connections may be on the stack. */
+static void gen_unref(gw_worker *w, worker_gen *g, bool deferred)
+{
+    if (!g || --g->refs > 0)
+        return;
+    if (!deferred || !w->gen_reaper) {
+        gen_free(g);
+        return;
+    }
+    g->next_dead = w->dead_gens;
+    w->dead_gens = g;
+    event_active(w->gen_reaper, EV_TIMEOUT, 0);
 }
 
 static worker_gen *gen_create(gw_worker *w, gw_runtime *rt)
@@ -245,7 +273,7 @@ static void install_runtime(gw_worker *w, gw_runtime *rt)
     worker_gen *old = w->gen;
     w->gen = g;
     apply_http_settings(w, rt->cfg);
-    gen_unref(old);
+    gen_unref(w, old, false);
 }
 
 /* ---- answers ---------------------------------------------------------------- */
@@ -301,7 +329,7 @@ static void request_end(gw_request *r)
     if (r->next)
         r->next->prev = r->prev;
     w->in_flight--;
-    gen_unref(r->gen);
+    gen_unref(w, r->gen, true);
     free(r);
 }
 
@@ -765,7 +793,7 @@ static void worker_stop(gw_worker *w)
         r->call = NULL;
         w->requests = r->next;
         w->in_flight--;
-        gen_unref(r->gen);
+        gen_unref(w, r->gen, false);
         free(r);
     }
     gw_access_log_flush(w->access);
@@ -841,7 +869,10 @@ static void worker_free(gw_worker *w)
         return;
     if (w->http)
         evhttp_free(w->http);
-    gen_unref(w->gen);
+    gen_unref(w, w->gen, false);
+    gen_reaper_cb(-1, 0, w);
+    if (w->gen_reaper)
+        event_free(w->gen_reaper);
     gw_runtime_unref(atomic_exchange(&w->mailbox_rt, NULL));
     gw_access_log_free(w->access);
     if (w->mailbox_ev)
@@ -885,9 +916,10 @@ gw_worker *gw_worker_create(gw_server *srv, int id, gw_runtime *rt, const int *l
         goto fail;
     w->mailbox_ev = event_new(w->base, w->mailbox_fd, EV_READ | EV_PERSIST, mailbox_cb, w);
     w->pending_ev = event_new(w->base, -1, 0, pending_cb, w);
+    w->gen_reaper = event_new(w->base, -1, 0, gen_reaper_cb, w);
     w->drain_timer = evtimer_new(w->base, drain_timer_cb, w);
     w->access = gw_access_log_create(w->base, STDOUT_FILENO);
-    if (!w->mailbox_ev || !w->pending_ev || !w->drain_timer || !w->access ||
+    if (!w->mailbox_ev || !w->pending_ev || !w->gen_reaper || !w->drain_timer || !w->access ||
         event_add(w->mailbox_ev, NULL) != 0)
         goto fail;
     w->in_flight_gauge = metrics_series(w->shard, srv->metrics.in_flight, NULL);

@@ -1,0 +1,371 @@
+#!/usr/bin/python3
+"""bench_proxy.py - the gateway's proxying against nginx's proxy_pass, same machine, same run.
+
+A program that prints figures, not a test. It starts, in a scratch directory on
+loopback ports:
+  * an upstream: nginx answering every request with a fixed ~1 KiB JSON body
+    (keep-alive, one worker);
+  * (a) the gateway with W workers proxying to it, upstream keep-alive on;
+  * (b) nginx with W worker_processes proxying to it with `proxy_http_version 1.1;
+    proxy_set_header Connection "";` and an upstream block with `keepalive 64`.
+Then it runs the same `wrk -tT -cC -dD --latency` against (a) and (b), alternating
+which goes first, for R rounds, and prints req/s, P50 and P99 of every run, the
+median of each, and the ratio gateway/nginx (req/s: higher is better; latencies:
+lower is better). Non-2xx answers and socket errors are printed too: a run with
+errors is not a fair figure.
+
+Everything it starts is stopped on the way out, on errors and Ctrl-C too. All
+traffic stays on 127.0.0.1. Time is bounded: about rounds * 2 * (duration + 2) s
+plus start-up.
+
+Usage:
+  tests/bench/bench_proxy.py [--workers 1] [--rounds 3] [--duration 10]
+                             [--connections 64] [--threads 2] [--gateway build/gateway]
+On a 2-core machine keep --workers 1: wrk needs a core of its own.
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+SOURCE_DIR = Path(os.environ.get("GATEWAY_SOURCE_DIR") or Path(__file__).resolve().parents[2])
+DEFAULT_GATEWAY = os.environ.get("GATEWAY_BIN") or str(SOURCE_DIR / "build" / "gateway")
+START_TIMEOUT = 10.0
+STOP_TIMEOUT = 15.0
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fixed_body(size):
+    """A JSON document of about `size` bytes, the same on every run."""
+    items = []
+    doc = {"id": 42, "name": "blueprint", "items": items}
+    i = 0
+    while len(json.dumps(doc, separators=(",", ":"))) < size:
+        items.append({"n": i, "label": "item-%04d" % i})
+        i += 1
+    return json.dumps(doc, separators=(",", ":"))
+
+
+def http_get(port, path="/", timeout=2.0):
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never an env proxy
+    with opener.open("http://127.0.0.1:%d%s" % (port, path), timeout=timeout) as r:
+        return r.status, r.read()
+
+
+def wait_http(port, proc, what, timeout=START_TIMEOUT):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("%s exited with %s during start-up" % (what, proc.returncode))
+        try:
+            status, body = http_get(port, "/")
+            if status == 200:
+                return body
+            last = status
+        except Exception as e:  # noqa: BLE001 - not up yet
+            last = e
+        time.sleep(0.05)
+    raise RuntimeError("%s did not answer on port %d within %.0fs (last: %r)" % (what, port, timeout, last))
+
+
+class Proc:
+    """A child process with its logs in the scratch directory, stopped by stop()."""
+
+    def __init__(self, name, argv, scratch, stop_signal=signal.SIGTERM):
+        self.name = name
+        self.stop_signal = stop_signal
+        self.out = open(scratch / ("%s.out" % name), "wb")
+        self.err_path = scratch / ("%s.err" % name)
+        self.err = open(self.err_path, "wb")
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.out, stderr=self.err,
+                                     cwd=str(scratch), start_new_session=True)
+
+    def poll(self):
+        return self.proc.poll()
+
+    @property
+    def returncode(self):
+        return self.proc.returncode
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(self.stop_signal)
+            try:
+                self.proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        self.out.close()
+        self.err.close()
+        return self.proc.returncode
+
+    def stderr_tail(self, n=20):
+        try:
+            return "\n".join(self.err_path.read_text(errors="replace").splitlines()[-n:])
+        except FileNotFoundError:
+            return ""
+
+
+NGINX_COMMON = """\
+{user}
+worker_processes {workers};
+daemon off;
+master_process on;
+pid {dir}/{name}.pid;
+error_log {dir}/{name}.error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/{name}-client-tmp;
+    proxy_temp_path {dir}/{name}-proxy-tmp;
+    fastcgi_temp_path {dir}/{name}-fastcgi-tmp;
+    uwsgi_temp_path {dir}/{name}-uwsgi-tmp;
+    scgi_temp_path {dir}/{name}-scgi-tmp;
+    keepalive_requests 1000000;
+    keepalive_timeout 65s;
+{body}
+}}
+"""
+
+
+def nginx_conf(name, scratch, workers, body):
+    user = "user root;" if os.geteuid() == 0 else ""  # workers must reach the scratch dir (0700)
+    return NGINX_COMMON.format(user=user, workers=workers, dir=scratch, name=name, body=body)
+
+
+def start_nginx(name, scratch, nginx, workers, body, port):
+    conf = scratch / ("%s.conf" % name)
+    conf.write_text(nginx_conf(name, scratch, workers, body))
+    p = Proc(name, [nginx, "-p", str(scratch), "-e", str(scratch / ("%s.error.log" % name)), "-c", str(conf)],
+             scratch, stop_signal=signal.SIGQUIT)
+    wait_http(port, p.proc, name)
+    return p
+
+
+def start_upstream(scratch, nginx, port, body):
+    escaped = body.replace("\\", "\\\\").replace("'", "\\'")
+    http = """\
+    server {
+        listen 127.0.0.1:%d backlog=4096;
+        location / {
+            default_type application/json;
+            return 200 '%s';
+        }
+    }""" % (port, escaped)
+    return start_nginx("upstream", scratch, nginx, 1, http, port)
+
+
+def start_nginx_proxy(scratch, nginx, port, upstream_port, workers):
+    http = """\
+    upstream backend {
+        server 127.0.0.1:%d;
+        keepalive 64;
+    }
+    server {
+        listen 127.0.0.1:%d backlog=4096;
+        location / {
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }""" % (upstream_port, port)
+    return start_nginx("nginx-proxy", scratch, nginx, workers, http, port)
+
+
+def start_gateway(scratch, gateway, port, upstream_port, workers):
+    conf = scratch / "gateway.yaml"
+    conf.write_text("""\
+server:
+  listen: "127.0.0.1:%d"
+  workers: %d
+  read_timeout: 30s
+  request_timeout: 30s
+  drain_timeout: 5s
+log:
+  level: warn
+  format: json
+  access: false
+upstreams:
+  backend:
+    targets: ["127.0.0.1:%d"]
+    connect_timeout: 2s
+    timeout: 10s
+    keepalive: 64
+routes:
+  - name: all
+    match: { prefix: / }
+    upstream: backend
+""" % (port, workers, upstream_port))
+    p = Proc("gateway", [gateway, "-c", str(conf)], scratch)
+    wait_http(port, p.proc, "gateway")
+    return p
+
+
+UNIT = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60000.0}
+
+
+def to_ms(text):
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text.strip())
+    if not m:
+        raise ValueError("latency %r" % text)
+    return float(m.group(1)) * UNIT[m.group(2)]
+
+
+def parse_wrk(out):
+    res = {"rps": None, "p50": None, "p99": None, "non2xx": 0, "socket_errors": 0, "requests": None}
+    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if m:
+        res["rps"] = float(m.group(1))
+    for pct, key in (("50", "p50"), ("99", "p99")):
+        m = re.search(r"^\s+%s(?:\.000)?%%\s+(\S+)" % pct, out, re.M)
+        if m:
+            res[key] = to_ms(m.group(1))
+    m = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    if m:
+        res["non2xx"] = int(m.group(1))
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if m:
+        res["socket_errors"] = sum(int(x) for x in m.groups())
+    m = re.search(r"(\d+) requests in", out)
+    if m:
+        res["requests"] = int(m.group(1))
+    return res
+
+
+def run_wrk(wrk, port, threads, connections, duration):
+    argv = [wrk, "-t%d" % threads, "-c%d" % connections, "-d%ds" % duration, "--latency",
+            "http://127.0.0.1:%d/" % port]
+    try:
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError("wrk did not finish within %ds" % (duration + 30))
+    if res.returncode != 0:
+        raise RuntimeError("wrk failed (%d): %s" % (res.returncode, res.stderr.strip()))
+    parsed = parse_wrk(res.stdout)
+    if parsed["rps"] is None or parsed["p50"] is None or parsed["p99"] is None:
+        raise RuntimeError("could not parse wrk output:\n" + res.stdout)
+    return parsed
+
+
+def fmt_row(label, r):
+    errs = ""
+    if r["non2xx"] or r["socket_errors"]:
+        errs = "  non-2xx %d, socket errors %d" % (r["non2xx"], r["socket_errors"])
+    return "  %-16s %12.0f %10.3f %10.3f%s" % (label, r["rps"], r["p50"], r["p99"], errs)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workers", type=int, default=1, help="gateway workers = nginx worker_processes (default 1)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
+    ap.add_argument("--connections", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2, help="wrk threads")
+    ap.add_argument("--warmup", type=int, default=2, help="seconds of warm-up per target (0: none)")
+    ap.add_argument("--body-bytes", type=int, default=1024)
+    ap.add_argument("--gateway", default=DEFAULT_GATEWAY)
+    ap.add_argument("--nginx", default=shutil.which("nginx") or "/usr/sbin/nginx")
+    ap.add_argument("--wrk", default=shutil.which("wrk") or "/usr/bin/wrk")
+    ap.add_argument("--keep", action="store_true", help="keep the scratch directory (logs, configs)")
+    args = ap.parse_args()
+
+    for path, what in ((args.gateway, "gateway"), (args.nginx, "nginx"), (args.wrk, "wrk")):
+        if not os.access(path, os.X_OK):
+            sys.exit("bench_proxy: %s not found or not executable: %s" % (what, path))
+    if args.rounds < 1 or args.duration < 1 or args.connections < args.threads:
+        sys.exit("bench_proxy: need rounds >= 1, duration >= 1, connections >= threads")
+
+    # SIGTERM/SIGHUP end the run like Ctrl-C does, so the finally below cleans up.
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt()
+    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGHUP, interrupted)
+
+    scratch = Path(tempfile.mkdtemp(prefix="bench-proxy-"))
+    procs = []
+    status = 0
+    estimate = args.rounds * 2 * (args.duration + 2) + 2 * (args.warmup + 2) + 5
+    print("bench_proxy: workers %d, wrk -t%d -c%d -d%ds, %d rounds, ~%ds; scratch %s" % (
+        args.workers, args.threads, args.connections, args.duration, args.rounds, estimate, scratch), flush=True)
+    try:
+        body = fixed_body(args.body_bytes)
+        up_port, gw_port, ngx_port = free_port(), free_port(), free_port()
+        procs.append(start_upstream(scratch, args.nginx, up_port, body))
+        procs.append(start_gateway(scratch, args.gateway, gw_port, up_port, args.workers))
+        procs.append(start_nginx_proxy(scratch, args.nginx, ngx_port, up_port, args.workers))
+        targets = {"gateway": gw_port, "nginx": ngx_port}
+        for name, port in targets.items():
+            status_code, got = http_get(port)
+            if status_code != 200 or got != body.encode():
+                raise RuntimeError("%s does not pass the upstream's body through (%d, %d bytes)" % (
+                    name, status_code, len(got)))
+        print("upstream body %d bytes; both proxies pass it through unchanged" % len(body), flush=True)
+
+        if args.warmup:
+            for name, port in targets.items():
+                run_wrk(args.wrk, port, args.threads, args.connections, args.warmup)
+
+        results = {"gateway": [], "nginx": []}
+        print("\n  %-16s %12s %10s %10s" % ("run", "req/s", "P50 ms", "P99 ms"))
+        for rnd in range(args.rounds):
+            order = ["gateway", "nginx"] if rnd % 2 == 0 else ["nginx", "gateway"]
+            for name in order:
+                for p in procs:
+                    if p.poll() is not None:
+                        raise RuntimeError("%s died (exit %s):\n%s" % (p.name, p.returncode, p.stderr_tail()))
+                r = run_wrk(args.wrk, targets[name], args.threads, args.connections, args.duration)
+                results[name].append(r)
+                print(fmt_row("%s #%d" % (name, rnd + 1), r), flush=True)
+
+        med = {name: {k: statistics.median(r[k] for r in rs) for k in ("rps", "p50", "p99")}
+               for name, rs in results.items()}
+        print("\n  %-16s %12s %10s %10s" % ("median", "req/s", "P50 ms", "P99 ms"))
+        for name in ("gateway", "nginx"):
+            print("  %-16s %12.0f %10.3f %10.3f" % (name, med[name]["rps"], med[name]["p50"], med[name]["p99"]))
+        ratio = {k: med["gateway"][k] / med["nginx"][k] if med["nginx"][k] else float("nan")
+                 for k in ("rps", "p50", "p99")}
+        print("  %-16s %12.2f %10.2f %10.2f" % ("gateway/nginx", ratio["rps"], ratio["p50"], ratio["p99"]))
+        print("\n  req/s ratio >= 1.00 means the gateway is at least as fast as nginx proxy_pass;"
+              "\n  latency ratios <= 1.00 mean it is at least as quick.")
+        errors = {name: sum(r["non2xx"] + r["socket_errors"] for r in rs) for name, rs in results.items()}
+        if any(errors.values()):
+            print("  WARNING: errors during the runs: %s" % errors)
+    except KeyboardInterrupt:
+        print("\nbench_proxy: interrupted; stopping everything", file=sys.stderr)
+        status = 130
+    except Exception as e:  # noqa: BLE001 - report, then clean up
+        print("bench_proxy: %s" % e, file=sys.stderr)
+        status = 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip the cleanup
+        for p in reversed(procs):
+            rc = p.stop()
+            if p.name == "gateway" and rc not in (0, None) and status == 0:
+                print("bench_proxy: the gateway exited with %s:\n%s" % (rc, p.stderr_tail()), file=sys.stderr)
+                status = 1
+        if args.keep or status not in (0, 130):
+            print("bench_proxy: logs kept in %s" % scratch, file=sys.stderr)
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
