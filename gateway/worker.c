@@ -892,6 +892,21 @@ static void worker_free(gw_worker *w)
     free(w);
 }
 
+/* An epoll base with the change list on: evhttp enables and disables a
+ * connection's read and write events several times per request, and the change
+ * list folds those into at most one epoll_ctl per fd per loop iteration. The
+ * base is used by this worker's thread only, so it needs no locks. */
+static struct event_base *worker_base_new(void)
+{
+    struct event_config *ec = event_config_new();
+    if (!ec)
+        return NULL;
+    event_config_set_flag(ec, EVENT_BASE_FLAG_NOLOCK | EVENT_BASE_FLAG_EPOLL_USE_CHANGELIST);
+    struct event_base *base = event_base_new_with_config(ec);
+    event_config_free(ec);
+    return base ? base : event_base_new();
+}
+
 gw_worker *gw_worker_create(gw_server *srv, int id, gw_runtime *rt, const int *listen_fds,
                             size_t listen_count)
 {
@@ -904,7 +919,7 @@ gw_worker *gw_worker_create(gw_server *srv, int id, gw_runtime *rt, const int *l
     atomic_init(&w->mailbox_rt, NULL);
     atomic_init(&w->mailbox_bits, 0);
     gw_rng_seed(&w->rng);
-    w->base = event_base_new();
+    w->base = worker_base_new();
     w->shard = metrics_shard_create(srv->metrics.reg);
     w->listeners = calloc(listen_count + 1, sizeof *w->listeners);
     w->bound = calloc(listen_count + 1, sizeof *w->bound);
