@@ -129,8 +129,7 @@ void gw_traceparent_mint(gw_rng *rng, char *out)
     snprintf(out, GW_TRACEPARENT_LEN + 1, "00-%s-%s-01", trace, span);
 }
 
-/* Does the comma-separated token list contain name (case-insensitive)? */
-static bool list_has_token(const char *list, const char *name)
+bool gw_header_list_has_token(const char *list, const char *name)
 {
     size_t name_len = strlen(name);
     const char *p = list;
@@ -158,7 +157,7 @@ bool gw_header_is_hop_by_hop(const char *name, const char *connection)
             return true;
     if (strncasecmp(name, "Proxy-", 6) == 0)
         return true;
-    return connection && list_has_token(connection, name);
+    return connection && gw_header_list_has_token(connection, name);
 }
 
 void gw_copy_end_to_end_headers(const struct evkeyvalq *src, struct evkeyvalq *dst, bool keep_content_length)

@@ -42,6 +42,10 @@ void gw_traceparent_mint(gw_rng *rng, char *out);
  * Connection header (`connection`, may be NULL) names it? */
 bool gw_header_is_hop_by_hop(const char *name, const char *connection);
 
+/* Does the comma-separated token list (a Connection header, say) contain
+ * name, compared case-insensitively? */
+bool gw_header_list_has_token(const char *list, const char *name);
+
 /* Copy every end-to-end header of src into dst (add, keeping repeats). When
  * keep_content_length is false, Content-Length is left out as well (the
  * sender recomputes it). */

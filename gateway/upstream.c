@@ -1,41 +1,61 @@
 /*
  * upstream.c - per-worker upstream pools, passive health and proxied calls.
  *
- * Runs only on the owning worker's thread. The one idea: libevent's
- * evhttp_connection does the HTTP/1.1 work and reconnects by itself; this file
- * decides which connection and which target a request uses, and owns every
- * deadline, because evhttp has one inactivity timeout for connect and read
- * alike. A call's timer first fires at the connect deadline (is the socket
- * connected yet? getpeername says) and then at the call deadline.
+ * Runs only on the owning worker's thread. The one idea: an upstream connection
+ * is a nonblocking socket registered once with the event loop, edge-triggered
+ * for both reading and writing, for its whole life. A request is written at
+ * once (writev) when the connection is idle and connected, and the answer is
+ * read until EAGAIN and fed to the incremental parser (http1.c). So a proxied
+ * request costs no epoll_ctl and no ioctl on the upstream side; evhttp's client
+ * re-arms its events for every request, which is why it is not used here.
  *
- * Connections are freed only from the pool's reaper event, never inside one of
- * evhttp's own callbacks, where the connection may still be on the stack.
+ * Deadlines are ours: one timer per call, first at the connect deadline, then
+ * at the call deadline (min of the upstream's `timeout` and the request's).
+ * Connections are plain memory and a socket: they may be closed anywhere, as
+ * long as the code that closes one returns without touching it again.
  */
 #include "gateway/upstream.h"
 
 #include <errno.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <time.h>
+#include <unistd.h>
 
-#include <event2/bufferevent.h>
+#include <event2/buffer.h>
 #include <event2/event.h>
 
+#include "gateway/http1.h"
 #include "gateway/log.h"
 
 typedef struct up_target up_target;
 typedef struct up_upstream up_upstream;
 
+enum { CONN_CONNECTING, CONN_BUSY, CONN_IDLE };
+
 typedef struct up_conn {
-    struct evhttp_connection *evcon;
+    int fd;
+    int state;
+    bool reused; /* has carried a complete exchange before */
+    struct event *ev;
     up_target *target;
-    struct up_conn *next; /* idle stack or graveyard */
+    struct up_conn *next; /* idle stack */
+    struct evbuffer *out;
+    struct evbuffer *in;
+    upstream_call_t *call;
+    http1_response resp;
 } up_conn;
 
 struct up_target {
     const gw_target *addr;
+    struct sockaddr_storage sa;
+    socklen_t sa_len;
     up_upstream *up;
     up_conn *idle;
     unsigned active; /* calls using this target now (least_conn) */
@@ -62,12 +82,14 @@ struct upstream_pool {
     gw_runtime *rt;
     up_upstream *ups;
     size_t count;
-    up_conn *graveyard;
-    struct event *reaper;
+    struct evbuffer *scratch; /* request body being assembled */
     unsigned calls;
 };
 
 enum { CALL_TIMER_NONE, CALL_TIMER_CONNECT, CALL_TIMER_DEADLINE, CALL_TIMER_DEFERRED };
+
+/* Why an attempt failed: decides the status, the metric and the blame. */
+enum { FAIL_CONNECT, FAIL_IO, FAIL_TIMEOUT, FAIL_PROTOCOL, FAIL_LOCAL };
 
 struct upstream_call {
     upstream_pool_t *pool;
@@ -75,19 +97,16 @@ struct upstream_call {
     enum evhttp_cmd_type cmd;
     char *uri;
     bool idempotent;
-    uint64_t deadline_ns; /* the request's */
+    bool stale_retry_used; /* one free retry after a reused connection died */
+    uint64_t deadline_ns;  /* the request's */
     uint64_t attempt_start_ns;
     uint64_t attempt_deadline_ns; /* min(request deadline, start + upstream timeout) */
     int attempts;
     up_target *target;
     up_conn *conn;
-    struct evhttp_request *ureq;
     struct event *timer;
     int timer_phase;
-    bool in_make_request; /* evhttp may fail synchronously; defer then */
-    bool cancelling;
-    int last_error; /* enum evhttp_request_error, or -1 */
-    int deferred_status;
+    int deferred_fail;
     upstream_fill_fn fill;
     upstream_done_fn done;
     void *arg;
@@ -112,65 +131,171 @@ static struct timeval ms_to_tv(int64_t ms)
     return tv;
 }
 
+static const char *method_token(enum evhttp_cmd_type cmd)
+{
+    switch (cmd) {
+    case EVHTTP_REQ_GET:
+        return "GET";
+    case EVHTTP_REQ_POST:
+        return "POST";
+    case EVHTTP_REQ_HEAD:
+        return "HEAD";
+    case EVHTTP_REQ_PUT:
+        return "PUT";
+    case EVHTTP_REQ_DELETE:
+        return "DELETE";
+    case EVHTTP_REQ_OPTIONS:
+        return "OPTIONS";
+    case EVHTTP_REQ_TRACE:
+        return "TRACE";
+    case EVHTTP_REQ_CONNECT:
+        return "CONNECT";
+    case EVHTTP_REQ_PATCH:
+        return "PATCH";
+    default:
+        return "GET";
+    }
+}
+
 /* ---- connections ---------------------------------------------------------- */
 
-static void reaper_cb(evutil_socket_t fd, short what, void *arg)
+static void conn_event_cb(evutil_socket_t fd, short what, void *arg);
+
+static void conn_close(up_conn *c)
 {
-    upstream_pool_t *pool = arg;
-    while (pool->graveyard) {
-        up_conn *c = pool->graveyard;
-        pool->graveyard = c->next;
-        evhttp_connection_free(c->evcon);
-        free(c);
-    }
+    if (c->ev)
+        event_free(c->ev);
+    if (c->fd >= 0)
+        close(c->fd);
+    if (c->out)
+        evbuffer_free(c->out);
+    if (c->in)
+        evbuffer_free(c->in);
+    http1_response_free(&c->resp);
+    free(c);
 }
 
-static void conn_bury(up_conn *c)
+/* A new connection, connecting. NULL with errno set when the socket could not
+ * even be created or the connect was refused at once. */
+static up_conn *conn_open(up_target *t)
 {
-    upstream_pool_t *pool = c->target->up->pool;
-    c->next = pool->graveyard;
-    pool->graveyard = c;
-    event_active(pool->reaper, EV_TIMEOUT, 0);
-}
-
-static up_conn *conn_get(up_target *t)
-{
-    up_upstream *u = t->up;
-    if (t->idle) {
-        up_conn *c = t->idle;
-        t->idle = c->next;
-        c->next = NULL;
-        u->idle_count--;
-        return c;
-    }
     up_conn *c = calloc(1, sizeof *c);
     if (!c)
         return NULL;
+    c->fd = -1;
     c->target = t;
-    c->evcon = evhttp_connection_base_new(u->pool->base, NULL, t->addr->addr, t->addr->port);
-    if (!c->evcon) {
-        free(c);
-        return NULL;
+    c->out = evbuffer_new();
+    c->in = evbuffer_new();
+    if (!c->out || !c->in ||
+        http1_response_init(&c->resp, UPSTREAM_MAX_RESPONSE_HEADER_BYTES, UPSTREAM_MAX_RESPONSE_BYTES) != 0)
+        goto fail;
+    c->fd = socket(t->sa.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (c->fd < 0)
+        goto fail;
+    int one = 1;
+    setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    setsockopt(c->fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one);
+    if (connect(c->fd, (struct sockaddr *)&t->sa, t->sa_len) != 0 && errno != EINPROGRESS)
+        goto fail;
+    c->state = CONN_CONNECTING;
+    c->ev = event_new(t->up->pool->base, c->fd, EV_READ | EV_WRITE | EV_PERSIST | EV_ET, conn_event_cb, c);
+    if (!c->ev || event_add(c->ev, NULL) != 0)
+        goto fail;
+    return c;
+fail:;
+    int saved = errno;
+    conn_close(c);
+    errno = saved;
+    return NULL;
+}
+
+static up_conn *conn_take_idle(up_target *t)
+{
+    up_conn *c = t->idle;
+    if (c) {
+        t->idle = c->next;
+        c->next = NULL;
+        t->up->idle_count--;
     }
-    struct timeval tv = ms_to_tv(u->cfg->timeout_ms + UPSTREAM_EVHTTP_TIMEOUT_SLACK_MS);
-    evhttp_connection_set_timeout_tv(c->evcon, &tv);
-    evhttp_connection_set_retries(c->evcon, 0);
-    evhttp_connection_set_max_body_size(c->evcon, UPSTREAM_MAX_RESPONSE_BYTES);
-    evhttp_connection_set_max_headers_size(c->evcon, UPSTREAM_MAX_RESPONSE_HEADER_BYTES);
     return c;
 }
 
-/* Back to the idle stack, or to the reaper when the keepalive cap is reached. */
+static void conn_unlink_idle(up_conn *c)
+{
+    up_conn **pp = &c->target->idle;
+    while (*pp && *pp != c)
+        pp = &(*pp)->next;
+    if (*pp) {
+        *pp = c->next;
+        c->target->up->idle_count--;
+    }
+}
+
+/* Back to the idle stack, or closed when the keepalive cap is reached. */
 static void conn_put(up_conn *c)
 {
     up_upstream *u = c->target->up;
     if ((int)u->idle_count >= u->cfg->keepalive) {
-        conn_bury(c);
+        conn_close(c);
         return;
     }
+    c->state = CONN_IDLE;
+    c->call = NULL;
     c->next = c->target->idle;
     c->target->idle = c;
     u->idle_count++;
+}
+
+/* Write what is queued. 0 when all of it went or the socket is full; -1 on error. */
+static int conn_flush(up_conn *c)
+{
+    while (evbuffer_get_length(c->out) > 0) {
+        int n = evbuffer_write(c->out, c->fd);
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                return 0;
+            if (errno == EINTR)
+                continue;
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* Read until EAGAIN (edge-triggered) without asking the kernel how much is
+ * there. Returns 1 at end of stream, 0 otherwise, -1 on error. */
+static int conn_read(up_conn *c)
+{
+    for (;;) {
+        struct evbuffer_iovec v[2];
+        int nv = evbuffer_reserve_space(c->in, UPSTREAM_READ_CHUNK, v, 2);
+        if (nv <= 0)
+            return -1;
+        struct iovec iov[2];
+        size_t want = 0;
+        for (int i = 0; i < nv; i++) {
+            iov[i].iov_base = v[i].iov_base;
+            iov[i].iov_len = v[i].iov_len;
+            want += v[i].iov_len;
+        }
+        ssize_t r = readv(c->fd, iov, nv);
+        if (r < 0) {
+            evbuffer_commit_space(c->in, v, 0);
+            if (errno == EINTR)
+                continue;
+            return errno == EAGAIN || errno == EWOULDBLOCK ? 0 : -1;
+        }
+        size_t left = (size_t)r;
+        for (int i = 0; i < nv; i++) {
+            v[i].iov_len = left < v[i].iov_len ? left : v[i].iov_len;
+            left -= v[i].iov_len;
+        }
+        evbuffer_commit_space(c->in, v, nv);
+        if (r == 0)
+            return 1;
+        if ((size_t)r < want)
+            return 0; /* short read: drained for now; the next arrival raises a new edge */
+    }
 }
 
 /* ---- passive health ------------------------------------------------------- */
@@ -206,16 +331,6 @@ static void target_failed(up_target *t, uint64_t now)
             (long long)cfg->fail_timeout_ms, t->fails);
 }
 
-static void target_succeeded(up_target *t)
-{
-    t->fails = 0;
-}
-
-static bool target_usable(const up_target *t, uint64_t now)
-{
-    return t->ejected_until_ns <= now;
-}
-
 /* Choose a target other than `exclude`. When every candidate is ejected, a
  * first attempt still gets the one whose ejection ends soonest (so a lone
  * target is never black-holed); a retry gets none. */
@@ -224,7 +339,7 @@ static up_target *pick_target(up_upstream *u, const up_target *exclude, uint64_t
     up_target *best = NULL;
     for (size_t i = 0; i < u->count; i++) {
         up_target *t = &u->targets[(u->rr + i) % u->count];
-        if (t == exclude || !target_usable(t, now))
+        if (t == exclude || t->ejected_until_ns > now)
             continue;
         if (u->cfg->balance == CONFIG_BALANCE_ROUND_ROBIN) {
             best = t;
@@ -247,6 +362,21 @@ static up_target *pick_target(up_upstream *u, const up_target *exclude, uint64_t
 
 /* ---- pool ------------------------------------------------------------------ */
 
+static int target_address(up_target *t)
+{
+    char port[8];
+    struct addrinfo hints = {0}, *res = NULL;
+    snprintf(port, sizeof port, "%u", (unsigned)t->addr->port);
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_NUMERICHOST | AI_NUMERICSERV; /* resolved by the runtime: no DNS here */
+    if (getaddrinfo(t->addr->addr, port, &hints, &res) != 0)
+        return -1;
+    memcpy(&t->sa, res->ai_addr, res->ai_addrlen);
+    t->sa_len = (socklen_t)res->ai_addrlen;
+    freeaddrinfo(res);
+    return 0;
+}
+
 upstream_pool_t *upstream_pool_create(struct event_base *base, gw_runtime *rt, metrics_shard_t *shard,
                                       const gw_metrics *m)
 {
@@ -258,15 +388,14 @@ upstream_pool_t *upstream_pool_create(struct event_base *base, gw_runtime *rt, m
     pool->rt = rt;
     pool->count = cfg->upstream_count;
     pool->ups = calloc(pool->count + 1, sizeof *pool->ups);
-    pool->reaper = event_new(base, -1, 0, reaper_cb, pool);
-    if (!pool->ups || !pool->reaper)
+    pool->scratch = evbuffer_new();
+    if (!pool->ups || !pool->scratch)
         goto fail;
     for (size_t i = 0; i < pool->count; i++) {
         up_upstream *u = &pool->ups[i];
         u->cfg = &cfg->upstreams[i];
         u->pool = pool;
-        u->count = rt->upstreams[i].count;
-        u->targets = calloc(u->count + 1, sizeof *u->targets);
+        u->targets = calloc(rt->upstreams[i].count + 1, sizeof *u->targets);
         if (!u->targets)
             goto fail;
         const char *ulabel[1] = {u->cfg->name};
@@ -276,12 +405,13 @@ upstream_pool_t *upstream_pool_create(struct event_base *base, gw_runtime *rt, m
         u->err_connect = metrics_series(shard, m->upstream_errors, k1);
         u->err_timeout = metrics_series(shard, m->upstream_errors, k2);
         u->err_other = metrics_series(shard, m->upstream_errors, k3);
-        for (size_t j = 0; j < u->count; j++) {
+        for (size_t j = 0; j < rt->upstreams[i].count; j++) {
             up_target *t = &u->targets[j];
             t->addr = &rt->upstreams[i].targets[j];
             t->up = u;
             t->eject_timer = evtimer_new(base, eject_timer_cb, t);
-            if (!t->eject_timer)
+            u->count = j + 1;
+            if (!t->eject_timer || target_address(t) != 0)
                 goto fail;
             const char *labels[2] = {u->cfg->name, t->addr->label};
             t->up_gauge = metrics_series(shard, m->target_up, labels);
@@ -303,28 +433,23 @@ void upstream_pool_free(upstream_pool_t *pool)
         up_upstream *u = &pool->ups[i];
         for (size_t j = 0; u->targets && j < u->count; j++) {
             up_target *t = &u->targets[j];
-            while (t->idle) {
-                up_conn *c = t->idle;
-                t->idle = c->next;
-                evhttp_connection_free(c->evcon);
-                free(c);
-            }
+            up_conn *c;
+            while ((c = conn_take_idle(t)) != NULL)
+                conn_close(c);
             if (t->eject_timer)
                 event_free(t->eject_timer);
         }
         free(u->targets);
     }
-    if (pool->reaper) {
-        reaper_cb(-1, 0, pool);
-        event_free(pool->reaper);
-    }
+    if (pool->scratch)
+        evbuffer_free(pool->scratch);
     free(pool->ups);
     free(pool);
 }
 
 /* ---- calls ----------------------------------------------------------------- */
 
-static void call_attempt(upstream_call_t *call, up_target *t);
+static void call_attempt(upstream_call_t *call, up_target *t, bool fresh_conn);
 
 static void call_free(upstream_call_t *call)
 {
@@ -335,9 +460,9 @@ static void call_free(upstream_call_t *call)
     free(call);
 }
 
-/* Free the call, then report: the callback may end the request and with it
- * the generation that owns this pool, so nothing here runs after it. */
-static void call_finish(upstream_call_t *call, struct evhttp_request *resp, int status)
+/* Free the call, then report: the callback may end the request (and release
+ * the generation that owns this pool), so nothing here runs after it. */
+static void call_finish(upstream_call_t *call, const upstream_response *resp, int status)
 {
     const char *target = call->target ? call->target->addr->label : NULL; /* owned by the runtime */
     upstream_done_fn done = call->done;
@@ -354,36 +479,47 @@ static void arm_timer(upstream_call_t *call, int phase, uint64_t at_ns)
     evtimer_add(call->timer, &tv);
 }
 
-/* The attempt ended without an answer: count it, then retry or give up. */
-static void attempt_failed(upstream_call_t *call, int status, bool count_against_target)
+static void attempt_ended(upstream_call_t *call, uint64_t now)
+{
+    evtimer_del(call->timer);
+    call->timer_phase = CALL_TIMER_NONE;
+    call->conn = NULL;
+    if (call->target) {
+        call->target->active--;
+        if (call->up->duration)
+            metrics_histogram_observe(call->up->duration, (double)(now - call->attempt_start_ns) / 1e9);
+    }
+}
+
+/* The attempt ended without an answer (its connection is already closed):
+ * count it, then retry or give up. stale: it died on a reused connection
+ * before any byte of an answer came (the upstream closed a keep-alive
+ * connection as we wrote); that is not the target's fault. */
+static void attempt_failed(upstream_call_t *call, int kind, bool stale)
 {
     uint64_t now = gw_now_ns();
     up_target *t = call->target;
-    evtimer_del(call->timer);
-    call->timer_phase = CALL_TIMER_NONE;
-    if (call->conn) {
-        conn_put(call->conn); /* evhttp has reset it; it reconnects on next use */
-        call->conn = NULL;
-    }
-    call->ureq = NULL;
-    if (t) {
-        t->active--;
-        if (call->up->duration)
-            metrics_histogram_observe(call->up->duration, (double)(now - call->attempt_start_ns) / 1e9);
-        if (count_against_target)
+    attempt_ended(call, now);
+    int status = kind == FAIL_TIMEOUT ? 504 : 502;
+    if (t && !stale) {
+        metrics_series_t *err = kind == FAIL_TIMEOUT    ? call->up->err_timeout
+                                : kind == FAIL_PROTOCOL ? call->up->err_other
+                                                        : call->up->err_connect;
+        if (err)
+            metrics_counter_add(err, 1);
+        if (kind != FAIL_LOCAL && kind != FAIL_PROTOCOL)
             target_failed(t, now);
     }
-    metrics_series_t *err =
-        status == 504 ? call->up->err_timeout
-        : call->last_error == EVREQ_HTTP_DATA_TOO_LONG || call->last_error == EVREQ_HTTP_INVALID_HEADER
-            ? call->up->err_other
-            : call->up->err_connect;
-    if (err && t)
-        metrics_counter_add(err, 1);
+    if (t && stale && call->idempotent && !call->stale_retry_used && now < call->deadline_ns) {
+        call->stale_retry_used = true;
+        call->attempts--; /* not the target's fault: it does not use up a retry */
+        call_attempt(call, t, true);
+        return;
+    }
     if (t && call->idempotent && call->attempts <= call->up->cfg->retries && now < call->deadline_ns) {
         up_target *next = pick_target(call->up, t, now);
         if (next) {
-            call_attempt(call, next);
+            call_attempt(call, next, false);
             return;
         }
     }
@@ -391,71 +527,94 @@ static void attempt_failed(upstream_call_t *call, int status, bool count_against
 }
 
 /* Fail the attempt from the event loop rather than from the current stack
- * (inside evhttp_make_request, or before upstream_call_start has returned). */
-static void defer_failure(upstream_call_t *call, int status)
+ * (before upstream_call_start has returned). */
+static void defer_failure(upstream_call_t *call, int kind)
 {
-    call->deferred_status = status;
+    call->deferred_fail = kind;
     call->timer_phase = CALL_TIMER_DEFERRED;
     event_active(call->timer, EV_TIMEOUT, 0);
 }
 
-static int status_for_error(int error)
+/* The connection's exchange failed: close it and fail the attempt. */
+static void conn_failed(up_conn *c, int kind)
 {
-    return error == EVREQ_HTTP_TIMEOUT ? 504 : 502;
+    upstream_call_t *call = c->call;
+    bool stale = c->reused && !c->resp.got_bytes && kind == FAIL_IO;
+    if (kind == FAIL_PROTOCOL && c->resp.error)
+        gw_warn("upstream %s: target %s: %s", c->target->up->cfg->name, c->target->addr->label,
+                c->resp.error);
+    c->call = NULL;
+    conn_close(c);
+    if (call)
+        attempt_failed(call, kind, stale);
 }
 
-static void ureq_error_cb(enum evhttp_request_error error, void *arg)
+/* A whole answer arrived on c. */
+static void conn_answered(up_conn *c)
 {
-    upstream_call_t *call = arg;
-    call->last_error = (int)error;
+    upstream_call_t *call = c->call;
+    uint64_t now = gw_now_ns();
+    bool keep = c->resp.keep_alive && evbuffer_get_length(c->in) == 0;
+    c->call = NULL;
+    c->reused = true;
+    call->target->fails = 0;
+    attempt_ended(call, now);
+    upstream_response resp = {c->resp.status, c->resp.reason, c->resp.headers, c->resp.body};
+    /* Report first: the answer lives in c. The done callback cannot free the
+     * pool (generations are released from a reaper event), so c survives it. */
+    call_finish(call, &resp, 0);
+    if (keep) {
+        http1_response_reset(&c->resp, false);
+        conn_put(c);
+    } else {
+        conn_close(c);
+    }
 }
 
-static void ureq_done_cb(struct evhttp_request *resp, void *arg)
+static void conn_event_cb(evutil_socket_t fd, short what, void *arg)
 {
-    upstream_call_t *call = arg;
-    if (call->cancelling)
-        return;
-    if (!resp || evhttp_request_get_response_code(resp) == 0) {
-        int status = status_for_error(call->last_error);
-        bool blame = call->last_error != EVREQ_HTTP_DATA_TOO_LONG;
-        if (call->in_make_request) {
-            call->ureq = NULL; /* evhttp has freed it */
-            defer_failure(call, status);
-            return;
+    up_conn *c = arg;
+    if (c->state == CONN_IDLE) {
+        /* An idle connection has nothing to say: data or EOF means it is closing. */
+        char b;
+        ssize_t r = recv(c->fd, &b, 1, MSG_PEEK);
+        if (r > 0 || r == 0 || (errno != EAGAIN && errno != EWOULDBLOCK)) {
+            conn_unlink_idle(c);
+            conn_close(c);
         }
-        attempt_failed(call, status, blame);
         return;
     }
-    uint64_t now = gw_now_ns();
-    evtimer_del(call->timer);
-    call->target->active--;
-    target_succeeded(call->target);
-    if (call->up->duration)
-        metrics_histogram_observe(call->up->duration, (double)(now - call->attempt_start_ns) / 1e9);
-    conn_put(call->conn);
-    call->conn = NULL;
-    call->ureq = NULL;
-    call_finish(call, resp, 0);
-}
-
-static bool conn_is_connected(up_conn *c)
-{
-    struct bufferevent *bev = evhttp_connection_get_bufferevent(c->evcon);
-    evutil_socket_t fd = bev ? bufferevent_getfd(bev) : -1;
-    struct sockaddr_storage ss;
-    socklen_t len = sizeof ss;
-    return fd >= 0 && getpeername(fd, (struct sockaddr *)&ss, &len) == 0;
-}
-
-/* Give up on the attempt in flight: evhttp resets its connection. */
-static void abandon_attempt(upstream_call_t *call)
-{
-    if (!call->ureq)
+    if (c->state == CONN_CONNECTING) {
+        int err = 0;
+        socklen_t len = sizeof err;
+        if (getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0 || err != 0) {
+            conn_failed(c, FAIL_CONNECT);
+            return;
+        }
+        if (!(what & EV_WRITE))
+            return;
+        c->state = CONN_BUSY;
+    }
+    if (!c->call) /* busy without a call: cannot happen; do not leak it */
         return;
-    call->cancelling = true;
-    evhttp_cancel_request(call->ureq);
-    call->cancelling = false;
-    call->ureq = NULL;
+    if (evbuffer_get_length(c->out) > 0 && conn_flush(c) != 0) {
+        conn_failed(c, FAIL_IO);
+        return;
+    }
+    if (!(what & EV_READ))
+        return;
+    int eof = conn_read(c);
+    if (eof < 0) {
+        conn_failed(c, FAIL_IO);
+        return;
+    }
+    http1_result r = http1_parse(&c->resp, c->in, eof == 1);
+    if (r == HTTP1_DONE)
+        conn_answered(c);
+    else if (r == HTTP1_ERROR)
+        conn_failed(c, FAIL_PROTOCOL);
+    else if (eof == 1)
+        conn_failed(c, FAIL_IO);
 }
 
 static void call_timer_cb(evutil_socket_t fd, short what, void *arg)
@@ -463,63 +622,90 @@ static void call_timer_cb(evutil_socket_t fd, short what, void *arg)
     upstream_call_t *call = arg;
     switch (call->timer_phase) {
     case CALL_TIMER_DEFERRED:
-        attempt_failed(call, call->deferred_status, call->deferred_status != 502 || call->last_error != -1);
+        attempt_failed(call, call->deferred_fail, false);
         return;
     case CALL_TIMER_CONNECT:
-        if (conn_is_connected(call->conn)) {
+        if (call->conn && call->conn->state != CONN_CONNECTING) {
             arm_timer(call, CALL_TIMER_DEADLINE, call->attempt_deadline_ns);
             return;
         }
-        call->last_error = -1;
-        abandon_attempt(call);
-        attempt_failed(call, 504, true);
-        return;
+        /* not connected by the connect deadline */
+        __attribute__((fallthrough));
     case CALL_TIMER_DEADLINE:
-        call->last_error = EVREQ_HTTP_TIMEOUT;
-        abandon_attempt(call);
-        attempt_failed(call, 504, true);
+        if (call->conn) {
+            call->conn->call = NULL;
+            conn_close(call->conn);
+            call->conn = NULL;
+        }
+        attempt_failed(call, FAIL_TIMEOUT, false);
         return;
     default:
         return;
     }
 }
 
-static void call_attempt(upstream_call_t *call, up_target *t)
+/* Queue the request line, headers and body on c->out. */
+static void build_request(upstream_call_t *call, up_conn *c)
+{
+    const char *method = method_token(call->cmd);
+    evbuffer_add(c->out, method, strlen(method));
+    evbuffer_add(c->out, " ", 1);
+    evbuffer_add(c->out, call->uri, strlen(call->uri));
+    evbuffer_add(c->out, " HTTP/1.1\r\n", 11);
+    call->fill(call->arg, c->out, call->pool->scratch, c->target->addr->label);
+    evbuffer_add(c->out, "\r\n", 2);
+    evbuffer_add_buffer(c->out, call->pool->scratch);
+}
+
+static void call_attempt(upstream_call_t *call, up_target *t, bool fresh_conn)
 {
     uint64_t now = gw_now_ns();
     call->attempts++;
     call->target = t;
-    call->last_error = -1;
     call->attempt_start_ns = now;
     uint64_t attempt_deadline = now + (uint64_t)call->up->cfg->timeout_ms * 1000000ULL;
     call->attempt_deadline_ns = attempt_deadline < call->deadline_ns ? attempt_deadline : call->deadline_ns;
     t->active++;
 
-    call->conn = conn_get(t);
-    call->ureq = call->conn ? evhttp_request_new(ureq_done_cb, call) : NULL;
-    if (!call->ureq) {
-        gw_error("upstream %s: out of memory starting a request", call->up->cfg->name);
-        defer_failure(call, 502);
-        return;
+    up_conn *c = fresh_conn ? NULL : conn_take_idle(t);
+    if (!c) {
+        c = conn_open(t);
+        if (!c) {
+            int e = errno;
+            gw_warn("upstream %s: target %s: %s", call->up->cfg->name, t->addr->label, strerror(e));
+            defer_failure(call, e == EMFILE || e == ENFILE || e == ENOMEM ? FAIL_LOCAL : FAIL_CONNECT);
+            return;
+        }
+    } else {
+        c->state = CONN_BUSY;
     }
-    evhttp_request_set_error_cb(call->ureq, ureq_error_cb);
-    call->fill(call->arg, call->ureq);
+    c->call = call;
+    call->conn = c;
+    http1_response_reset(&c->resp, call->cmd == EVHTTP_REQ_HEAD);
+    build_request(call, c);
 
     uint64_t connect_deadline = now + (uint64_t)call->up->cfg->connect_timeout_ms * 1000000ULL;
-    if (connect_deadline < call->attempt_deadline_ns)
+    if (c->state == CONN_CONNECTING && connect_deadline < call->attempt_deadline_ns)
         arm_timer(call, CALL_TIMER_CONNECT, connect_deadline);
     else
         arm_timer(call, CALL_TIMER_DEADLINE, call->attempt_deadline_ns);
 
-    call->in_make_request = true;
-    int rc = evhttp_make_request(call->conn->evcon, call->ureq, call->cmd, call->uri);
-    call->in_make_request = false;
-    if (rc != 0 && call->timer_phase != CALL_TIMER_DEFERRED) {
-        /* The connect could not even start (no socket: EMFILE and the like).
-         * evhttp dequeued the request without freeing it. */
-        evhttp_request_free(call->ureq);
-        call->ureq = NULL;
-        defer_failure(call, 502);
+    if (c->state == CONN_BUSY && conn_flush(c) != 0) {
+        /* The kept-alive connection is gone: fail from the loop (we may be
+         * inside upstream_call_start). */
+        bool stale = c->reused;
+        c->call = NULL;
+        call->conn = NULL;
+        conn_close(c);
+        if (stale && call->idempotent && !call->stale_retry_used) {
+            call->stale_retry_used = true;
+            call->attempts--;
+            t->active--;
+            evtimer_del(call->timer);
+            call_attempt(call, t, true);
+            return;
+        }
+        defer_failure(call, FAIL_IO);
     }
 }
 
@@ -550,9 +736,9 @@ upstream_call_t *upstream_call_start(upstream_pool_t *pool, size_t index, enum e
     pool->calls++;
     up_target *t = pick_target(call->up, NULL, gw_now_ns());
     if (t)
-        call_attempt(call, t);
+        call_attempt(call, t, false);
     else
-        defer_failure(call, 502); /* no targets at all */
+        defer_failure(call, FAIL_LOCAL); /* no targets at all */
     return call;
 }
 
@@ -561,12 +747,12 @@ void upstream_call_cancel(upstream_call_t *call)
     if (!call)
         return;
     evtimer_del(call->timer);
-    abandon_attempt(call);
     if (call->conn) {
-        conn_put(call->conn);
+        call->conn->call = NULL;
+        conn_close(call->conn); /* mid-exchange: never reusable */
         call->conn = NULL;
     }
-    if (call->target)
+    if (call->target && call->timer_phase != CALL_TIMER_DEFERRED)
         call->target->active--;
     call_free(call);
 }

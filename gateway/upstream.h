@@ -3,8 +3,8 @@
  *
  * Each worker owns one upstream_pool per runtime: for every configured
  * upstream, its targets with their passive-health state and a stack of idle
- * keep-alive evhttp_connections (an evhttp_connection carries one request at a
- * time, so the pool is how requests run in parallel). upstream_call_start()
+ * keep-alive connections (HTTP/1.1 carries one request at a time per
+ * connection, so the pool is how requests run in parallel). upstream_call_start()
  * picks a target (round robin or least connections, skipping ejected ones),
  * sends the request, enforces the connect deadline and the call deadline with
  * its own timer, and on a connect failure or timeout of an idempotent request
@@ -19,28 +19,41 @@
 
 #include <event2/http.h>
 
+struct evbuffer;
+struct evkeyvalq;
+
 #include "gateway/runtime.h"
 #include "gateway/server.h"
 
 /* Largest upstream answer we buffer; larger answers fail with 502. */
 #define UPSTREAM_MAX_RESPONSE_BYTES (64L * 1024 * 1024)
 #define UPSTREAM_MAX_RESPONSE_HEADER_BYTES (64L * 1024)
-/* evhttp's own inactivity timeout sits this far behind our deadline timer, so
- * ours always fires first and decides the status. */
-#define UPSTREAM_EVHTTP_TIMEOUT_SLACK_MS 1000
+/* Bytes asked of the kernel per read. */
+#define UPSTREAM_READ_CHUNK (16 * 1024)
 
 typedef struct upstream_pool upstream_pool_t;
 typedef struct upstream_call upstream_call_t;
 
-/* Fill one attempt's outgoing request: headers and body. Called once per
- * attempt (a retry builds the request again). */
-typedef void (*upstream_fill_fn)(void *arg, struct evhttp_request *out);
+/* Fill one attempt's outgoing request: append header lines ("Name: value\r\n",
+ * Host included) to `headers` and the body to `body`. `target` is the
+ * "host:port" being called, for a Host header when the client sent none.
+ * Called once per attempt (a retry builds the request again). */
+typedef void (*upstream_fill_fn)(void *arg, struct evbuffer *headers, struct evbuffer *body,
+                                 const char *target);
 
-/* The call ended. On success resp is the upstream's answer (borrowed: valid
- * only during the callback; its input buffer may be moved out) and status is
- * 0. On failure resp is NULL and status is 502 or 504. `target` names the last
- * target tried (borrowed), or NULL. The call is freed after the callback. */
-typedef void (*upstream_done_fn)(void *arg, struct evhttp_request *resp, int status, const char *target);
+/* An upstream's answer, borrowed for the duration of the done callback. */
+typedef struct upstream_response {
+    int status;
+    const char *reason;
+    const struct evkeyvalq *headers; /* as received, hop-by-hop ones included */
+    struct evbuffer *body;           /* the caller may move the contents out */
+} upstream_response;
+
+/* The call ended. On success resp is the upstream's answer and status is 0. On
+ * failure resp is NULL and status is 502 or 504. `target` names the last
+ * target tried (borrowed from the runtime), or NULL. The call is already freed
+ * when this runs. */
+typedef void (*upstream_done_fn)(void *arg, const upstream_response *resp, int status, const char *target);
 
 upstream_pool_t *upstream_pool_create(struct event_base *base, gw_runtime *rt, metrics_shard_t *shard,
                                       const gw_metrics *m);

@@ -367,61 +367,77 @@ static bool is_gateway_set_header(const char *name)
 {
     return strcasecmp(name, "X-Request-Id") == 0 || strcasecmp(name, "traceparent") == 0 ||
            strcasecmp(name, "X-Forwarded-For") == 0 || strcasecmp(name, "X-Forwarded-Proto") == 0 ||
-           strcasecmp(name, "X-Forwarded-Host") == 0 || strcasecmp(name, "Content-Length") == 0;
+           strcasecmp(name, "X-Forwarded-Host") == 0 || strcasecmp(name, "Content-Length") == 0 ||
+           strcasecmp(name, "Expect") == 0; /* the body is already here: nothing to wait for */
+}
+
+/* "Name: value\r\n" without printf: this runs for every header of every request. */
+static void add_header_line(struct evbuffer *out, const char *name, const char *value)
+{
+    char line[512];
+    size_t n = strlen(name), v = strlen(value);
+    if (n + v + 4 <= sizeof line) {
+        memcpy(line, name, n);
+        line[n] = ':';
+        line[n + 1] = ' ';
+        memcpy(line + n + 2, value, v);
+        line[n + v + 2] = '\r';
+        line[n + v + 3] = '\n';
+        evbuffer_add(out, line, n + v + 4);
+        return;
+    }
+    evbuffer_add(out, name, n);
+    evbuffer_add(out, ": ", 2);
+    evbuffer_add(out, value, v);
+    evbuffer_add(out, "\r\n", 2);
 }
 
 /* upstream_fill_fn: one attempt's request headers and body. */
-static void fill_upstream_request(void *arg, struct evhttp_request *out)
+static void fill_upstream_request(void *arg, struct evbuffer *headers, struct evbuffer *body,
+                                  const char *target)
 {
     gw_request *r = arg;
     struct evkeyvalq *in = evhttp_request_get_input_headers(r->req);
-    struct evkeyvalq *oh = evhttp_request_get_output_headers(out);
     const char *connection = evhttp_find_header(in, "Connection");
-    const char *xff = NULL;
+    const char *xff = NULL, *host = NULL;
     const struct evkeyval *h;
 
     TAILQ_FOREACH(h, in, next)
     {
-        if (strcasecmp(h->key, "X-Forwarded-For") == 0 && !xff)
+        if (!xff && strcasecmp(h->key, "X-Forwarded-For") == 0)
             xff = h->value;
+        if (!host && strcasecmp(h->key, "Host") == 0)
+            host = h->value;
         if (gw_header_is_hop_by_hop(h->key, connection) || is_gateway_set_header(h->key))
             continue;
-        evhttp_add_header(oh, h->key, h->value);
+        add_header_line(headers, h->key, h->value);
     }
-    if (xff) {
-        char *joined = NULL;
-        if (asprintf(&joined, "%s, %s", xff, r->client) >= 0) {
-            evhttp_add_header(oh, "X-Forwarded-For", joined);
-            free(joined);
-        }
-    } else {
-        evhttp_add_header(oh, "X-Forwarded-For", r->client);
-    }
-    evhttp_add_header(oh, "X-Forwarded-Proto", r->w->srv->tls ? "https" : "http");
-    const char *host = evhttp_find_header(in, "Host");
+    if (!host)
+        add_header_line(headers, "Host", target);
+    if (xff)
+        evbuffer_add_printf(headers, "X-Forwarded-For: %s, %s\r\n", xff, r->client);
+    else
+        add_header_line(headers, "X-Forwarded-For", r->client);
+    add_header_line(headers, "X-Forwarded-Proto", r->w->srv->tls ? "https" : "http");
     if (host)
-        evhttp_add_header(oh, "X-Forwarded-Host", host);
-    evhttp_add_header(oh, "X-Request-Id", r->request_id);
-    evhttp_add_header(oh, "traceparent", r->traceparent);
+        add_header_line(headers, "X-Forwarded-Host", host);
+    add_header_line(headers, "X-Request-Id", r->request_id);
+    add_header_line(headers, "traceparent", r->traceparent);
 
-    struct evbuffer *body = evhttp_request_get_input_buffer(r->req);
-    size_t len = evbuffer_get_length(body);
-    if (len > 0 || (r->method & (CONFIG_METHOD_POST | CONFIG_METHOD_PUT | CONFIG_METHOD_PATCH))) {
-        char cl[24];
-        snprintf(cl, sizeof cl, "%zu", len);
-        evhttp_add_header(oh, "Content-Length", cl);
-    }
+    struct evbuffer *in_body = evhttp_request_get_input_buffer(r->req);
+    size_t len = evbuffer_get_length(in_body);
+    if (len > 0 || (r->method & (CONFIG_METHOD_POST | CONFIG_METHOD_PUT | CONFIG_METHOD_PATCH)))
+        evbuffer_add_printf(headers, "Content-Length: %zu\r\n", len);
     if (len > 0) {
-        struct evbuffer *ob = evhttp_request_get_output_buffer(out);
         if (r->retry_body)
-            evbuffer_add_buffer_reference(ob, body);
+            evbuffer_add_buffer_reference(body, in_body);
         else
-            evbuffer_add_buffer(ob, body);
+            evbuffer_add_buffer(body, in_body);
     }
 }
 
 /* upstream_done_fn: pass the upstream's answer back, or our 502/504. */
-static void upstream_done(void *arg, struct evhttp_request *resp, int status, const char *target)
+static void upstream_done(void *arg, const upstream_response *resp, int status, const char *target)
 {
     gw_request *r = arg;
     r->call = NULL;
@@ -431,14 +447,12 @@ static void upstream_done(void *arg, struct evhttp_request *resp, int status, co
         respond_error(r, status, status == 504 ? "upstream timed out" : "upstream failed");
         return;
     }
-    int code = evhttp_request_get_response_code(resp);
     struct evkeyvalq *oh = evhttp_request_get_output_headers(r->req);
-    gw_copy_end_to_end_headers(evhttp_request_get_input_headers(resp), oh, r->method == CONFIG_METHOD_HEAD);
+    gw_copy_end_to_end_headers(resp->headers, oh, r->method == CONFIG_METHOD_HEAD);
     add_common_headers(r);
-    struct evbuffer *body = evhttp_request_get_input_buffer(resp);
-    r->status = code;
-    r->bytes = r->method == CONFIG_METHOD_HEAD ? 0 : evbuffer_get_length(body);
-    evhttp_send_reply(r->req, code, evhttp_request_get_response_code_line(resp), body);
+    r->status = resp->status;
+    r->bytes = r->method == CONFIG_METHOD_HEAD ? 0 : evbuffer_get_length(resp->body);
+    evhttp_send_reply(r->req, resp->status, resp->reason[0] ? resp->reason : NULL, resp->body);
     request_end(r);
 }
 

@@ -8,7 +8,6 @@ import threading
 import time
 
 from harness import fresh, gateway_config, session, tcp_sockets, upstream_config, wait_until
-from upstream import Upstream
 
 
 def assert_error(r, status):
@@ -119,8 +118,7 @@ def test_ejection_and_return(stack):
 
     # Bring the dead target back on its port.
     dead.close()
-    revived = Upstream(name="revived", port=int(dead_addr.rsplit(":", 1)[1])).start()
-    stack.upstreams.append(revived)
+    revived = stack.upstream("revived", port=int(dead_addr.rsplit(":", 1)[1]))
 
     def until_revived_used():
         r = fresh("GET", gw.url("/eject/back"))

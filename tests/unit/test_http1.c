@@ -1,0 +1,206 @@
+/*
+ * test_http1.c - the upstream response parser (gateway/http1.c): framing by
+ * Content-Length, chunked and close; interim answers; bodiless statuses; limits;
+ * and input arriving one byte at a time.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <cmocka.h>
+#include <event2/buffer.h>
+#include <event2/http.h>
+
+#include "gateway/http1.h"
+
+typedef struct fixture {
+    http1_response r;
+    struct evbuffer *in;
+} fixture;
+
+static int setup(void **state)
+{
+    static fixture f;
+    assert_int_equal(http1_response_init(&f.r, 4096, 1 << 20), 0);
+    f.in = evbuffer_new();
+    http1_response_reset(&f.r, false);
+    *state = &f;
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    fixture *f = *state;
+    http1_response_free(&f->r);
+    evbuffer_free(f->in);
+    return 0;
+}
+
+static http1_result feed(fixture *f, const char *text, bool eof)
+{
+    evbuffer_add(f->in, text, strlen(text));
+    return http1_parse(&f->r, f->in, eof);
+}
+
+static void assert_body(fixture *f, const char *expected)
+{
+    size_t len = evbuffer_get_length(f->r.body);
+    assert_int_equal(len, strlen(expected));
+    if (len)
+        assert_memory_equal(evbuffer_pullup(f->r.body, -1), expected, len);
+}
+
+static void test_content_length(void **state)
+{
+    fixture *f = *state;
+    assert_int_equal(feed(f, "HTTP/1.1 201 Created\r\nContent-Length: 5\r\nX-A:  b \r\n\r\nhel", false),
+                     HTTP1_NEED_MORE);
+    assert_int_equal(feed(f, "lo", false), HTTP1_DONE);
+    assert_int_equal(f->r.status, 201);
+    assert_string_equal(f->r.reason, "Created");
+    assert_string_equal(evhttp_find_header(f->r.headers, "x-a"), "b");
+    assert_true(f->r.keep_alive);
+    assert_body(f, "hello");
+    assert_int_equal(evbuffer_get_length(f->in), 0);
+}
+
+static void test_byte_at_a_time(void **state)
+{
+    fixture *f = *state;
+    const char *msg = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                      "4;ext=1\r\nWiki\r\n5\r\npedia\r\n0\r\nX-Trailer: t\r\n\r\n";
+    http1_result res = HTTP1_NEED_MORE;
+    for (size_t i = 0; msg[i]; i++) {
+        char one[2] = {msg[i], 0};
+        assert_int_equal(res, HTTP1_NEED_MORE);
+        res = feed(f, one, false);
+    }
+    assert_int_equal(res, HTTP1_DONE);
+    assert_body(f, "Wikipedia");
+    assert_true(f->r.keep_alive);
+}
+
+static void test_interim_answers_skipped(void **state)
+{
+    fixture *f = *state;
+    assert_int_equal(feed(f,
+                          "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+                          "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+                          false),
+                     HTTP1_DONE);
+    assert_int_equal(f->r.status, 200);
+    assert_null(evhttp_find_header(f->r.headers, "Link"));
+    assert_body(f, "ok");
+}
+
+static void test_no_body_statuses_and_head(void **state)
+{
+    fixture *f = *state;
+    assert_int_equal(feed(f, "HTTP/1.1 204 No Content\r\nContent-Length: 10\r\n\r\n", false), HTTP1_DONE);
+    assert_body(f, "");
+    http1_response_reset(&f->r, true);
+    assert_int_equal(feed(f, "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n", false), HTTP1_DONE);
+    assert_body(f, "");
+    assert_true(f->r.keep_alive);
+}
+
+static void test_close_delimited(void **state)
+{
+    fixture *f = *state;
+    assert_int_equal(feed(f, "HTTP/1.0 200 OK\r\n\r\nsome", false), HTTP1_NEED_MORE);
+    assert_int_equal(feed(f, " data", true), HTTP1_DONE);
+    assert_body(f, "some data");
+    assert_false(f->r.keep_alive);
+}
+
+static void test_keep_alive_rules(void **state)
+{
+    fixture *f = *state;
+    assert_int_equal(feed(f, "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n", false),
+                     HTTP1_DONE);
+    assert_false(f->r.keep_alive);
+    http1_response_reset(&f->r, false);
+    assert_int_equal(feed(f, "HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 0\r\n\r\n", false),
+                     HTTP1_DONE);
+    assert_true(f->r.keep_alive);
+    http1_response_reset(&f->r, false);
+    assert_int_equal(feed(f, "HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n", false), HTTP1_DONE);
+    assert_false(f->r.keep_alive);
+}
+
+static void test_chunked_wins_over_length(void **state)
+{
+    fixture *f = *state;
+    assert_int_equal(feed(f,
+                          "HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: "
+                          "chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+                          false),
+                     HTTP1_DONE);
+    assert_body(f, "abc");
+    assert_false(f->r.keep_alive); /* both framings: never reuse */
+}
+
+static void test_errors(void **state)
+{
+    fixture *f = *state;
+    static const char *const bad[] = {
+        "HTTP/2 200 OK\r\n\r\n",
+        "HTTP/1.1 2000 OK\r\n\r\n",
+        "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+        "HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+        "HTTP/1.1 200 OK\r\nContent-Length: 2000000\r\n\r\n",
+        "HTTP/1.1 200 OK\r\nX: a\r\n folded\r\n\r\n",
+        "HTTP/1.1 200 OK\r\nBad Name: a\r\n\r\n",
+        "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcX\r\n",
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        http1_response_reset(&f->r, false);
+        evbuffer_drain(f->in, evbuffer_get_length(f->in));
+        assert_int_equal(feed(f, bad[i], false), HTTP1_ERROR);
+        assert_non_null(f->r.error);
+    }
+}
+
+static void test_eof_too_early(void **state)
+{
+    fixture *f = *state;
+    assert_int_equal(feed(f, "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", true), HTTP1_ERROR);
+    http1_response_reset(&f->r, false);
+    evbuffer_drain(f->in, evbuffer_get_length(f->in));
+    assert_int_equal(feed(f, "HTTP/1.1 200 O", true), HTTP1_ERROR);
+    http1_response_reset(&f->r, false);
+    evbuffer_drain(f->in, evbuffer_get_length(f->in));
+    assert_false(f->r.got_bytes);
+    assert_int_equal(http1_parse(&f->r, f->in, true), HTTP1_ERROR);
+    assert_false(f->r.got_bytes);
+}
+
+static void test_header_limit(void **state)
+{
+    fixture *f = *state;
+    char big[6000];
+    memset(big, 'a', sizeof big - 1);
+    big[sizeof big - 1] = '\0';
+    assert_int_equal(feed(f, "HTTP/1.1 200 OK\r\nX-Big: ", false), HTTP1_NEED_MORE);
+    assert_int_equal(feed(f, big, false), HTTP1_ERROR);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_setup_teardown(test_content_length, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_byte_at_a_time, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_interim_answers_skipped, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_no_body_statuses_and_head, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_close_delimited, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_keep_alive_rules, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_chunked_wins_over_length, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_errors, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_eof_too_early, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_header_limit, setup, teardown),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
