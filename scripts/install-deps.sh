@@ -39,5 +39,7 @@ fi
 cleanup() { if [ "$made_policy" = 1 ]; then $sudo rm -f "$policy"; fi; }
 trap cleanup EXIT
 
+# An install cut short earlier leaves dpkg half-configured and apt-get refusing.
+$sudo env DEBIAN_FRONTEND=noninteractive dpkg --configure -a
 $sudo apt-get update
 $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
