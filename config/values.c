@@ -300,10 +300,16 @@ config_env_status config_env_expand(const char *text, char **out, char *detail, 
             while (isalnum((unsigned char)name[name_len]) || name[name_len] == '_')
                 name_len++;
         }
+        if (name_len >= sizeof name_buf) {
+            /* Checked before either form uses name_buf: no name is this long. */
+            set_detail(detail, detail_len, p, (size_t)(end - p) + 1);
+            status = CONFIG_ENV_BAD_NAME;
+            goto fail;
+        }
         if (name_len > 0 && name[name_len] == ':' && name[name_len + 1] == '-') {
             def = name + name_len + 2;
             def_len = (size_t)(end - def);
-        } else if (name_len == 0 || name + name_len != end || name_len >= sizeof name_buf) {
+        } else if (name_len == 0 || name + name_len != end) {
             set_detail(detail, detail_len, p, (size_t)(end - p) + 1);
             status = CONFIG_ENV_BAD_NAME;
             goto fail;

@@ -208,3 +208,50 @@ const char *gw_method_name(unsigned method_bit)
         return "OTHER";
     }
 }
+
+static int hex_value(char c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
+    return -1;
+}
+
+bool gw_path_is_safe(const char *path)
+{
+    /* Walk the path as an upstream would see it once decoded: %XX decoded, and
+     * '/', '\\' and their encodings all separating segments. A "." or ".."
+     * segment could climb out of a prefix route; a NUL truncates paths in C
+     * backends. Everything else is left to the upstream. */
+    size_t seg_len = 0;
+    int dots = 0; /* leading dots of the current segment, -1 once it has anything else */
+    for (const char *p = path;; p++) {
+        int c = (unsigned char)*p;
+        if (c == '%') {
+            int hi = hex_value(p[1]), lo = hi >= 0 ? hex_value(p[2]) : -1;
+            if (hi >= 0 && lo >= 0) {
+                c = hi * 16 + lo;
+                p += 2;
+                if (c == 0)
+                    return false;
+            }
+        }
+        if (c == '\0' || c == '/' || c == '\\') {
+            if (seg_len > 0 && seg_len <= 2 && dots > 0 && (size_t)dots == seg_len)
+                return false;
+            if (*p == '\0')
+                return true;
+            seg_len = 0;
+            dots = 0;
+            continue;
+        }
+        seg_len++;
+        if (c == '.' && dots >= 0)
+            dots++;
+        else
+            dots = -1;
+    }
+}

@@ -55,6 +55,11 @@ void gw_copy_end_to_end_headers(const struct evkeyvalq *src, struct evkeyvalq *d
  * {"error": "<text>", "status": <code>, "request_id": "<id>"} */
 void gw_error_body(struct evbuffer *out, int status, const char *text, const char *request_id);
 
+/* False when the path, once percent-decoded, has a "." or ".." segment
+ * (separated by '/' or '\\', encoded or not) or a NUL: such a path could
+ * escape a prefix route at an upstream that normalises it. */
+bool gw_path_is_safe(const char *path);
+
 /* Method bit (CONFIG_METHOD_*) to its name; "OTHER" when unknown. */
 const char *gw_method_name(unsigned method_bit);
 

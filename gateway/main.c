@@ -138,7 +138,11 @@ static void count_reload(gw_server *srv, bool ok)
 
 /* ---- listeners ------------------------------------------------------------------- */
 
-static int open_listener(const char *addr, char **err)
+/* Open a listening socket. reuseport: one of several sockets sharing the
+ * address (one per worker); before the first of them is made, probe_free()
+ * checks that no other process listens there, since SO_REUSEPORT would
+ * otherwise let a second gateway share the port silently. */
+static int open_listener(const char *addr, bool reuseport, char **err)
 {
     char host[256];
     const char *port;
@@ -146,7 +150,8 @@ static int open_listener(const char *addr, char **err)
     int fd = -1, one = 1;
 
     if (gw_split_host_port(addr, host, sizeof host, &port) != 0) {
-        asprintf(err, "listen \"%s\": expected host:port", addr);
+        if (asprintf(err, "listen \"%s\": expected host:port", addr) < 0)
+            *err = NULL;
         return -1;
     }
     hints.ai_family = AF_UNSPEC;
@@ -154,14 +159,15 @@ static int open_listener(const char *addr, char **err)
     hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
     int rc = getaddrinfo(strcmp(host, "*") == 0 || !*host ? NULL : host, port, &hints, &res);
     if (rc != 0) {
-        asprintf(err, "listen \"%s\": %s", addr, gai_strerror(rc));
+        if (asprintf(err, "listen \"%s\": %s", addr, gai_strerror(rc)) < 0)
+            *err = NULL;
         return -1;
     }
     fd = socket(res->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0)
         goto fail;
     if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) != 0 ||
-        setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) != 0)
+        (reuseport && setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) != 0))
         goto fail;
     if (res->ai_family == AF_INET6)
         setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one);
@@ -170,11 +176,23 @@ static int open_listener(const char *addr, char **err)
     freeaddrinfo(res);
     return fd;
 fail:
-    asprintf(err, "listen \"%s\": %s", addr, strerror(errno));
+    if (asprintf(err, "listen \"%s\": %s", addr, strerror(errno)) < 0)
+        *err = NULL;
     if (fd >= 0)
         close(fd);
     freeaddrinfo(res);
     return -1;
+}
+
+/* Is anyone listening on addr already? A plain bind (no SO_REUSEPORT) fails
+ * with EADDRINUSE when so. 0 when free, -1 with *err otherwise. */
+static int probe_free(const char *addr, char **err)
+{
+    int fd = open_listener(addr, false, err);
+    if (fd < 0)
+        return -1;
+    close(fd);
+    return 0;
 }
 
 /* ---- reload ------------------------------------------------------------------------ */
@@ -211,6 +229,8 @@ static int reload(gw_main *gm, char **why)
     }
     if (fixed)
         log_error_lines("reload: needs a restart, old value kept: ", fixed);
+    if (!srv->tls && cfg->server.tls_cert)
+        gw_warn("reload: server.tls: the listeners speak plain HTTP; adding TLS needs a restart");
     free(fixed);
     gw_log_configure(rt->cfg->log.level, rt->cfg->log.format);
     for (int i = 0; i < srv->worker_count; i++)
@@ -286,7 +306,7 @@ static int start_admin(gw_main *gm, char **err)
     const config_t *cfg = gm->srv.current->cfg;
     if (!cfg->admin.listen || !cfg->admin.token || !*cfg->admin.token)
         return 0;
-    int fd = open_listener(cfg->admin.listen, err);
+    int fd = open_listener(cfg->admin.listen, false, err);
     if (fd < 0)
         return -1;
     gm->admin = evhttp_new(gm->base);
@@ -388,11 +408,17 @@ static int run(const char *path)
     srv->workers = calloc((size_t)srv->worker_count, sizeof *srv->workers);
     if (!srv->workers)
         goto out;
+    for (size_t j = 0; j < cfg->server.listen_count; j++) {
+        if (probe_free(cfg->server.listen[j], &err) != 0) {
+            gw_error("server.%s (is another gateway running?)", err ? err : "listen: cannot bind");
+            goto out;
+        }
+    }
     for (int i = 0; i < srv->worker_count; i++) {
         int fds[64];
         size_t n = cfg->server.listen_count < 64 ? cfg->server.listen_count : 64;
         for (size_t j = 0; j < n; j++) {
-            fds[j] = open_listener(cfg->server.listen[j], &err);
+            fds[j] = open_listener(cfg->server.listen[j], true, &err);
             if (fds[j] < 0) {
                 gw_error("server.%s", err);
                 while (j-- > 0)

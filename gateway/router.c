@@ -35,9 +35,13 @@ struct router {
     size_t count;
 };
 
+/* GET implies HEAD; TRACE and CONNECT are never proxied (TRACE echoes
+ * credentials back, CONNECT asks for a tunnel), whatever `methods` says. */
 static unsigned effective_methods(unsigned methods)
 {
-    return (methods & CONFIG_METHOD_GET) ? (methods | CONFIG_METHOD_HEAD) : methods;
+    if (methods & CONFIG_METHOD_GET)
+        methods |= CONFIG_METHOD_HEAD;
+    return methods & ~(unsigned)(CONFIG_METHOD_TRACE | CONFIG_METHOD_CONNECT);
 }
 
 /* Split "/a/:b/c" into segments; the leading '/' is implied. */

@@ -6,7 +6,8 @@
  * among matches the most specific path wins: exact, then `:param` patterns,
  * then the longest prefix; ties go to the earlier route in the file. When some
  * route's path matches but none accepts the method, the answer is 405 with the
- * union of their methods for `Allow`. A route that accepts GET accepts HEAD too.
+ * union of their methods for `Allow`. A route that accepts GET accepts HEAD too;
+ * no route accepts TRACE or CONNECT.
  */
 #ifndef GATEWAY_ROUTER_H
 #define GATEWAY_ROUTER_H

@@ -286,7 +286,11 @@ void gw_send_json_error(struct evhttp_request *req, int status, const char *text
     struct evkeyvalq *oh = evhttp_request_get_output_headers(req);
     evhttp_remove_header(oh, "Content-Type");
     evhttp_add_header(oh, "Content-Type", "application/json");
-    evhttp_send_reply(req, status, NULL, body);
+    /* libevent 2.1's phrase table stops short of these. */
+    const char *reason = status == 431   ? "Request Header Fields Too Large"
+                         : status == 429 ? "Too Many Requests"
+                                         : NULL;
+    evhttp_send_reply(req, status, reason, body);
     if (body)
         evbuffer_free(body);
 }
@@ -347,7 +351,9 @@ static void add_common_headers(gw_request *r)
 static void respond_error(gw_request *r, int status, const char *text)
 {
     struct evkeyvalq *oh = evhttp_request_get_output_headers(r->req);
-    if (status == 413 || status == 431 || status == 400)
+    /* After these the connection's framing is not to be trusted (or, for
+     * CONNECT, a client may expect a tunnel): close it. */
+    if (status == 413 || status == 431 || status == 400 || r->method == CONFIG_METHOD_CONNECT)
         evhttp_add_header(oh, "Connection", "close");
     add_common_headers(r);
     r->status = status;
@@ -399,13 +405,12 @@ static void fill_upstream_request(void *arg, struct evbuffer *headers, struct ev
     gw_request *r = arg;
     struct evkeyvalq *in = evhttp_request_get_input_headers(r->req);
     const char *connection = evhttp_find_header(in, "Connection");
-    const char *xff = NULL, *host = NULL;
+    const char *host = NULL;
+    bool xff_seen = false;
     const struct evkeyval *h;
 
     TAILQ_FOREACH(h, in, next)
     {
-        if (!xff && strcasecmp(h->key, "X-Forwarded-For") == 0)
-            xff = h->value;
         if (!host && strcasecmp(h->key, "Host") == 0)
             host = h->value;
         if (gw_header_is_hop_by_hop(h->key, connection) || is_gateway_set_header(h->key))
@@ -414,10 +419,21 @@ static void fill_upstream_request(void *arg, struct evbuffer *headers, struct ev
     }
     if (!host)
         add_header_line(headers, "Host", target);
-    if (xff)
-        evbuffer_add_printf(headers, "X-Forwarded-For: %s, %s\r\n", xff, r->client);
-    else
-        add_header_line(headers, "X-Forwarded-For", r->client);
+    /* X-Forwarded-For: every inbound value, in order, then the client. */
+    evbuffer_add(headers, "X-Forwarded-For: ", 17);
+    TAILQ_FOREACH(h, in, next)
+    {
+        if (strcasecmp(h->key, "X-Forwarded-For") != 0)
+            continue;
+        if (xff_seen)
+            evbuffer_add(headers, ", ", 2);
+        evbuffer_add(headers, h->value, strlen(h->value));
+        xff_seen = true;
+    }
+    if (xff_seen)
+        evbuffer_add(headers, ", ", 2);
+    evbuffer_add(headers, r->client, strlen(r->client));
+    evbuffer_add(headers, "\r\n", 2);
     add_header_line(headers, "X-Forwarded-Proto", r->w->srv->tls ? "https" : "http");
     if (host)
         add_header_line(headers, "X-Forwarded-Host", host);
@@ -502,6 +518,15 @@ static size_t header_block_size(struct evhttp_request *req)
     return n + 2;
 }
 
+static int host_header_count(const struct evkeyvalq *in)
+{
+    int n = 0;
+    const struct evkeyval *h;
+    TAILQ_FOREACH(h, in, next)
+    n += strcasecmp(h->key, "Host") == 0;
+    return n;
+}
+
 static void client_address(struct evhttp_request *req, char *out, size_t size)
 {
     struct evhttp_connection *evcon = evhttp_request_get_connection(req);
@@ -582,6 +607,15 @@ static void on_request(struct evhttp_request *req, void *arg)
     }
     if (evbuffer_get_length(evhttp_request_get_input_buffer(req)) > (size_t)cfg->server.max_body_bytes) {
         respond_error(r, 413, "request body too large");
+        return;
+    }
+
+    if (!gw_path_is_safe(path)) {
+        respond_error(r, 400, "path with a dot-segment or NUL");
+        return;
+    }
+    if (host_header_count(in) > 1) {
+        respond_error(r, 400, "more than one Host header");
         return;
     }
 
@@ -789,7 +823,8 @@ static struct bufferevent *make_bufferevent(struct event_base *base, void *arg)
     event_active(w->pending_ev, EV_TIMEOUT, 0);
     long open = atomic_fetch_add(&srv->connections, 1) + 1;
     bool paused = false;
-    if (open >= srv->max_connections && atomic_compare_exchange_strong(&srv->accept_paused, &paused, true))
+    if (!atomic_load(&srv->draining) && open >= srv->max_connections &&
+        atomic_compare_exchange_strong(&srv->accept_paused, &paused, true))
         broadcast_accept(srv, w);
     return bev;
 }

@@ -99,6 +99,24 @@ static void test_env_errors(void **state)
     expect_expansion_error("${A:default}", CONFIG_ENV_BAD_NAME, "${A:default}");
 }
 
+/* A name longer than any buffer, in both forms: an error, never an overflow. */
+static void test_env_overlong_names(void **state)
+{
+    (void)state;
+    static char text[6000];
+    char *out = NULL, detail[64];
+    const char *const tails[] = {":-127.0.0.1:1}", "}"};
+    for (size_t t = 0; t < 2; t++) {
+        size_t n = 0;
+        n += (size_t)snprintf(text, sizeof text, "${");
+        memset(text + n, 'A', 5000);
+        n += 5000;
+        snprintf(text + n, sizeof text - n, "%s", tails[t]);
+        assert_int_equal(config_env_expand(text, &out, detail, sizeof detail), CONFIG_ENV_BAD_NAME);
+        assert_null(out);
+    }
+}
+
 /* ---- Durations ---- */
 
 static void expect_duration(const char *text, int64_t want)
@@ -415,6 +433,7 @@ int main(void)
         cmocka_unit_test(test_env_several_in_one_scalar),
         cmocka_unit_test(test_env_dollars_that_are_not_variables),
         cmocka_unit_test(test_env_errors),
+        cmocka_unit_test(test_env_overlong_names),
         cmocka_unit_test(test_duration_units),
         cmocka_unit_test(test_duration_decimals),
         cmocka_unit_test(test_duration_junk),

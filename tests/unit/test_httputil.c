@@ -94,12 +94,30 @@ static void test_error_body(void **state)
     evbuffer_free(b);
 }
 
+static void test_path_safety(void **state)
+{
+    assert_true(gw_path_is_safe("/"));
+    assert_true(gw_path_is_safe("/public/a/b"));
+    assert_true(gw_path_is_safe("/public/a..b/.c/..."));
+    assert_true(gw_path_is_safe("/100%25/%zz/%2"));
+    assert_false(gw_path_is_safe("/public/../admin"));
+    assert_false(gw_path_is_safe("/public/.."));
+    assert_false(gw_path_is_safe("/public/./x"));
+    assert_false(gw_path_is_safe("/public/%2e%2e/admin"));
+    assert_false(gw_path_is_safe("/public/%2E%2E/x"));
+    assert_false(gw_path_is_safe("/public/.%2e/x"));
+    assert_false(gw_path_is_safe("/public/..%2fadmin"));
+    assert_false(gw_path_is_safe("/public/..%5cadmin"));
+    assert_false(gw_path_is_safe("/public\\..\\admin"));
+    assert_false(gw_path_is_safe("/a%00b"));
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_request_id),  cmocka_unit_test(test_minted_ids),
         cmocka_unit_test(test_traceparent), cmocka_unit_test(test_hop_by_hop),
-        cmocka_unit_test(test_error_body),
+        cmocka_unit_test(test_error_body),  cmocka_unit_test(test_path_safety),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -99,6 +99,10 @@ static void test_methods_default_all(void **state)
     router_match m;
     assert_int_equal(match(r, "/x", CONFIG_METHOD_PATCH, &m), 0);
     assert_int_equal(match(r, "/x", CONFIG_METHOD_OPTIONS, &m), 0);
+    /* never TRACE or CONNECT, even with every method allowed */
+    assert_int_equal(match(r, "/x", CONFIG_METHOD_TRACE, &m), -405);
+    assert_false(m.allow & (CONFIG_METHOD_TRACE | CONFIG_METHOD_CONNECT));
+    assert_int_equal(match(r, "/x", CONFIG_METHOD_CONNECT, &m), -405);
     router_free(r);
 }
 
