@@ -42,7 +42,8 @@ enum { CONN_CONNECTING, CONN_BUSY, CONN_IDLE };
 typedef struct up_conn {
     int fd;
     int state;
-    bool reused; /* has carried a complete exchange before */
+    bool reused;   /* has carried a complete exchange before */
+    bool peer_eof; /* the upstream closed its side */
     struct event *ev;
     up_target *target;
     struct up_conn *next; /* idle stack */
@@ -198,7 +199,8 @@ static up_conn *conn_open(up_target *t)
     if (connect(c->fd, (struct sockaddr *)&t->sa, t->sa_len) != 0 && errno != EINPROGRESS)
         goto fail;
     c->state = CONN_CONNECTING;
-    c->ev = event_new(t->up->pool->base, c->fd, EV_READ | EV_WRITE | EV_PERSIST | EV_ET, conn_event_cb, c);
+    c->ev = event_new(t->up->pool->base, c->fd, EV_READ | EV_WRITE | EV_CLOSED | EV_PERSIST | EV_ET,
+                      conn_event_cb, c);
     if (!c->ev || event_add(c->ev, NULL) != 0)
         goto fail;
     return c;
@@ -263,8 +265,11 @@ static int conn_flush(up_conn *c)
 }
 
 /* Read until EAGAIN (edge-triggered) without asking the kernel how much is
- * there. Returns 1 at end of stream, 0 otherwise, -1 on error. */
-static int conn_read(up_conn *c)
+ * there. A short read means drained for now, unless the peer has closed
+ * (EV_CLOSED came with the edge): then read on to the end of the stream, since
+ * no further edge will come. Returns 1 at end of stream, 0 otherwise, -1 on
+ * error. */
+static int conn_read(up_conn *c, bool peer_closed)
 {
     for (;;) {
         struct evbuffer_iovec v[2];
@@ -291,9 +296,11 @@ static int conn_read(up_conn *c)
             left -= v[i].iov_len;
         }
         evbuffer_commit_space(c->in, v, nv);
-        if (r == 0)
+        if (r == 0) {
+            c->peer_eof = true;
             return 1;
-        if ((size_t)r < want)
+        }
+        if ((size_t)r < want && !peer_closed)
             return 0; /* short read: drained for now; the next arrival raises a new edge */
     }
 }
@@ -554,7 +561,7 @@ static void conn_answered(up_conn *c)
 {
     upstream_call_t *call = c->call;
     uint64_t now = gw_now_ns();
-    bool keep = c->resp.keep_alive && evbuffer_get_length(c->in) == 0;
+    bool keep = c->resp.keep_alive && !c->peer_eof && evbuffer_get_length(c->in) == 0;
     c->call = NULL;
     c->reused = true;
     call->target->fails = 0;
@@ -601,10 +608,16 @@ static void conn_event_cb(evutil_socket_t fd, short what, void *arg)
         conn_failed(c, FAIL_IO);
         return;
     }
-    if (!(what & EV_READ))
+    if (!(what & (EV_READ | EV_CLOSED)))
         return;
-    int eof = conn_read(c);
+    int eof = conn_read(c, (what & EV_CLOSED) != 0);
     if (eof < 0) {
+        conn_failed(c, FAIL_IO);
+        return;
+    }
+    if (eof == 1 && !c->resp.got_bytes && evbuffer_get_length(c->in) == 0) {
+        /* Closed before a byte of the answer: a connection failure (and, on a
+         * reused connection, a stale keep-alive), not a protocol error. */
         conn_failed(c, FAIL_IO);
         return;
     }

@@ -22,6 +22,7 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/eventfd.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <event2/buffer.h>
@@ -57,6 +58,18 @@ typedef struct gw_conn {
     struct evhttp_connection *evcon;
     struct event *read_timer;
     bool replying; /* an answer is being written (counts in w->replying) */
+
+    /* Direct I/O (plain HTTP; see client_pump): the socket is ours, evhttp
+     * only sees the bufferevent's buffers. fd is -1 when evhttp's bufferevent
+     * does the I/O itself (TLS, or GATEWAY_DIRECT_IO=0). */
+    int fd;
+    struct bufferevent *bev;
+    struct event *io;
+    bool readable, writable; /* edges seen and not yet used up */
+    bool peer_closed;        /* EV_CLOSED seen: read to the end, no edge will follow */
+    bool dirty;              /* on w->dirty: output to write */
+    bool closed;             /* evhttp freed the connection; waits for the reaper */
+    struct gw_conn *next_dirty, *next_dead;
 } gw_conn;
 
 /* Open addressing by evhttp_connection pointer, linear probing, backward-shift
@@ -156,6 +169,9 @@ struct gw_worker {
     size_t pending_count, pending_cap;
     struct event *pending_ev;
     conn_table conns;                    /* evhttp_connection -> gw_conn */
+    bool direct_io;                      /* take plain client sockets over (client_pump) */
+    gw_conn *dirty, *dead;               /* connections to write to / to free */
+    struct event *flush_ev;              /* writes dirty connections, then frees dead ones */
     const struct timeval *read_deadline; /* common timeout of server.read_timeout */
     unsigned replying;                   /* connections writing an answer */
 
@@ -543,6 +559,14 @@ static void reply_done(struct evhttp_request *req, void *arg)
     gw_conn *c = arg;
     c->replying = false;
     c->w->replying--;
+    if (evhttp_request_get_command(req) == EVHTTP_REQ_CONNECT) {
+        /* evhttp keeps a CONNECT connection open (a tunnel, it assumes) and sends
+         * no Content-Length: end the answer by closing, from the timer, outside
+         * evhttp's stack. */
+        static const struct timeval now = {0, 0};
+        evtimer_add(c->read_timer, &now);
+        return;
+    }
     if (!c->w->draining)
         evtimer_add(c->read_timer, c->w->read_deadline);
 }
@@ -735,16 +759,27 @@ static void uncount_connection(gw_worker *w)
         broadcast_accept(srv, w);
 }
 
+/* evhttp is freeing the connection. The socket is closed, and c freed, from
+ * the flush event: evhttp still shuts the fd down after this callback, and
+ * pump code up the stack may still look at c->closed. */
 static void on_connection_closed(struct evhttp_connection *evcon, void *arg)
 {
     gw_conn *c = arg;
     gw_worker *w = c->w;
     if (c->replying)
         w->replying--;
+    c->replying = false;
     conn_remove(&w->conns, c);
     if (c->read_timer)
         event_free(c->read_timer);
-    free(c);
+    c->read_timer = NULL;
+    if (c->io)
+        event_free(c->io); /* out of epoll while the fd is still open */
+    c->io = NULL;
+    c->closed = true;
+    c->next_dead = w->dead;
+    w->dead = c;
+    event_active(w->flush_ev, EV_TIMEOUT, 0);
     uncount_connection(w);
 }
 
@@ -754,6 +789,199 @@ static void read_deadline_cb(evutil_socket_t fd, short what, void *arg)
     /* Not inside any evhttp callback and no request of ours is in flight on it
      * (the timer stops when a request has been read): safe to free here. */
     evhttp_connection_free(c->evcon);
+}
+
+/* ---- direct client I/O -------------------------------------------------------------
+ *
+ * For plain HTTP, evhttp keeps its bufferevent but loses the socket: once evhttp
+ * has wrapped a new connection, the fd is taken from the bufferevent (which is
+ * left with fd -1, so it never touches epoll) and registered once, edge-
+ * triggered for reading and writing, for the connection's life. We move bytes
+ * between the socket and the bufferevent's buffers and run evhttp's callbacks
+ * with bufferevent_trigger(), only when evhttp has that direction enabled, just
+ * as the socket bufferevent would. What it saves per request: evhttp toggles its
+ * events three times (three epoll_ctl), reads with an ioctl(FIONREAD) first,
+ * and writes only on the next loop iteration; here there is none of that, and
+ * answers go out in the iteration that produced them. */
+
+static void client_pump(gw_conn *c);
+
+static void mark_dirty(gw_conn *c)
+{
+    if (c->dirty || c->closed)
+        return;
+    c->dirty = true;
+    c->next_dirty = c->w->dirty;
+    c->w->dirty = c;
+    event_active(c->w->flush_ev, EV_TIMEOUT, 0);
+}
+
+/* evbuffer callback on the bufferevent's output: evhttp queued bytes. */
+static void client_output_cb(struct evbuffer *buf, const struct evbuffer_cb_info *info, void *arg)
+{
+    if (info->n_added > 0)
+        mark_dirty(arg);
+}
+
+static void flush_cb(evutil_socket_t fd, short what, void *arg)
+{
+    gw_worker *w = arg;
+    while (w->dirty) {
+        gw_conn *c = w->dirty;
+        w->dirty = c->next_dirty;
+        c->dirty = false;
+        if (!c->closed)
+            client_pump(c);
+    }
+    /* The dirty list is empty now, so no dead connection is still on it. */
+    while (w->dead) {
+        gw_conn *c = w->dead;
+        w->dead = c->next_dead;
+        if (c->fd >= 0)
+            close(c->fd);
+        free(c);
+    }
+}
+
+static void client_io_cb(evutil_socket_t fd, short what, void *arg)
+{
+    gw_conn *c = arg;
+    if (what & (EV_READ | EV_CLOSED))
+        c->readable = true;
+    if (what & EV_CLOSED)
+        c->peer_closed = true;
+    if (what & EV_WRITE)
+        c->writable = true;
+    client_pump(c);
+}
+
+/* Read until EAGAIN or a short read into in. 1: end of stream; 0: fine;
+ * -1: error. *got: bytes read. */
+static int client_read(gw_conn *c, struct evbuffer *in, size_t *got)
+{
+    *got = 0;
+    for (;;) {
+        struct evbuffer_iovec v[2];
+        int nv = evbuffer_reserve_space(in, GW_CLIENT_READ_CHUNK, v, 2);
+        if (nv <= 0)
+            return -1;
+        struct iovec iov[2];
+        size_t want = 0;
+        for (int i = 0; i < nv; i++) {
+            iov[i].iov_base = v[i].iov_base;
+            iov[i].iov_len = v[i].iov_len;
+            want += v[i].iov_len;
+        }
+        ssize_t r = readv(c->fd, iov, nv);
+        if (r < 0) {
+            evbuffer_commit_space(in, v, 0);
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                c->readable = false;
+                return 0;
+            }
+            return -1;
+        }
+        size_t left = (size_t)r;
+        for (int i = 0; i < nv; i++) {
+            v[i].iov_len = left < v[i].iov_len ? left : v[i].iov_len;
+            left -= v[i].iov_len;
+        }
+        evbuffer_commit_space(in, v, nv);
+        *got += (size_t)r;
+        if (r == 0)
+            return 1;
+        if ((size_t)r < want && !c->peer_closed) {
+            c->readable = false; /* drained; the next arrival raises a new edge */
+            return 0;
+        }
+    }
+}
+
+/* Move what can move, in both directions, and tell evhttp. Any trigger may end
+ * in evhttp freeing the connection: c->closed says so (c itself lives on until
+ * the flush event). */
+static void client_pump(gw_conn *c)
+{
+    struct bufferevent *bev = c->bev;
+    for (int round = 0; round < 8 && !c->closed; round++) {
+        bool progress = false;
+        struct evbuffer *out = bufferevent_get_output(bev);
+        if (c->writable && evbuffer_get_length(out) > 0) {
+            while (evbuffer_get_length(out) > 0) {
+                int n = evbuffer_write(out, c->fd);
+                if (n >= 0)
+                    continue;
+                if (errno == EINTR)
+                    continue;
+                if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                    c->writable = false;
+                    break;
+                }
+                bufferevent_trigger_event(bev, BEV_EVENT_ERROR | BEV_EVENT_WRITING, 0);
+                return;
+            }
+            if (evbuffer_get_length(out) == 0 && (bufferevent_get_enabled(bev) & EV_WRITE)) {
+                bufferevent_trigger(bev, EV_WRITE, 0); /* evhttp: the answer is out */
+                if (c->closed)
+                    return;
+                progress = true;
+                /* A pipelined request may already be buffered: evhttp re-enabled
+                 * reading and waits for a read callback. */
+                if ((bufferevent_get_enabled(bev) & EV_READ) &&
+                    evbuffer_get_length(bufferevent_get_input(bev)) > 0) {
+                    bufferevent_trigger(bev, EV_READ, 0);
+                    if (c->closed)
+                        return;
+                }
+            }
+        }
+        if (c->readable && (bufferevent_get_enabled(bev) & EV_READ)) {
+            size_t got;
+            int r = client_read(c, bufferevent_get_input(bev), &got);
+            if (got > 0) {
+                bufferevent_trigger(bev, EV_READ, 0);
+                if (c->closed)
+                    return;
+                progress = true;
+            }
+            if (r != 0) {
+                bufferevent_trigger_event(
+                    bev, r > 0 ? BEV_EVENT_EOF | BEV_EVENT_READING : BEV_EVENT_ERROR | BEV_EVENT_READING, 0);
+                return;
+            }
+        }
+        if (!progress)
+            return;
+    }
+    if (!c->closed && (c->readable || c->writable))
+        mark_dirty(c); /* more to do: yield to other connections first */
+}
+
+/* Take the socket from evhttp's bufferevent (see above). On failure the
+ * connection simply stays with evhttp's own I/O. */
+static void client_take_over(gw_conn *c)
+{
+    gw_worker *w = c->w;
+    int fd = bufferevent_getfd(c->bev);
+    if (fd < 0)
+        return;
+    c->io = event_new(w->base, fd, EV_READ | EV_WRITE | EV_CLOSED | EV_PERSIST | EV_ET, client_io_cb, c);
+    if (!c->io)
+        return;
+    if (!evbuffer_add_cb(bufferevent_get_output(c->bev), client_output_cb, c)) {
+        event_free(c->io);
+        c->io = NULL;
+        return;
+    }
+    bufferevent_setfd(c->bev, -1);                /* its events leave epoll; it never reads or writes again */
+    bufferevent_set_timeouts(c->bev, NULL, NULL); /* read deadlines are ours (c->read_timer) */
+    c->fd = fd;
+    if (event_add(c->io, NULL) != 0) {
+        /* Cannot watch it: let evhttp fail it like a dead peer. */
+        bufferevent_trigger_event(c->bev, BEV_EVENT_ERROR | BEV_EVENT_READING, 0);
+    }
 }
 
 static void pending_cb(evutil_socket_t fd, short what, void *arg)
@@ -767,6 +995,8 @@ static void pending_cb(evutil_socket_t fd, short what, void *arg)
         if (c) {
             c->w = w;
             c->evcon = evcon;
+            c->fd = -1;
+            c->bev = w->pending[i];
             c->read_timer = evtimer_new(w->base, read_deadline_cb, c);
         }
         if (!c || !c->read_timer || conn_insert(&w->conns, c) != 0) {
@@ -782,6 +1012,8 @@ static void pending_cb(evutil_socket_t fd, short what, void *arg)
         }
         evhttp_connection_set_closecb(evcon, on_connection_closed, c);
         evtimer_add(c->read_timer, w->read_deadline);
+        if (w->direct_io && !w->srv->tls)
+            client_take_over(c);
     }
     w->pending_count = 0;
 }
@@ -848,6 +1080,7 @@ static void worker_stop(gw_worker *w)
     gw_access_log_flush(w->access);
     evhttp_free(w->http); /* closes idle client connections */
     w->http = NULL;
+    flush_cb(-1, 0, w); /* close their sockets */
     event_base_loopexit(w->base, NULL);
 }
 
@@ -918,6 +1151,10 @@ static void worker_free(gw_worker *w)
         return;
     if (w->http)
         evhttp_free(w->http);
+    if (w->flush_ev) {
+        flush_cb(-1, 0, w);
+        event_free(w->flush_ev);
+    }
     gen_unref(w, w->gen, false);
     gen_reaper_cb(-1, 0, w);
     if (w->gen_reaper)
@@ -981,9 +1218,12 @@ gw_worker *gw_worker_create(gw_server *srv, int id, gw_runtime *rt, const int *l
     w->mailbox_ev = event_new(w->base, w->mailbox_fd, EV_READ | EV_PERSIST, mailbox_cb, w);
     w->pending_ev = event_new(w->base, -1, 0, pending_cb, w);
     w->gen_reaper = event_new(w->base, -1, 0, gen_reaper_cb, w);
+    w->flush_ev = event_new(w->base, -1, 0, flush_cb, w);
+    const char *dio = getenv("GATEWAY_DIRECT_IO"); /* "0": evhttp's own socket I/O, for comparison */
+    w->direct_io = !(dio && strcmp(dio, "0") == 0);
     w->drain_timer = evtimer_new(w->base, drain_timer_cb, w);
     w->access = gw_access_log_create(w->base, STDOUT_FILENO);
-    if (!w->mailbox_ev || !w->pending_ev || !w->gen_reaper || !w->drain_timer || !w->access ||
+    if (!w->mailbox_ev || !w->pending_ev || !w->gen_reaper || !w->flush_ev || !w->drain_timer || !w->access ||
         event_add(w->mailbox_ev, NULL) != 0)
         goto fail;
     w->in_flight_gauge = metrics_series(w->shard, srv->metrics.in_flight, NULL);

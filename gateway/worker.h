@@ -29,6 +29,7 @@
 #define GW_BODY_HARD_LIMIT_SLACK_BYTES (1024L * 1024)
 #define GW_DRAIN_POLL_MS 20
 #define GW_LISTEN_BACKLOG 4096
+#define GW_CLIENT_READ_CHUNK (16 * 1024) /* bytes asked of the kernel per client read */
 
 /* Create a worker (main thread, before any thread starts). listen_fds are
  * bound, listening, nonblocking sockets, owned by the worker from now on. rt
