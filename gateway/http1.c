@@ -2,9 +2,9 @@
  * http1.c - incremental HTTP/1.x response parsing (see http1.h).
  *
  * Runs on whichever worker owns the connection; no state outside the struct.
- * Lines are read with evbuffer_search_eol so a partial line is left in the
- * buffer until the rest arrives; body bytes are moved, not copied, from the
- * input buffer to r->body.
+ * Until the header block's blank line has arrived nothing is consumed; then the
+ * block is copied out once and split in place. Body bytes are moved, not
+ * copied, from the input buffer to r->body.
  */
 #include "gateway/http1.h"
 
@@ -12,17 +12,13 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
-#include <sys/queue.h>
 
 #include <event2/buffer.h>
-#include <event2/http.h>
-#include <event2/keyvalq_struct.h>
 
 #include "gateway/httputil.h"
 
 enum {
-    ST_STATUS,
-    ST_HEADERS,
+    ST_HEAD,
     ST_BODY_LENGTH,
     ST_CHUNK_SIZE,
     ST_CHUNK_DATA,
@@ -37,46 +33,38 @@ int http1_response_init(http1_response *r, size_t max_header_bytes, size_t max_b
     memset(r, 0, sizeof *r);
     r->max_header_bytes = max_header_bytes;
     r->max_body_bytes = max_body_bytes;
-    r->headers = calloc(1, sizeof *r->headers);
     r->body = evbuffer_new();
-    if (!r->headers || !r->body) {
-        http1_response_free(r);
+    if (!r->body)
         return -1;
-    }
-    TAILQ_INIT(r->headers);
+    http1_response_reset(r, false);
     return 0;
 }
 
 void http1_response_reset(http1_response *r, bool head_request)
 {
-    evhttp_clear_headers(r->headers);
-    evbuffer_drain(r->body, evbuffer_get_length(r->body));
+    if (r->body)
+        evbuffer_drain(r->body, evbuffer_get_length(r->body));
     r->head_request = head_request;
     r->status = 0;
     r->minor_version = 0;
-    r->reason[0] = '\0';
+    r->reason = "";
+    r->field_count = 0;
     r->keep_alive = false;
     r->error = NULL;
     r->got_bytes = false;
-    r->state = ST_STATUS;
-    r->header_bytes = 0;
+    r->state = ST_HEAD;
     r->remaining = 0;
-    r->chunked = false;
-    r->close_delimited = false;
-    r->conn_close = false;
+    r->trailer_bytes = 0;
 }
 
 void http1_response_free(http1_response *r)
 {
-    if (r->headers) {
-        evhttp_clear_headers(r->headers);
-        free(r->headers);
-        r->headers = NULL;
-    }
-    if (r->body) {
+    if (r->body)
         evbuffer_free(r->body);
-        r->body = NULL;
-    }
+    r->body = NULL;
+    free(r->head);
+    r->head = NULL;
+    r->head_cap = 0;
 }
 
 static http1_result fail(http1_response *r, const char *why)
@@ -85,24 +73,54 @@ static http1_result fail(http1_response *r, const char *why)
     return HTTP1_ERROR;
 }
 
-/* Take one CRLF- or LF-terminated line into buf (NUL-terminated, without the
- * terminator). 1: got one; 0: incomplete; -1: longer than size-1. */
-static int take_line(struct evbuffer *in, char *buf, size_t size, size_t *consumed)
+const http1_field *http1_find(const http1_response *r, const char *name)
 {
-    size_t eol_len = 0;
-    struct evbuffer_ptr p = evbuffer_search_eol(in, NULL, &eol_len, EVBUFFER_EOL_CRLF);
-    if (p.pos < 0)
-        return evbuffer_get_length(in) >= size ? -1 : 0;
-    if ((size_t)p.pos >= size)
-        return -1;
-    evbuffer_remove(in, buf, (size_t)p.pos);
-    buf[p.pos] = '\0';
-    evbuffer_drain(in, eol_len);
-    *consumed = (size_t)p.pos + eol_len;
-    return 1;
+    size_t n = strlen(name);
+    for (size_t i = 0; i < r->field_count; i++)
+        if (r->fields[i].name_len == n && strncasecmp(r->fields[i].name, name, n) == 0)
+            return &r->fields[i];
+    return NULL;
 }
 
-static http1_result parse_status(http1_response *r, const char *line)
+/* Where the header block ends (just past its blank line), or 0 when it has not
+ * arrived yet. Lines end in CRLF or a bare LF. */
+static size_t find_head_end(struct evbuffer *in)
+{
+    struct evbuffer_ptr p;
+    evbuffer_ptr_set(in, &p, 0, EVBUFFER_PTR_SET);
+    for (;;) {
+        p = evbuffer_search(in, "\n", 1, &p);
+        if (p.pos < 0)
+            return 0;
+        size_t at = (size_t)p.pos;
+        char next[2];
+        struct evbuffer_ptr q = p;
+        if (evbuffer_ptr_set(in, &q, 1, EVBUFFER_PTR_ADD) != 0)
+            return 0;
+        if (evbuffer_copyout_from(in, &q, next, 2) >= 1 && next[0] == '\n')
+            return at + 2;
+        if (evbuffer_copyout_from(in, &q, next, 2) == 2 && next[0] == '\r' && next[1] == '\n')
+            return at + 3;
+        if (evbuffer_ptr_set(in, &p, 1, EVBUFFER_PTR_ADD) != 0)
+            return 0;
+    }
+}
+
+/* Cut the next line out of [*p, end): returns it NUL-terminated (CR dropped). */
+static char *next_line(char **p, char *end)
+{
+    char *line = *p;
+    char *nl = memchr(line, '\n', (size_t)(end - line));
+    if (!nl)
+        return NULL;
+    *p = nl + 1;
+    if (nl > line && nl[-1] == '\r')
+        nl--;
+    *nl = '\0';
+    return line;
+}
+
+static http1_result parse_status(http1_response *r, char *line)
 {
     /* HTTP/1.x SP 3DIGIT [SP reason] */
     if (strncmp(line, "HTTP/1.", 7) != 0 || (line[7] != '0' && line[7] != '1') || line[8] != ' ')
@@ -115,16 +133,14 @@ static http1_result parse_status(http1_response *r, const char *line)
     r->status = (c[0] - '0') * 100 + (c[1] - '0') * 10 + (c[2] - '0');
     if (r->status < 100)
         return fail(r, "malformed status code");
-    const char *reason = c[3] == ' ' ? c + 4 : "";
-    size_t n = strlen(reason);
-    if (n >= sizeof r->reason)
-        n = sizeof r->reason - 1;
-    memcpy(r->reason, reason, n);
-    r->reason[n] = '\0';
+    r->reason = c[3] == ' ' ? c + 4 : "";
+    for (const char *s = r->reason; *s; s++)
+        if (*s == '\r' || (unsigned char)*s < 0x09)
+            return fail(r, "control character in the reason phrase");
     return HTTP1_NEED_MORE;
 }
 
-static http1_result parse_header(http1_response *r, char *line)
+static http1_result parse_field(http1_response *r, char *line)
 {
     if (line[0] == ' ' || line[0] == '\t')
         return fail(r, "obsolete header line folding");
@@ -132,42 +148,51 @@ static http1_result parse_header(http1_response *r, char *line)
     if (!colon || colon == line)
         return fail(r, "malformed header line");
     for (char *p = line; p < colon; p++)
-        if (*p == ' ' || *p == '\t')
-            return fail(r, "space in header name");
-    *colon = '\0';
+        if (*p == ' ' || *p == '\t' || (unsigned char)*p < 0x21 || (unsigned char)*p == 0x7f)
+            return fail(r, "invalid character in a header name");
     char *value = colon + 1;
     while (*value == ' ' || *value == '\t')
         value++;
     char *end = value + strlen(value);
     while (end > value && (end[-1] == ' ' || end[-1] == '\t'))
-        *--end = '\0';
-    if (evhttp_add_header(r->headers, line, value) != 0)
-        return fail(r, "invalid header value");
+        end--;
+    for (char *p = value; p < end; p++)
+        if (*p == '\r')
+            return fail(r, "CR in a header value");
+    if (r->field_count == HTTP1_MAX_FIELDS)
+        return fail(r, "too many header fields");
+    *colon = '\0';
+    *end = '\0';
+    http1_field *f = &r->fields[r->field_count++];
+    f->name = line;
+    f->name_len = (size_t)(colon - line);
+    f->value = value;
+    f->value_len = (size_t)(end - value);
     return HTTP1_NEED_MORE;
 }
 
-/* Decide how the body is framed once the headers are in. */
+/* Decide how the body is framed once the fields are in. */
 static http1_result frame_body(http1_response *r)
 {
-    const char *connection = evhttp_find_header(r->headers, "Connection");
-    r->conn_close = connection && gw_header_list_has_token(connection, "close");
-    bool keep_alive_token = connection && gw_header_list_has_token(connection, "keep-alive");
-    r->keep_alive = r->minor_version == 1 ? !r->conn_close : keep_alive_token && !r->conn_close;
+    const http1_field *connection = http1_find(r, "Connection");
+    bool close = connection && gw_header_list_has_token(connection->value, "close");
+    bool keep_token = connection && gw_header_list_has_token(connection->value, "keep-alive");
+    r->keep_alive = r->minor_version == 1 ? !close : keep_token && !close;
 
     if (r->head_request || r->status == 204 || r->status == 304) {
         r->state = ST_DONE;
         return HTTP1_DONE;
     }
-    const char *te = evhttp_find_header(r->headers, "Transfer-Encoding");
-    const char *cl = NULL;
-    const struct evkeyval *h;
-    TAILQ_FOREACH(h, r->headers, next)
-    {
-        if (strcasecmp(h->key, "Content-Length") != 0)
-            continue;
-        if (cl && strcmp(cl, h->value) != 0)
-            return fail(r, "conflicting Content-Length");
-        cl = h->value;
+    const char *te = NULL, *cl = NULL;
+    for (size_t i = 0; i < r->field_count; i++) {
+        const http1_field *f = &r->fields[i];
+        if (f->name_len == 17 && strcasecmp(f->name, "Transfer-Encoding") == 0) {
+            te = f->value;
+        } else if (f->name_len == 14 && strcasecmp(f->name, "Content-Length") == 0) {
+            if (cl && strcmp(cl, f->value) != 0)
+                return fail(r, "conflicting Content-Length");
+            cl = f->value;
+        }
     }
     if (te) {
         /* chunked must be the last coding; anything else is read to close. */
@@ -175,14 +200,12 @@ static http1_result frame_body(http1_response *r)
         last = last ? last + 1 : te;
         while (*last == ' ' || *last == '\t')
             last++;
-        if (strncasecmp(last, "chunked", 7) == 0 && (last[7] == '\0' || last[7] == ' ' || last[7] == '\t')) {
-            r->chunked = true;
+        if (strcasecmp(last, "chunked") == 0) {
             if (cl)
                 r->keep_alive = false; /* both framings: never trust the connection again */
             r->state = ST_CHUNK_SIZE;
             return HTTP1_NEED_MORE;
         }
-        r->close_delimited = true;
         r->keep_alive = false;
         r->state = ST_BODY_CLOSE;
         return HTTP1_NEED_MORE;
@@ -192,16 +215,65 @@ static http1_result frame_body(http1_response *r)
         if (!isdigit((unsigned char)cl[0]))
             return fail(r, "malformed Content-Length");
         unsigned long long n = strtoull(cl, &endp, 10);
-        if (*endp != '\0' || n > r->max_body_bytes)
-            return fail(r, *endp ? "malformed Content-Length" : "response body too large");
+        if (*endp != '\0')
+            return fail(r, "malformed Content-Length");
+        if (n > r->max_body_bytes)
+            return fail(r, "response body too large");
         r->remaining = n;
         r->state = n ? ST_BODY_LENGTH : ST_DONE;
         return n ? HTTP1_NEED_MORE : HTTP1_DONE;
     }
-    r->close_delimited = true;
     r->keep_alive = false;
     r->state = ST_BODY_CLOSE;
     return HTTP1_NEED_MORE;
+}
+
+/* A complete header block is at the front of in: take it. */
+static http1_result parse_head(http1_response *r, struct evbuffer *in, size_t len)
+{
+    if (len + 1 > r->head_cap) {
+        size_t cap = r->head_cap ? r->head_cap : 1024;
+        while (cap < len + 1)
+            cap *= 2;
+        char *p = realloc(r->head, cap);
+        if (!p)
+            return fail(r, "out of memory");
+        r->head = p;
+        r->head_cap = cap;
+    }
+    evbuffer_remove(in, r->head, len);
+    r->head[len] = '\0';
+    if (memchr(r->head, '\0', len))
+        return fail(r, "NUL in the response header");
+    char *p = r->head, *end = r->head + len;
+    char *line = next_line(&p, end);
+    if (!line || parse_status(r, line) != HTTP1_NEED_MORE)
+        return HTTP1_ERROR;
+    r->field_count = 0;
+    while ((line = next_line(&p, end)) != NULL && line[0] != '\0')
+        if (parse_field(r, line) != HTTP1_NEED_MORE)
+            return HTTP1_ERROR;
+    if (r->status < 200) {
+        /* Interim answer (100 Continue, 103 Early Hints): wait for the real one. */
+        r->field_count = 0;
+        return HTTP1_NEED_MORE;
+    }
+    return frame_body(r);
+}
+
+/* Take one line (CRLF or LF) of at most size-1 bytes. 1, 0 (incomplete), -1 (too long). */
+static int take_line(struct evbuffer *in, char *buf, size_t size)
+{
+    size_t eol_len = 0;
+    struct evbuffer_ptr p = evbuffer_search_eol(in, NULL, &eol_len, EVBUFFER_EOL_CRLF);
+    if (p.pos < 0)
+        return evbuffer_get_length(in) >= size ? -1 : 0;
+    if ((size_t)p.pos >= size)
+        return -1;
+    evbuffer_remove(in, buf, (size_t)p.pos);
+    buf[p.pos] = '\0';
+    evbuffer_drain(in, eol_len);
+    return 1;
 }
 
 static http1_result move_body(http1_response *r, struct evbuffer *in, uint64_t want, uint64_t *moved)
@@ -219,50 +291,26 @@ static http1_result move_body(http1_response *r, struct evbuffer *in, uint64_t w
 http1_result http1_parse(http1_response *r, struct evbuffer *in, bool eof)
 {
     char line[HTTP1_MAX_LINE];
-    size_t used;
     if (evbuffer_get_length(in) > 0)
         r->got_bytes = true;
     for (;;) {
         int got;
         uint64_t moved;
         switch (r->state) {
-        case ST_STATUS:
-        case ST_HEADERS:
-        case ST_TRAILERS:
-            got = take_line(in, line, sizeof line, &used);
-            if (got < 0)
-                return fail(r, "header line too long");
-            if (got == 0) {
-                if (r->header_bytes + evbuffer_get_length(in) > r->max_header_bytes)
+        case ST_HEAD: {
+            size_t len = find_head_end(in);
+            if (len == 0) {
+                if (evbuffer_get_length(in) > r->max_header_bytes)
                     return fail(r, "response header too large");
                 return eof ? fail(r, "connection closed in the response header") : HTTP1_NEED_MORE;
             }
-            r->header_bytes += used;
-            if (r->header_bytes > r->max_header_bytes)
+            if (len > r->max_header_bytes)
                 return fail(r, "response header too large");
-            if (r->state == ST_STATUS) {
-                if (parse_status(r, line) != HTTP1_NEED_MORE)
-                    return HTTP1_ERROR;
-                r->state = ST_HEADERS;
-            } else if (r->state == ST_TRAILERS) {
-                if (line[0] == '\0') {
-                    r->state = ST_DONE;
-                    return HTTP1_DONE;
-                }
-            } else if (line[0] != '\0') {
-                if (parse_header(r, line) != HTTP1_NEED_MORE)
-                    return HTTP1_ERROR;
-            } else if (r->status >= 100 && r->status < 200) {
-                /* Interim answer (100 Continue, 103 Early Hints): wait for the real one. */
-                evhttp_clear_headers(r->headers);
-                r->header_bytes = 0;
-                r->state = ST_STATUS;
-            } else {
-                http1_result fr = frame_body(r);
-                if (fr != HTTP1_NEED_MORE)
-                    return fr;
-            }
+            http1_result hr = parse_head(r, in, len);
+            if (hr != HTTP1_NEED_MORE)
+                return hr;
             break;
+        }
         case ST_BODY_LENGTH:
             if (move_body(r, in, r->remaining, &moved) != HTTP1_NEED_MORE)
                 return HTTP1_ERROR;
@@ -273,7 +321,7 @@ http1_result http1_parse(http1_response *r, struct evbuffer *in, bool eof)
             }
             return eof ? fail(r, "connection closed in the response body") : HTTP1_NEED_MORE;
         case ST_CHUNK_SIZE: {
-            got = take_line(in, line, sizeof line, &used);
+            got = take_line(in, line, sizeof line);
             if (got < 0)
                 return fail(r, "chunk size line too long");
             if (got == 0)
@@ -299,12 +347,28 @@ http1_result http1_parse(http1_response *r, struct evbuffer *in, bool eof)
             r->state = ST_CHUNK_CRLF;
             break;
         case ST_CHUNK_CRLF:
-            got = take_line(in, line, sizeof line, &used);
+            got = take_line(in, line, sizeof line);
             if (got == 0)
                 return eof ? fail(r, "connection closed in a chunk") : HTTP1_NEED_MORE;
             if (got < 0 || line[0] != '\0')
                 return fail(r, "chunk not followed by CRLF");
             r->state = ST_CHUNK_SIZE;
+            break;
+        case ST_TRAILERS:
+            /* Trailer fields are read and dropped (they would need a chunked
+             * answer to pass on). */
+            got = take_line(in, line, sizeof line);
+            if (got < 0)
+                return fail(r, "trailer line too long");
+            if (got == 0)
+                return eof ? fail(r, "connection closed in the trailers") : HTTP1_NEED_MORE;
+            if (line[0] == '\0') {
+                r->state = ST_DONE;
+                return HTTP1_DONE;
+            }
+            r->trailer_bytes += strlen(line) + 2;
+            if (r->trailer_bytes > r->max_header_bytes)
+                return fail(r, "trailers too large");
             break;
         case ST_BODY_CLOSE:
             if (move_body(r, in, UINT64_MAX, &moved) != HTTP1_NEED_MORE)

@@ -160,20 +160,6 @@ bool gw_header_is_hop_by_hop(const char *name, const char *connection)
     return connection && gw_header_list_has_token(connection, name);
 }
 
-void gw_copy_end_to_end_headers(const struct evkeyvalq *src, struct evkeyvalq *dst, bool keep_content_length)
-{
-    const char *connection = evhttp_find_header(src, "Connection");
-    const struct evkeyval *h;
-    TAILQ_FOREACH(h, src, next)
-    {
-        if (gw_header_is_hop_by_hop(h->key, connection))
-            continue;
-        if (!keep_content_length && strcasecmp(h->key, "Content-Length") == 0)
-            continue;
-        evhttp_add_header(dst, h->key, h->value);
-    }
-}
-
 void gw_error_body(struct evbuffer *out, int status, const char *text, const char *request_id)
 {
     evbuffer_add_printf(out, "{\"error\":\"");

@@ -46,11 +46,6 @@ bool gw_header_is_hop_by_hop(const char *name, const char *connection);
  * name, compared case-insensitively? */
 bool gw_header_list_has_token(const char *list, const char *name);
 
-/* Copy every end-to-end header of src into dst (add, keeping repeats). When
- * keep_content_length is false, Content-Length is left out as well (the
- * sender recomputes it). */
-void gw_copy_end_to_end_headers(const struct evkeyvalq *src, struct evkeyvalq *dst, bool keep_content_length);
-
 /* The body of an error the gateway answers itself:
  * {"error": "<text>", "status": <code>, "request_id": "<id>"} */
 void gw_error_body(struct evbuffer *out, int status, const char *text, const char *request_id);

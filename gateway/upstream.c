@@ -566,7 +566,8 @@ static void conn_answered(up_conn *c)
     c->reused = true;
     call->target->fails = 0;
     attempt_ended(call, now);
-    upstream_response resp = {c->resp.status, c->resp.reason, c->resp.headers, c->resp.body};
+    upstream_response resp = {c->resp.status, c->resp.reason, c->resp.fields, c->resp.field_count,
+                              c->resp.body};
     /* Report first: the answer lives in c. The done callback cannot free the
      * pool (generations are released from a reaper event), so c survives it. */
     call_finish(call, &resp, 0);

@@ -22,6 +22,7 @@
 struct evbuffer;
 struct evkeyvalq;
 
+#include "gateway/http1.h"
 #include "gateway/runtime.h"
 #include "gateway/server.h"
 
@@ -45,8 +46,9 @@ typedef void (*upstream_fill_fn)(void *arg, struct evbuffer *headers, struct evb
 typedef struct upstream_response {
     int status;
     const char *reason;
-    const struct evkeyvalq *headers; /* as received, hop-by-hop ones included */
-    struct evbuffer *body;           /* the caller may move the contents out */
+    const http1_field *fields; /* as received, hop-by-hop ones included */
+    size_t field_count;
+    struct evbuffer *body; /* the caller may move the contents out */
 } upstream_response;
 
 /* The call ended. On success resp is the upstream's answer and status is 0. On

@@ -468,6 +468,79 @@ static void fill_upstream_request(void *arg, struct evbuffer *headers, struct ev
     }
 }
 
+static bool field_is(const http1_field *f, const char *name, size_t len)
+{
+    return f->name_len == len && strncasecmp(f->name, name, len) == 0;
+}
+
+/* Put the upstream's end-to-end fields on the answer. evhttp writes every
+ * output header with its own printf and keeps each in three allocations, which
+ * made header handling the largest cost of a proxied request. So the fields
+ * evhttp never looks at travel as ONE entry: its key is the first field's name
+ * and its value the first value followed by "\r\nName: value" for the others,
+ * which evhttp's "key: value\r\n" writes out as the original lines. That is
+ * safe because the parser refuses CR, LF and NUL in values. Date stays a real
+ * entry (evhttp adds its own when it finds none), and so does Content-Length
+ * for HEAD; for other methods evhttp writes the length of the body it sends. */
+static void pass_response_fields(gw_request *r, const upstream_response *resp)
+{
+    struct evkeyvalq *oh = evhttp_request_get_output_headers(r->req);
+    const http1_field *connection = NULL, *first = NULL;
+    bool head = r->method == CONFIG_METHOD_HEAD;
+    size_t extra = 0;
+    for (size_t i = 0; i < resp->field_count; i++)
+        if (field_is(&resp->fields[i], "Connection", 10))
+            connection = &resp->fields[i];
+    for (size_t pass = 0; pass < 2; pass++) {
+        char *value = NULL, *w = NULL;
+        if (pass == 1) {
+            if (!first)
+                return;
+            value = malloc(first->value_len + extra + 1);
+            struct evkeyval *kv = calloc(1, sizeof *kv);
+            char *key = strndup(first->name, first->name_len);
+            if (!value || !kv || !key) {
+                free(value);
+                free(kv);
+                free(key);
+                return;
+            }
+            memcpy(value, first->value, first->value_len);
+            w = value + first->value_len;
+            kv->key = key;
+            kv->value = value;
+            TAILQ_INSERT_TAIL(oh, kv, next);
+        }
+        for (size_t i = 0; i < resp->field_count; i++) {
+            const http1_field *f = &resp->fields[i];
+            if (gw_header_is_hop_by_hop(f->name, connection ? connection->value : NULL) ||
+                field_is(f, "X-Request-Id", 12) || (!head && field_is(f, "Content-Length", 14)))
+                continue;
+            if (field_is(f, "Date", 4)) {
+                if (pass == 0)
+                    evhttp_add_header(oh, "Date", f->value);
+                continue;
+            }
+            if (pass == 0) {
+                if (!first)
+                    first = f;
+                else
+                    extra += 2 + f->name_len + 2 + f->value_len;
+                continue;
+            }
+            if (f == first)
+                continue;
+            memcpy(w, "\r\n", 2);
+            memcpy(w + 2, f->name, f->name_len);
+            memcpy(w + 2 + f->name_len, ": ", 2);
+            memcpy(w + 4 + f->name_len, f->value, f->value_len);
+            w += 4 + f->name_len + f->value_len;
+        }
+        if (pass == 1)
+            *w = '\0';
+    }
+}
+
 /* upstream_done_fn: pass the upstream's answer back, or our 502/504. */
 static void upstream_done(void *arg, const upstream_response *resp, int status, const char *target)
 {
@@ -479,8 +552,7 @@ static void upstream_done(void *arg, const upstream_response *resp, int status, 
         respond_error(r, status, status == 504 ? "upstream timed out" : "upstream failed");
         return;
     }
-    struct evkeyvalq *oh = evhttp_request_get_output_headers(r->req);
-    gw_copy_end_to_end_headers(resp->headers, oh, r->method == CONFIG_METHOD_HEAD);
+    pass_response_fields(r, resp);
     add_common_headers(r);
     r->status = resp->status;
     r->bytes = r->method == CONFIG_METHOD_HEAD ? 0 : evbuffer_get_length(resp->body);

@@ -11,7 +11,6 @@
 
 #include <cmocka.h>
 #include <event2/buffer.h>
-#include <event2/http.h>
 
 #include "gateway/http1.h"
 
@@ -60,7 +59,9 @@ static void test_content_length(void **state)
     assert_int_equal(feed(f, "lo", false), HTTP1_DONE);
     assert_int_equal(f->r.status, 201);
     assert_string_equal(f->r.reason, "Created");
-    assert_string_equal(evhttp_find_header(f->r.headers, "x-a"), "b");
+    assert_non_null(http1_find(&f->r, "x-a"));
+    assert_string_equal(http1_find(&f->r, "x-a")->value, "b");
+    assert_int_equal(http1_find(&f->r, "X-A")->value_len, 1);
     assert_true(f->r.keep_alive);
     assert_body(f, "hello");
     assert_int_equal(evbuffer_get_length(f->in), 0);
@@ -91,7 +92,8 @@ static void test_interim_answers_skipped(void **state)
                           false),
                      HTTP1_DONE);
     assert_int_equal(f->r.status, 200);
-    assert_null(evhttp_find_header(f->r.headers, "Link"));
+    assert_null(http1_find(&f->r, "Link"));
+    assert_int_equal(f->r.field_count, 1);
     assert_body(f, "ok");
 }
 
@@ -155,6 +157,7 @@ static void test_errors(void **state)
         "HTTP/1.1 200 OK\r\nBad Name: a\r\n\r\n",
         "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
         "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcX\r\n",
+        "HTTP/1.1 200 OK\r\nX: a\rb\r\n\r\n",
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         http1_response_reset(&f->r, false);
@@ -162,6 +165,14 @@ static void test_errors(void **state)
         assert_int_equal(feed(f, bad[i], false), HTTP1_ERROR);
         assert_non_null(f->r.error);
     }
+}
+
+static void test_nul_in_header(void **state)
+{
+    fixture *f = *state;
+    static const char msg[] = "HTTP/1.1 200 OK\r\nX: a\0b\r\nContent-Length: 0\r\n\r\n";
+    evbuffer_add(f->in, msg, sizeof msg - 1);
+    assert_int_equal(http1_parse(&f->r, f->in, false), HTTP1_ERROR);
 }
 
 static void test_eof_too_early(void **state)
@@ -200,6 +211,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_chunked_wins_over_length, setup, teardown),
         cmocka_unit_test_setup_teardown(test_errors, setup, teardown),
         cmocka_unit_test_setup_teardown(test_eof_too_early, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_nul_in_header, setup, teardown),
         cmocka_unit_test_setup_teardown(test_header_limit, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
