@@ -150,12 +150,30 @@ bool gw_header_list_has_token(const char *list, const char *name)
 
 bool gw_header_is_hop_by_hop(const char *name, const char *connection)
 {
-    static const char *const fixed[] = {"Connection", "Keep-Alive",        "TE",     "Trailer",
-                                        "Trailers",   "Transfer-Encoding", "Upgrade"};
-    for (size_t i = 0; i < sizeof fixed / sizeof fixed[0]; i++)
-        if (strcasecmp(name, fixed[i]) == 0)
-            return true;
-    if (strncasecmp(name, "Proxy-", 6) == 0)
+    /* Runs for every header of every request and answer: decide by length
+     * first, so most names cost one strlen and no comparison. */
+    size_t n = strlen(name);
+    bool fixed = false;
+    switch (n) {
+    case 2:
+        fixed = strcasecmp(name, "TE") == 0;
+        break;
+    case 7:
+        fixed = strcasecmp(name, "Trailer") == 0 || strcasecmp(name, "Upgrade") == 0;
+        break;
+    case 8:
+        fixed = strcasecmp(name, "Trailers") == 0;
+        break;
+    case 10:
+        fixed = strcasecmp(name, "Connection") == 0 || strcasecmp(name, "Keep-Alive") == 0;
+        break;
+    case 17:
+        fixed = strcasecmp(name, "Transfer-Encoding") == 0;
+        break;
+    default:
+        break;
+    }
+    if (fixed || (n > 6 && strncasecmp(name, "Proxy-", 6) == 0))
         return true;
     return connection && gw_header_list_has_token(connection, name);
 }

@@ -30,6 +30,7 @@
 
 #include <event2/buffer.h>
 #include <event2/event.h>
+#include <event2/event_struct.h>
 
 #include "gateway/http1.h"
 #include "gateway/log.h"
@@ -96,7 +97,7 @@ struct upstream_call {
     upstream_pool_t *pool;
     up_upstream *up;
     enum evhttp_cmd_type cmd;
-    char *uri;
+    const char *uri; /* borrowed from the caller until the call ends */
     bool idempotent;
     bool stale_retry_used; /* one free retry after a reused connection died */
     uint64_t deadline_ns;  /* the request's */
@@ -105,7 +106,8 @@ struct upstream_call {
     int attempts;
     up_target *target;
     up_conn *conn;
-    struct event *timer;
+    struct event timer_ev; /* embedded: one allocation per call, not two */
+    struct event *timer;   /* &timer_ev */
     int timer_phase;
     int deferred_fail;
     upstream_fill_fn fill;
@@ -461,9 +463,7 @@ static void call_attempt(upstream_call_t *call, up_target *t, bool fresh_conn);
 static void call_free(upstream_call_t *call)
 {
     call->pool->calls--;
-    if (call->timer)
-        event_free(call->timer);
-    free(call->uri);
+    event_del(call->timer);
     free(call);
 }
 
@@ -733,17 +733,14 @@ upstream_call_t *upstream_call_start(upstream_pool_t *pool, size_t index, enum e
     call->pool = pool;
     call->up = &pool->ups[index];
     call->cmd = cmd;
-    call->uri = strdup(uri);
+    call->uri = uri;
     call->idempotent = idempotent;
     call->deadline_ns = deadline_ns;
     call->fill = fill;
     call->done = done;
     call->arg = arg;
-    call->timer = evtimer_new(pool->base, call_timer_cb, call);
-    if (!call->uri || !call->timer) {
-        if (call->timer)
-            event_free(call->timer);
-        free(call->uri);
+    call->timer = &call->timer_ev;
+    if (evtimer_assign(call->timer, pool->base, call_timer_cb, call) != 0) {
         free(call);
         return NULL;
     }

@@ -64,7 +64,8 @@ void upstream_pool_free(upstream_pool_t *pool);
 
 /* Start a call to upstream `index` (into rt->cfg->upstreams). deadline_ns is
  * the request's absolute CLOCK_MONOTONIC deadline; each attempt also stops at
- * the upstream's `timeout`. `uri` is copied. Returns NULL only when out of
+ * the upstream's `timeout`. `uri` is borrowed: it must stay valid until the
+ * call ends (its done callback runs, or it is cancelled). Returns NULL only when out of
  * memory (nothing was sent, done is not called). */
 upstream_call_t *upstream_call_start(upstream_pool_t *pool, size_t index, enum evhttp_cmd_type cmd,
                                      const char *uri, bool idempotent, uint64_t deadline_ns,

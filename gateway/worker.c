@@ -199,6 +199,7 @@ struct gw_request {
     int status;
     size_t bytes;
     bool retry_body; /* body may be sent twice: reference, don't move */
+    char *uri_owned; /* the upstream request-target when it had to be built */
     char request_id[GW_REQUEST_ID_MAX + 1];
     char traceparent[GW_TRACEPARENT_LEN + 1];
     char client[INET6_ADDRSTRLEN];
@@ -318,8 +319,8 @@ static void request_end(gw_request *r)
     double seconds = (double)(gw_now_ns() - r->start_ns) / 1e9;
     const config_t *cfg = r->gen->rt->cfg;
     const char *route = r->route_index >= 0 ? cfg->routes[r->route_index].name : "_unmatched";
-    char code[8];
-    snprintf(code, sizeof code, "%d", r->status);
+    char code[4] = {(char)('0' + r->status / 100 % 10), (char)('0' + r->status / 10 % 10),
+                    (char)('0' + r->status % 10), '\0'};
     const char *labels[3] = {route, gw_method_name(r->method), code};
     metrics_series_t *s = metrics_series(w->shard, m->requests_total, labels);
     if (s)
@@ -350,7 +351,18 @@ static void request_end(gw_request *r)
         r->next->prev = r->prev;
     w->in_flight--;
     gen_unref(w, r->gen, true);
+    free(r->uri_owned);
     free(r);
+}
+
+/* While draining, every answer asks the client to go away. */
+static void add_drain_header(gw_request *r)
+{
+    if (r->w->draining) {
+        struct evkeyvalq *oh = evhttp_request_get_output_headers(r->req);
+        evhttp_remove_header(oh, "Connection");
+        evhttp_add_header(oh, "Connection", "close");
+    }
 }
 
 static void add_common_headers(gw_request *r)
@@ -358,10 +370,7 @@ static void add_common_headers(gw_request *r)
     struct evkeyvalq *oh = evhttp_request_get_output_headers(r->req);
     evhttp_remove_header(oh, "X-Request-Id");
     evhttp_add_header(oh, "X-Request-Id", r->request_id);
-    if (r->w->draining) {
-        evhttp_remove_header(oh, "Connection");
-        evhttp_add_header(oh, "Connection", "close");
-    }
+    add_drain_header(r);
 }
 
 static void respond_error(gw_request *r, int status, const char *text)
@@ -385,12 +394,28 @@ static bool method_is_idempotent(unsigned method)
                      CONFIG_METHOD_OPTIONS | CONFIG_METHOD_TRACE);
 }
 
+/* Headers the gateway writes itself on the way up. By length first: this runs
+ * for every request header. */
 static bool is_gateway_set_header(const char *name)
 {
-    return strcasecmp(name, "X-Request-Id") == 0 || strcasecmp(name, "traceparent") == 0 ||
-           strcasecmp(name, "X-Forwarded-For") == 0 || strcasecmp(name, "X-Forwarded-Proto") == 0 ||
-           strcasecmp(name, "X-Forwarded-Host") == 0 || strcasecmp(name, "Content-Length") == 0 ||
-           strcasecmp(name, "Expect") == 0; /* the body is already here: nothing to wait for */
+    switch (strlen(name)) {
+    case 6:
+        return strcasecmp(name, "Expect") == 0; /* the body is already here: nothing to wait for */
+    case 11:
+        return strcasecmp(name, "traceparent") == 0;
+    case 12:
+        return strcasecmp(name, "X-Request-Id") == 0;
+    case 14:
+        return strcasecmp(name, "Content-Length") == 0;
+    case 15:
+        return strcasecmp(name, "X-Forwarded-For") == 0;
+    case 16:
+        return strcasecmp(name, "X-Forwarded-Host") == 0;
+    case 17:
+        return strcasecmp(name, "X-Forwarded-Proto") == 0;
+    default:
+        return false;
+    }
 }
 
 /* "Name: value\r\n" without printf: this runs for every header of every request. */
@@ -473,72 +498,72 @@ static bool field_is(const http1_field *f, const char *name, size_t len)
     return f->name_len == len && strncasecmp(f->name, name, len) == 0;
 }
 
-/* Put the upstream's end-to-end fields on the answer. evhttp writes every
- * output header with its own printf and keeps each in three allocations, which
- * made header handling the largest cost of a proxied request. So the fields
- * evhttp never looks at travel as ONE entry: its key is the first field's name
- * and its value the first value followed by "\r\nName: value" for the others,
- * which evhttp's "key: value\r\n" writes out as the original lines. That is
- * safe because the parser refuses CR, LF and NUL in values. Date stays a real
+/* Put the upstream's end-to-end fields, and our X-Request-Id, on the answer.
+ * evhttp writes every output header with its own printf and keeps each in
+ * three allocations, which made header handling the largest cost of a proxied
+ * request. So the fields evhttp never looks at travel as ONE entry: its key is
+ * the first field's name and its value the first value followed by
+ * "\r\nName: value" for each other field, which evhttp's "key: value\r\n"
+ * writes out as the original lines. That is safe because the parser refuses CR,
+ * LF and NUL in values and request ids are [A-Za-z0-9._:-]. Date stays a real
  * entry (evhttp adds its own when it finds none), and so does Content-Length
  * for HEAD; for other methods evhttp writes the length of the body it sends. */
 static void pass_response_fields(gw_request *r, const upstream_response *resp)
 {
     struct evkeyvalq *oh = evhttp_request_get_output_headers(r->req);
-    const http1_field *connection = NULL, *first = NULL;
+    const http1_field *connection = NULL;
     bool head = r->method == CONFIG_METHOD_HEAD;
-    size_t extra = 0;
+    size_t keep[HTTP1_MAX_FIELDS], kept = 0, len = 0;
+
     for (size_t i = 0; i < resp->field_count; i++)
         if (field_is(&resp->fields[i], "Connection", 10))
             connection = &resp->fields[i];
-    for (size_t pass = 0; pass < 2; pass++) {
-        char *value = NULL, *w = NULL;
-        if (pass == 1) {
-            if (!first)
-                return;
-            value = malloc(first->value_len + extra + 1);
-            struct evkeyval *kv = calloc(1, sizeof *kv);
-            char *key = strndup(first->name, first->name_len);
-            if (!value || !kv || !key) {
-                free(value);
-                free(kv);
-                free(key);
-                return;
-            }
-            memcpy(value, first->value, first->value_len);
-            w = value + first->value_len;
-            kv->key = key;
-            kv->value = value;
-            TAILQ_INSERT_TAIL(oh, kv, next);
+    for (size_t i = 0; i < resp->field_count; i++) {
+        const http1_field *f = &resp->fields[i];
+        if (gw_header_is_hop_by_hop(f->name, connection ? connection->value : NULL) ||
+            field_is(f, "X-Request-Id", 12) || (!head && field_is(f, "Content-Length", 14)))
+            continue;
+        if (field_is(f, "Date", 4)) {
+            evhttp_add_header(oh, "Date", f->value);
+            continue;
         }
-        for (size_t i = 0; i < resp->field_count; i++) {
-            const http1_field *f = &resp->fields[i];
-            if (gw_header_is_hop_by_hop(f->name, connection ? connection->value : NULL) ||
-                field_is(f, "X-Request-Id", 12) || (!head && field_is(f, "Content-Length", 14)))
-                continue;
-            if (field_is(f, "Date", 4)) {
-                if (pass == 0)
-                    evhttp_add_header(oh, "Date", f->value);
-                continue;
-            }
-            if (pass == 0) {
-                if (!first)
-                    first = f;
-                else
-                    extra += 2 + f->name_len + 2 + f->value_len;
-                continue;
-            }
-            if (f == first)
-                continue;
+        keep[kept++] = i;
+        len += f->name_len + 2 + f->value_len + 2;
+    }
+    size_t id_len = strlen(r->request_id);
+    len += 12 + 2 + id_len;
+    const char *key = kept ? resp->fields[keep[0]].name : "X-Request-Id";
+    char *k = strdup(key);
+    char *value = malloc(len + 1);
+    struct evkeyval *kv = calloc(1, sizeof *kv);
+    if (!k || !value || !kv) {
+        free(k);
+        free(value);
+        free(kv);
+        evhttp_add_header(oh, "X-Request-Id", r->request_id);
+        return;
+    }
+    char *w = value;
+    for (size_t j = 0; j < kept; j++) {
+        const http1_field *f = &resp->fields[keep[j]];
+        if (j > 0) {
             memcpy(w, "\r\n", 2);
             memcpy(w + 2, f->name, f->name_len);
             memcpy(w + 2 + f->name_len, ": ", 2);
-            memcpy(w + 4 + f->name_len, f->value, f->value_len);
-            w += 4 + f->name_len + f->value_len;
+            w += 4 + f->name_len;
         }
-        if (pass == 1)
-            *w = '\0';
+        memcpy(w, f->value, f->value_len);
+        w += f->value_len;
     }
+    if (kept) {
+        memcpy(w, "\r\nX-Request-Id: ", 16);
+        w += 16;
+    }
+    memcpy(w, r->request_id, id_len);
+    w[id_len] = '\0';
+    kv->key = k;
+    kv->value = value;
+    TAILQ_INSERT_TAIL(oh, kv, next);
 }
 
 /* upstream_done_fn: pass the upstream's answer back, or our 502/504. */
@@ -552,27 +577,30 @@ static void upstream_done(void *arg, const upstream_response *resp, int status, 
         respond_error(r, status, status == 504 ? "upstream timed out" : "upstream failed");
         return;
     }
-    pass_response_fields(r, resp);
-    add_common_headers(r);
+    pass_response_fields(r, resp); /* X-Request-Id included */
+    add_drain_header(r);
     r->status = resp->status;
     r->bytes = r->method == CONFIG_METHOD_HEAD ? 0 : evbuffer_get_length(resp->body);
     evhttp_send_reply(r->req, resp->status, resp->reason[0] ? resp->reason : NULL, resp->body);
     request_end(r);
 }
 
-/* The request-target to send upstream: origin-form path and query. */
-static char *upstream_uri(struct evhttp_request *req)
+/* The request-target to send upstream: origin-form path and query. Usually
+ * the client's own (borrowed from req); built into *owned for absolute-form. */
+static const char *upstream_uri(struct evhttp_request *req, char **owned)
 {
     const char *raw = evhttp_request_get_uri(req);
+    *owned = NULL;
     if (raw[0] == '/')
-        return strdup(raw);
+        return raw;
     const struct evhttp_uri *u = evhttp_request_get_evhttp_uri(req);
     const char *path = u ? evhttp_uri_get_path(u) : NULL;
     const char *query = u ? evhttp_uri_get_query(u) : NULL;
-    char *out = NULL;
-    if (asprintf(&out, "%s%s%s", path && *path ? path : "/", query ? "?" : "", query ? query : "") < 0)
+    if (asprintf(owned, "%s%s%s", path && *path ? path : "/", query ? "?" : "", query ? query : "") < 0) {
+        *owned = NULL;
         return NULL;
-    return out;
+    }
+    return *owned;
 }
 
 static void proxy(gw_request *r, int upstream_index)
@@ -583,14 +611,13 @@ static void proxy(gw_request *r, int upstream_index)
     bool idempotent = method_is_idempotent(r->method);
     r->retry_body = idempotent && u->retries > 0 && u->target_count > 1;
     uint64_t deadline = r->start_ns + (uint64_t)rt->cfg->server.request_timeout_ms * 1000000ULL;
-    char *uri = upstream_uri(r->req);
+    const char *uri = upstream_uri(r->req, &r->uri_owned);
     if (!uri) {
         respond_error(r, 500, "out of memory");
         return;
     }
     r->call = upstream_call_start(r->gen->ups, (size_t)upstream_index, evhttp_request_get_command(r->req),
                                   uri, idempotent, deadline, fill_upstream_request, upstream_done, r);
-    free(uri);
     if (!r->call)
         respond_error(r, 500, "out of memory");
 }
@@ -1147,6 +1174,7 @@ static void worker_stop(gw_worker *w)
         w->requests = r->next;
         w->in_flight--;
         gen_unref(w, r->gen, false);
+        free(r->uri_owned);
         free(r);
     }
     gw_access_log_flush(w->access);
