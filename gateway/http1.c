@@ -83,27 +83,25 @@ const http1_field *http1_find(const http1_response *r, const char *name)
 }
 
 /* Where the header block ends (just past its blank line), or 0 when it has not
- * arrived yet. Lines end in CRLF or a bare LF. */
-static size_t find_head_end(struct evbuffer *in)
+ * arrived yet. Lines end in CRLF or a bare LF. The front of the buffer is made
+ * contiguous first: an answer read with one readv already is, so that is free. */
+static size_t find_head_end(struct evbuffer *in, size_t limit)
 {
-    struct evbuffer_ptr p;
-    evbuffer_ptr_set(in, &p, 0, EVBUFFER_PTR_SET);
-    for (;;) {
-        p = evbuffer_search(in, "\n", 1, &p);
-        if (p.pos < 0)
-            return 0;
-        size_t at = (size_t)p.pos;
-        char next[2];
-        struct evbuffer_ptr q = p;
-        if (evbuffer_ptr_set(in, &q, 1, EVBUFFER_PTR_ADD) != 0)
-            return 0;
-        if (evbuffer_copyout_from(in, &q, next, 2) >= 1 && next[0] == '\n')
-            return at + 2;
-        if (evbuffer_copyout_from(in, &q, next, 2) == 2 && next[0] == '\r' && next[1] == '\n')
-            return at + 3;
-        if (evbuffer_ptr_set(in, &p, 1, EVBUFFER_PTR_ADD) != 0)
-            return 0;
+    size_t avail = evbuffer_get_length(in);
+    size_t scan = avail < limit ? avail : limit;
+    const char *p = scan ? (const char *)evbuffer_pullup(in, (ev_ssize_t)scan) : NULL;
+    if (!p)
+        return 0;
+    for (const char *nl = memchr(p, '\n', scan); nl; nl = memchr(nl + 1, '\n', scan - (size_t)(nl + 1 - p))) {
+        size_t i = (size_t)(nl - p);
+        if (i + 1 < scan && p[i + 1] == '\n')
+            return i + 2;
+        if (i + 2 < scan && p[i + 1] == '\r' && p[i + 2] == '\n')
+            return i + 3;
+        if (i + 1 >= scan)
+            break;
     }
+    return 0;
 }
 
 /* Cut the next line out of [*p, end): returns it NUL-terminated (CR dropped). */
@@ -298,7 +296,7 @@ http1_result http1_parse(http1_response *r, struct evbuffer *in, bool eof)
         uint64_t moved;
         switch (r->state) {
         case ST_HEAD: {
-            size_t len = find_head_end(in);
+            size_t len = find_head_end(in, r->max_header_bytes + 4);
             if (len == 0) {
                 if (evbuffer_get_length(in) > r->max_header_bytes)
                     return fail(r, "response header too large");
