@@ -506,8 +506,10 @@ static bool field_is(const http1_field *f, const char *name, size_t len)
  * "\r\nName: value" for each other field, which evhttp's "key: value\r\n"
  * writes out as the original lines. That is safe because the parser refuses CR,
  * LF and NUL in values and request ids are [A-Za-z0-9._:-]. Date stays a real
- * entry (evhttp adds its own when it finds none), and so does Content-Length
- * for HEAD; for other methods evhttp writes the length of the body it sends. */
+ * entry (evhttp adds its own when it finds none). When the answer has a body,
+ * the entry's key is Content-Length, with the body's length first in its value:
+ * evhttp only checks that key's presence, and then adds no second one. For HEAD
+ * the upstream's Content-Length passes as a field. */
 static void pass_response_fields(gw_request *r, const upstream_response *resp)
 {
     struct evkeyvalq *oh = evhttp_request_get_output_headers(r->req);
@@ -530,9 +532,16 @@ static void pass_response_fields(gw_request *r, const upstream_response *resp)
         keep[kept++] = i;
         len += f->name_len + 2 + f->value_len + 2;
     }
+    /* With a body, the entry's key is Content-Length (so evhttp adds none) and
+     * its value starts with the length; otherwise the first field leads. */
+    bool with_length = !head && resp->status >= 200 && resp->status != 204 && resp->status != 304;
+    char length[24];
+    size_t length_len = 0;
+    if (with_length)
+        length_len = (size_t)snprintf(length, sizeof length, "%zu", evbuffer_get_length(resp->body));
     size_t id_len = strlen(r->request_id);
-    len += 12 + 2 + id_len;
-    const char *key = kept ? resp->fields[keep[0]].name : "X-Request-Id";
+    len += length_len + 2 + 12 + 2 + id_len;
+    const char *key = with_length ? "Content-Length" : kept ? resp->fields[keep[0]].name : "X-Request-Id";
     char *k = strdup(key);
     char *value = malloc(len + 1);
     struct evkeyval *kv = calloc(1, sizeof *kv);
@@ -544,18 +553,26 @@ static void pass_response_fields(gw_request *r, const upstream_response *resp)
         return;
     }
     char *w = value;
+    bool lead = !with_length && kept > 0; /* the first field's name is the key */
+    if (with_length) {
+        memcpy(w, length, length_len);
+        w += length_len;
+    }
     for (size_t j = 0; j < kept; j++) {
         const http1_field *f = &resp->fields[keep[j]];
-        if (j > 0) {
-            memcpy(w, "\r\n", 2);
-            memcpy(w + 2, f->name, f->name_len);
-            memcpy(w + 2 + f->name_len, ": ", 2);
-            w += 4 + f->name_len;
+        if (!(lead && j == 0)) {
+            if (w != value) {
+                memcpy(w, "\r\n", 2);
+                w += 2;
+            }
+            memcpy(w, f->name, f->name_len);
+            memcpy(w + f->name_len, ": ", 2);
+            w += f->name_len + 2;
         }
         memcpy(w, f->value, f->value_len);
         w += f->value_len;
     }
-    if (kept) {
+    if (w != value) {
         memcpy(w, "\r\nX-Request-Id: ", 16);
         w += 16;
     }
