@@ -83,25 +83,23 @@ const http1_field *http1_find(const http1_response *r, const char *name)
 }
 
 /* Where the header block ends (just past its blank line), or 0 when it has not
- * arrived yet. Lines end in CRLF or a bare LF. The front of the buffer is made
- * contiguous first: an answer read with one readv already is, so that is free. */
+ * arrived yet. Lines end in CRLF or a bare LF. evbuffer_search walks the chains
+ * in place: nothing is copied, and only the first `limit` bytes are looked at. */
 static size_t find_head_end(struct evbuffer *in, size_t limit)
 {
     size_t avail = evbuffer_get_length(in);
-    size_t scan = avail < limit ? avail : limit;
-    const char *p = scan ? (const char *)evbuffer_pullup(in, (ev_ssize_t)scan) : NULL;
-    if (!p)
-        return 0;
-    for (const char *nl = memchr(p, '\n', scan); nl; nl = memchr(nl + 1, '\n', scan - (size_t)(nl + 1 - p))) {
-        size_t i = (size_t)(nl - p);
-        if (i + 1 < scan && p[i + 1] == '\n')
-            return i + 2;
-        if (i + 2 < scan && p[i + 1] == '\r' && p[i + 2] == '\n')
-            return i + 3;
-        if (i + 1 >= scan)
-            break;
-    }
-    return 0;
+    struct evbuffer_ptr start, end;
+    evbuffer_ptr_set(in, &start, 0, EVBUFFER_PTR_SET);
+    evbuffer_ptr_set(in, &end, avail < limit ? avail : limit, EVBUFFER_PTR_SET);
+    struct evbuffer_ptr crlf = evbuffer_search_range(in, "\r\n\r\n", 4, &start, &end);
+    struct evbuffer_ptr lf = evbuffer_search_range(in, "\n\n", 2, &start, &end);
+    if (crlf.pos >= 0 && (lf.pos < 0 || crlf.pos + 2 <= lf.pos))
+        return (size_t)crlf.pos + 4;
+    if (lf.pos >= 0)
+        return (size_t)lf.pos + 2;
+    /* A bare LF line followed by a CRLF blank line ("\n\r\n"). */
+    struct evbuffer_ptr mixed = evbuffer_search_range(in, "\n\r\n", 3, &start, &end);
+    return mixed.pos >= 0 ? (size_t)mixed.pos + 3 : 0;
 }
 
 /* Cut the next line out of [*p, end): returns it NUL-terminated (CR dropped). */

@@ -274,8 +274,10 @@ static int conn_flush(up_conn *c)
 static int conn_read(up_conn *c, bool peer_closed)
 {
     for (;;) {
+        /* One extent: an answer that fits arrives contiguous, and the parser
+         * never has to gather it from two chains. */
         struct evbuffer_iovec v[2];
-        int nv = evbuffer_reserve_space(c->in, UPSTREAM_READ_CHUNK, v, 2);
+        int nv = evbuffer_reserve_space(c->in, UPSTREAM_READ_CHUNK, v, 1);
         if (nv <= 0)
             return -1;
         struct iovec iov[2];
