@@ -342,6 +342,12 @@ def main():
         ratio = {k: med["gateway"][k] / med["nginx"][k] if med["nginx"][k] else float("nan")
                  for k in ("rps", "p50", "p99")}
         print("  %-16s %12.2f %10.2f %10.2f" % ("gateway/nginx", ratio["rps"], ratio["p50"], ratio["p99"]))
+        # Each round runs both back to back, so the ratio within a round shares the
+        # machine's state of the moment; its median is steadier on a shared box.
+        paired = [g["rps"] / n["rps"] for g, n in zip(results["gateway"], results["nginx"]) if n["rps"]]
+        if paired:
+            print("  %-16s %12.2f   (per round: %s)" % ("paired median", statistics.median(paired),
+                                                     " ".join("%.2f" % x for x in paired)))
         print("\n  req/s ratio >= 1.00 means the gateway is at least as fast as nginx proxy_pass;"
               "\n  latency ratios <= 1.00 mean it is at least as quick.")
         errors = {name: sum(r["non2xx"] + r["socket_errors"] for r in rs) for name, rs in results.items()}
