@@ -523,8 +523,11 @@ int main(int argc, char **argv)
         return 2;
     }
     signal(SIGPIPE, SIG_IGN);
+#ifndef GATEWAY_JEMALLOC
+    /* Only glibc's malloc reads these (the sanitizer build runs on it). */
     mallopt(M_TRIM_THRESHOLD, GW_MALLOC_TRIM_THRESHOLD_BYTES);
     mallopt(M_MMAP_THRESHOLD, GW_MALLOC_MMAP_THRESHOLD_BYTES);
+#endif
     if (check) {
         char *errors = NULL;
         config_t *cfg = config_load(path, &errors);

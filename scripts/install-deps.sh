@@ -8,7 +8,7 @@ set -euo pipefail
 
 packages=(
   build-essential cmake pkg-config git
-  libevent-dev libyaml-dev libssl-dev zlib1g-dev libbrotli-dev libhiredis-dev libpq-dev
+  libevent-dev libyaml-dev libssl-dev zlib1g-dev libbrotli-dev libhiredis-dev libpq-dev libjemalloc-dev
   libcmocka-dev clang clang-format libclang-rt-14-dev
   python3 python3-pytest python3-requests
   nginx-light wrk prometheus redis-server postgresql pgbouncer curl openssl procps yamllint
