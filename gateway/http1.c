@@ -91,15 +91,19 @@ static size_t find_head_end(struct evbuffer *in, size_t limit)
     struct evbuffer_ptr start, end;
     evbuffer_ptr_set(in, &start, 0, EVBUFFER_PTR_SET);
     evbuffer_ptr_set(in, &end, avail < limit ? avail : limit, EVBUFFER_PTR_SET);
-    struct evbuffer_ptr crlf = evbuffer_search_range(in, "\r\n\r\n", 4, &start, &end);
-    struct evbuffer_ptr lf = evbuffer_search_range(in, "\n\n", 2, &start, &end);
-    if (crlf.pos >= 0 && (lf.pos < 0 || crlf.pos + 2 <= lf.pos))
-        return (size_t)crlf.pos + 4;
-    if (lf.pos >= 0)
-        return (size_t)lf.pos + 2;
-    /* A bare LF line followed by a CRLF blank line ("\n\r\n"). */
-    struct evbuffer_ptr mixed = evbuffer_search_range(in, "\n\r\n", 3, &start, &end);
-    return mixed.pos >= 0 ? (size_t)mixed.pos + 3 : 0;
+    /* The block ends at the first blank line, however its lines end: the
+     * earliest of the three ways of spelling one. */
+    static const struct {
+        const char *what;
+        size_t len;
+    } blanks[] = {{"\r\n\r\n", 4}, {"\n\n", 2}, {"\n\r\n", 3}};
+    size_t best = 0;
+    for (size_t i = 0; i < sizeof blanks / sizeof blanks[0]; i++) {
+        struct evbuffer_ptr p = evbuffer_search_range(in, blanks[i].what, blanks[i].len, &start, &end);
+        if (p.pos >= 0 && (best == 0 || (size_t)p.pos + blanks[i].len < best))
+            best = (size_t)p.pos + blanks[i].len;
+    }
+    return best;
 }
 
 /* Cut the next line out of [*p, end): returns it NUL-terminated (CR dropped). */
@@ -322,11 +326,16 @@ http1_result http1_parse(http1_response *r, struct evbuffer *in, bool eof)
                 return fail(r, "chunk size line too long");
             if (got == 0)
                 return eof ? fail(r, "connection closed in a chunk") : HTTP1_NEED_MORE;
-            char *endp;
-            if (!isxdigit((unsigned char)line[0]))
-                return fail(r, "malformed chunk size");
-            unsigned long long n = strtoull(line, &endp, 16);
-            if (*endp != '\0' && *endp != ';' && *endp != ' ' && *endp != '\t')
+            /* Hex digits only (strtoull would also take "0x", signs and
+             * spaces), at most 15 of them, then the end or an extension. */
+            unsigned long long n = 0;
+            size_t digits = 0;
+            const char *endp = line;
+            for (; isxdigit((unsigned char)*endp) && digits < 16; endp++, digits++)
+                n = n * 16 + (unsigned long long)(isdigit((unsigned char)*endp) ? *endp - '0'
+                                                                                : (*endp | 0x20) - 'a' + 10);
+            if (digits == 0 || digits > 15 ||
+                (*endp != '\0' && *endp != ';' && *endp != ' ' && *endp != '\t'))
                 return fail(r, "malformed chunk size");
             if (n > r->max_body_bytes)
                 return fail(r, "response body too large");

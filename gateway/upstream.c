@@ -273,7 +273,9 @@ static int conn_flush(up_conn *c)
  * error. */
 static int conn_read(up_conn *c, bool peer_closed)
 {
-    for (;;) {
+    /* Past the largest answer we accept there is no point reading on: the
+     * parser fails it and the connection is closed. */
+    while (evbuffer_get_length(c->in) <= UPSTREAM_MAX_RESPONSE_BYTES + UPSTREAM_MAX_RESPONSE_HEADER_BYTES) {
         /* One extent: an answer that fits arrives contiguous, and the parser
          * never has to gather it from two chains. */
         struct evbuffer_iovec v[2];
@@ -307,6 +309,7 @@ static int conn_read(up_conn *c, bool peer_closed)
         if ((size_t)r < want && !peer_closed)
             return 0; /* short read: drained for now; the next arrival raises a new edge */
     }
+    return 0;
 }
 
 /* ---- passive health ------------------------------------------------------- */
@@ -563,7 +566,11 @@ static void conn_answered(up_conn *c)
 {
     upstream_call_t *call = c->call;
     uint64_t now = gw_now_ns();
-    bool keep = c->resp.keep_alive && !c->peer_eof && evbuffer_get_length(c->in) == 0;
+    /* Reuse only a clean connection: nothing unread after the answer, and all
+     * of our request written (an upstream that answers early and leaves part of
+     * a body unread would read the rest as the next request). */
+    bool keep = c->resp.keep_alive && !c->peer_eof && evbuffer_get_length(c->in) == 0 &&
+                evbuffer_get_length(c->out) == 0;
     c->call = NULL;
     c->reused = true;
     call->target->fails = 0;
@@ -765,7 +772,7 @@ void upstream_call_cancel(upstream_call_t *call)
         conn_close(call->conn); /* mid-exchange: never reusable */
         call->conn = NULL;
     }
-    if (call->target && call->timer_phase != CALL_TIMER_DEFERRED)
-        call->target->active--;
+    if (call->target)
+        call->target->active--; /* an attempt is under way, or failed and deferred */
     call_free(call);
 }

@@ -67,8 +67,11 @@ typedef struct gw_conn {
     struct event *io;
     bool readable, writable; /* edges seen and not yet used up */
     bool peer_closed;        /* EV_CLOSED seen: read to the end, no edge will follow */
-    bool dirty;              /* on w->dirty: output to write */
-    bool closed;             /* evhttp freed the connection; waits for the reaper */
+    bool eof_pending;        /* the client closed while evhttp was not reading: tell it later */
+    bool later;              /* on w->later: yielded, to be pumped after the next poll */
+    struct gw_conn *next_later;
+    bool dirty;  /* on w->dirty: output to write */
+    bool closed; /* evhttp freed the connection; waits for the reaper */
     struct gw_conn *next_dirty, *next_dead;
 } gw_conn;
 
@@ -172,8 +175,11 @@ struct gw_worker {
     bool direct_io;                      /* take plain client sockets over (client_pump) */
     gw_conn *dirty, *dead;               /* connections to write to / to free */
     struct event *flush_ev;              /* writes dirty connections, then frees dead ones */
+    gw_conn *later;                      /* connections that yielded with work left */
+    struct event *later_timer;           /* zero timeout: runs after the next epoll_wait */
     const struct timeval *read_deadline; /* common timeout of server.read_timeout */
-    unsigned replying;                   /* connections writing an answer */
+    size_t input_high; /* client bytes read ahead of evhttp before we stop (see client_pump) */
+    unsigned replying; /* connections writing an answer */
 
     worker_gen *dead_gens; /* released inside evhttp callbacks; freed by gen_reaper */
     struct event *gen_reaper;
@@ -192,7 +198,8 @@ struct gw_request {
     struct evhttp_request *req;
     int route_index;
     unsigned method;
-    const char *path; /* borrowed from req's parsed uri */
+    const char *path; /* borrowed from req's parsed uri: only while on_request runs */
+    char *log_path;   /* owned copy for the access log (req may be freed before the end) */
     upstream_call_t *call;
     const char *upstream_name;
     uint64_t start_ns;
@@ -276,6 +283,11 @@ static void apply_http_settings(gw_worker *w, const config_t *cfg)
                                 (ev_ssize_t)(cfg->server.max_header_bytes * GW_HEADER_HARD_LIMIT_FACTOR));
     evhttp_set_max_body_size(w->http,
                              (ev_ssize_t)(cfg->server.max_body_bytes + GW_BODY_HARD_LIMIT_SLACK_BYTES));
+    /* evhttp takes a Content-Length body out of the input only once all of it
+     * is there, so the read-ahead bound must hold the largest request it
+     * accepts, and no more. */
+    w->input_high = (size_t)(cfg->server.max_header_bytes * GW_HEADER_HARD_LIMIT_FACTOR +
+                             cfg->server.max_body_bytes + GW_BODY_HARD_LIMIT_SLACK_BYTES);
 }
 
 static void install_runtime(gw_worker *w, gw_runtime *rt)
@@ -335,7 +347,7 @@ static void request_end(gw_request *r)
         gw_access_entry e = {.request_id = r->request_id,
                              .route = route,
                              .method = gw_method_name(r->method),
-                             .path = r->path,
+                             .path = r->log_path ? r->log_path : "-",
                              .client = r->client,
                              .upstream = r->upstream_name,
                              .status = r->status,
@@ -352,6 +364,7 @@ static void request_end(gw_request *r)
     w->in_flight--;
     gen_unref(w, r->gen, true);
     free(r->uri_owned);
+    free(r->log_path);
     free(r);
 }
 
@@ -626,7 +639,9 @@ static void proxy(gw_request *r, int upstream_index)
     const config_upstream *u = &rt->cfg->upstreams[upstream_index];
     r->upstream_name = u->name;
     bool idempotent = method_is_idempotent(r->method);
-    r->retry_body = idempotent && u->retries > 0 && u->target_count > 1;
+    /* An idempotent request may be sent again (another target, or a fresh
+     * connection after a stale keep-alive one): keep its body, send references. */
+    r->retry_body = idempotent;
     uint64_t deadline = r->start_ns + (uint64_t)rt->cfg->server.request_timeout_ms * 1000000ULL;
     const char *uri = upstream_uri(r->req, &r->uri_owned);
     if (!uri) {
@@ -648,6 +663,36 @@ static size_t header_block_size(struct evhttp_request *req)
     TAILQ_FOREACH(h, evhttp_request_get_input_headers(req), next)
     n += strlen(h->key) + strlen(h->value) + 4;
     return n + 2;
+}
+
+/* RFC 9110 tchar. */
+static bool is_tchar(unsigned char c)
+{
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+           strchr("!#$%&'*+-.^_`|~", c);
+}
+
+/* evhttp 2.1 accepts spaces and bare CRs in the request-target and any bytes
+ * before a header's colon; passed on verbatim they would let a client smuggle a
+ * second request or framing header to an upstream that parses differently. */
+static bool request_is_well_formed(struct evhttp_request *req, const struct evkeyvalq *in)
+{
+    for (const unsigned char *p = (const unsigned char *)evhttp_request_get_uri(req); *p; p++)
+        if (*p <= 0x20 || *p == 0x7f)
+            return false;
+    const struct evkeyval *h;
+    TAILQ_FOREACH(h, in, next)
+    {
+        if (!h->key[0])
+            return false;
+        for (const unsigned char *p = (const unsigned char *)h->key; *p; p++)
+            if (!is_tchar(*p))
+                return false;
+        for (const unsigned char *p = (const unsigned char *)h->value; *p; p++)
+            if (*p == '\r' || *p == '\n')
+                return false;
+    }
+    return true;
 }
 
 static int host_header_count(const struct evkeyvalq *in)
@@ -717,6 +762,8 @@ static void on_request(struct evhttp_request *req, void *arg)
     gen->refs++;
     r->req = req;
     r->path = path;
+    if (cfg->log.access)
+        r->log_path = strdup(path);
     r->route_index = -1;
     r->method = (unsigned)evhttp_request_get_command(req);
     r->start_ns = gw_now_ns();
@@ -750,6 +797,10 @@ static void on_request(struct evhttp_request *req, void *arg)
         return;
     }
 
+    if (!request_is_well_formed(req, in)) {
+        respond_error(r, 400, "malformed request line or header field");
+        return;
+    }
     if (!gw_path_is_safe(path)) {
         respond_error(r, 400, "path with a dot-segment or NUL");
         return;
@@ -932,6 +983,20 @@ static void mark_dirty(gw_conn *c)
     event_active(c->w->flush_ev, EV_TIMEOUT, 0);
 }
 
+/* A connection with work left after its turn goes to the back: it runs again
+ * only after the loop has polled every socket, so one busy client cannot
+ * starve the others. */
+static void mark_later(gw_conn *c)
+{
+    static const struct timeval now = {0, 0};
+    if (c->later || c->closed)
+        return;
+    c->later = true;
+    c->next_later = c->w->later;
+    c->w->later = c;
+    evtimer_add(c->w->later_timer, &now);
+}
+
 /* evbuffer callback on the bufferevent's output: evhttp queued bytes. */
 static void client_output_cb(struct evbuffer *buf, const struct evbuffer_cb_info *info, void *arg)
 {
@@ -939,24 +1004,55 @@ static void client_output_cb(struct evbuffer *buf, const struct evbuffer_cb_info
         mark_dirty(arg);
 }
 
-static void flush_cb(evutil_socket_t fd, short what, void *arg)
+/* Free connections evhttp has closed, unless still listed for a later turn. */
+static void reap_dead(gw_worker *w)
 {
-    gw_worker *w = arg;
-    while (w->dirty) {
-        gw_conn *c = w->dirty;
-        w->dirty = c->next_dirty;
-        c->dirty = false;
-        if (!c->closed)
-            client_pump(c);
-    }
-    /* The dirty list is empty now, so no dead connection is still on it. */
+    gw_conn *keep = NULL;
     while (w->dead) {
         gw_conn *c = w->dead;
         w->dead = c->next_dead;
+        if (c->dirty || c->later) {
+            c->next_dead = keep;
+            keep = c;
+            continue;
+        }
         if (c->fd >= 0)
             close(c->fd);
         free(c);
     }
+    w->dead = keep;
+}
+
+static void flush_cb(evutil_socket_t fd, short what, void *arg)
+{
+    gw_worker *w = arg;
+    /* Take the list as it is now: connections marked while it runs get the
+     * next pass (mark_dirty activates this event again). */
+    gw_conn *list = w->dirty;
+    w->dirty = NULL;
+    while (list) {
+        gw_conn *c = list;
+        list = c->next_dirty;
+        c->dirty = false;
+        if (!c->closed)
+            client_pump(c);
+    }
+    reap_dead(w);
+}
+
+static void later_cb(evutil_socket_t fd, short what, void *arg)
+{
+    gw_worker *w = arg;
+    gw_conn *list = w->later;
+    w->later = NULL;
+    while (list) {
+        gw_conn *c = list;
+        list = c->next_later;
+        c->later = false;
+        if (!c->closed)
+            client_pump(c);
+    }
+    reap_dead(w);
 }
 
 static void client_io_cb(evutil_socket_t fd, short what, void *arg)
@@ -976,7 +1072,7 @@ static void client_io_cb(evutil_socket_t fd, short what, void *arg)
 static int client_read(gw_conn *c, struct evbuffer *in, size_t *got)
 {
     *got = 0;
-    for (;;) {
+    while (evbuffer_get_length(in) < c->w->input_high) {
         struct evbuffer_iovec v[2];
         int nv = evbuffer_reserve_space(in, GW_CLIENT_READ_CHUNK, v, 2);
         if (nv <= 0)
@@ -1013,22 +1109,33 @@ static int client_read(gw_conn *c, struct evbuffer *in, size_t *got)
             return 0;
         }
     }
+    return 0; /* enough waiting for evhttp; c->readable stays set */
 }
 
 /* Move what can move, in both directions, and tell evhttp. Any trigger may end
  * in evhttp freeing the connection: c->closed says so (c itself lives on until
- * the flush event). */
+ * the flush event). Reading stops while evhttp has reading off (it is working
+ * on a request) or w->input_high bytes (the largest request evhttp accepts)
+ * are waiting for it, so a pipelining client cannot make us buffer without
+ * bound; the socket's own buffer holds the rest. An end of stream seen while evhttp is not reading is
+ * held until it reads again, as a socket bufferevent would only notice it then:
+ * a client that half-closes after its request still gets the answer. */
 static void client_pump(gw_conn *c)
 {
     struct bufferevent *bev = c->bev;
+    gw_worker *w = c->w;
     for (int round = 0; round < 8 && !c->closed; round++) {
         bool progress = false;
         struct evbuffer *out = bufferevent_get_output(bev);
+        struct evbuffer *in = bufferevent_get_input(bev);
         if (c->writable && evbuffer_get_length(out) > 0) {
+            bool wrote = false;
             while (evbuffer_get_length(out) > 0) {
                 int n = evbuffer_write(out, c->fd);
-                if (n >= 0)
+                if (n >= 0) {
+                    wrote = true;
                     continue;
+                }
                 if (errno == EINTR)
                     continue;
                 if (errno == EAGAIN || errno == EWOULDBLOCK) {
@@ -1038,41 +1145,54 @@ static void client_pump(gw_conn *c)
                 bufferevent_trigger_event(bev, BEV_EVENT_ERROR | BEV_EVENT_WRITING, 0);
                 return;
             }
-            if (evbuffer_get_length(out) == 0 && (bufferevent_get_enabled(bev) & EV_WRITE)) {
+            if (evbuffer_get_length(out) > 0) {
+                /* The client is slow to read: it has read_timeout between two
+                 * writes that make progress (the timer is otherwise idle while
+                 * an answer is out: it stops when the request has been read). */
+                if (wrote || !evtimer_pending(c->read_timer, NULL))
+                    evtimer_add(c->read_timer, w->read_deadline);
+            } else if (bufferevent_get_enabled(bev) & EV_WRITE) {
                 bufferevent_trigger(bev, EV_WRITE, 0); /* evhttp: the answer is out */
                 if (c->closed)
                     return;
                 progress = true;
                 /* A pipelined request may already be buffered: evhttp re-enabled
                  * reading and waits for a read callback. */
-                if ((bufferevent_get_enabled(bev) & EV_READ) &&
-                    evbuffer_get_length(bufferevent_get_input(bev)) > 0) {
+                if ((bufferevent_get_enabled(bev) & EV_READ) && evbuffer_get_length(in) > 0) {
                     bufferevent_trigger(bev, EV_READ, 0);
                     if (c->closed)
                         return;
                 }
             }
         }
-        if (c->readable && (bufferevent_get_enabled(bev) & EV_READ)) {
+        bool reading = (bufferevent_get_enabled(bev) & EV_READ) != 0;
+        if (c->eof_pending && reading && evbuffer_get_length(in) == 0) {
+            bufferevent_trigger_event(bev, BEV_EVENT_EOF | BEV_EVENT_READING, 0);
+            return;
+        }
+        if (c->readable && !c->eof_pending && reading && evbuffer_get_length(in) < w->input_high) {
             size_t got;
-            int r = client_read(c, bufferevent_get_input(bev), &got);
+            int r = client_read(c, in, &got);
+            if (r < 0) {
+                bufferevent_trigger_event(bev, BEV_EVENT_ERROR | BEV_EVENT_READING, 0);
+                return;
+            }
+            if (r > 0)
+                c->eof_pending = true;
             if (got > 0) {
                 bufferevent_trigger(bev, EV_READ, 0);
                 if (c->closed)
                     return;
                 progress = true;
-            }
-            if (r != 0) {
-                bufferevent_trigger_event(
-                    bev, r > 0 ? BEV_EVENT_EOF | BEV_EVENT_READING : BEV_EVENT_ERROR | BEV_EVENT_READING, 0);
-                return;
+            } else if (r > 0) {
+                progress = true; /* deliver the end of stream on the next round */
             }
         }
         if (!progress)
             return;
     }
-    if (!c->closed && (c->readable || c->writable))
-        mark_dirty(c); /* more to do: yield to other connections first */
+    if (!c->closed && (c->readable || c->writable || c->eof_pending))
+        mark_later(c); /* more to do: after everyone else */
 }
 
 /* Take the socket from evhttp's bufferevent (see above). On failure the
@@ -1192,11 +1312,13 @@ static void worker_stop(gw_worker *w)
         w->in_flight--;
         gen_unref(w, r->gen, false);
         free(r->uri_owned);
+        free(r->log_path);
         free(r);
     }
     gw_access_log_flush(w->access);
     evhttp_free(w->http); /* closes idle client connections */
     w->http = NULL;
+    later_cb(-1, 0, w);
     flush_cb(-1, 0, w); /* close their sockets */
     event_base_loopexit(w->base, NULL);
 }
@@ -1268,6 +1390,10 @@ static void worker_free(gw_worker *w)
         return;
     if (w->http)
         evhttp_free(w->http);
+    if (w->later_timer) {
+        later_cb(-1, 0, w);
+        event_free(w->later_timer);
+    }
     if (w->flush_ev) {
         flush_cb(-1, 0, w);
         event_free(w->flush_ev);
@@ -1336,12 +1462,13 @@ gw_worker *gw_worker_create(gw_server *srv, int id, gw_runtime *rt, const int *l
     w->pending_ev = event_new(w->base, -1, 0, pending_cb, w);
     w->gen_reaper = event_new(w->base, -1, 0, gen_reaper_cb, w);
     w->flush_ev = event_new(w->base, -1, 0, flush_cb, w);
+    w->later_timer = evtimer_new(w->base, later_cb, w);
     const char *dio = getenv("GATEWAY_DIRECT_IO"); /* "0": evhttp's own socket I/O, for comparison */
     w->direct_io = !(dio && strcmp(dio, "0") == 0);
     w->drain_timer = evtimer_new(w->base, drain_timer_cb, w);
     w->access = gw_access_log_create(w->base, STDOUT_FILENO);
-    if (!w->mailbox_ev || !w->pending_ev || !w->gen_reaper || !w->flush_ev || !w->drain_timer || !w->access ||
-        event_add(w->mailbox_ev, NULL) != 0)
+    if (!w->mailbox_ev || !w->pending_ev || !w->gen_reaper || !w->flush_ev || !w->later_timer ||
+        !w->drain_timer || !w->access || event_add(w->mailbox_ev, NULL) != 0)
         goto fail;
     w->in_flight_gauge = metrics_series(w->shard, srv->metrics.in_flight, NULL);
 

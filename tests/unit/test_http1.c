@@ -167,6 +167,36 @@ static void test_errors(void **state)
     }
 }
 
+static void test_mixed_line_endings(void **state)
+{
+    fixture *f = *state;
+    /* The blank line is "\n\r\n": the body's own "\r\n\r\n" must not end the head. */
+    static const char msg[] = "HTTP/1.1 200 OK\nContent-Length: 10\n\r\nab\r\n\r\ncdef";
+    evbuffer_add(f->in, msg, sizeof msg - 1);
+    assert_int_equal(http1_parse(&f->r, f->in, false), HTTP1_DONE);
+    assert_body(f, "ab\r\n\r\ncdef");
+}
+
+static void test_chunk_size_strict(void **state)
+{
+    fixture *f = *state;
+    static const char *const bad[] = {"0x5\r\nhello\r\n0\r\n\r\n", "+5\r\nhello\r\n0\r\n\r\n",
+                                      "1000000000000000\r\n"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        http1_response_reset(&f->r, false);
+        evbuffer_drain(f->in, evbuffer_get_length(f->in));
+        assert_int_equal(feed(f, "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", false),
+                         HTTP1_NEED_MORE);
+        assert_int_equal(feed(f, bad[i], false), HTTP1_ERROR);
+    }
+    http1_response_reset(&f->r, false);
+    evbuffer_drain(f->in, evbuffer_get_length(f->in));
+    assert_int_equal(
+        feed(f, "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nA\r\n0123456789\r\n0\r\n\r\n", false),
+        HTTP1_DONE);
+    assert_body(f, "0123456789");
+}
+
 static void test_nul_in_header(void **state)
 {
     fixture *f = *state;
@@ -212,6 +242,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_errors, setup, teardown),
         cmocka_unit_test_setup_teardown(test_eof_too_early, setup, teardown),
         cmocka_unit_test_setup_teardown(test_nul_in_header, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_mixed_line_endings, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_chunk_size_strict, setup, teardown),
         cmocka_unit_test_setup_teardown(test_header_limit, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
