@@ -176,6 +176,7 @@ struct gw_worker {
     gw_conn *dirty, *dead;               /* connections to write to / to free */
     struct event *flush_ev;              /* writes dirty connections, then frees dead ones */
     gw_conn *later;                      /* connections that yielded with work left */
+    bool in_flush;                       /* flush_cb or later_cb is running */
     struct event *later_timer;           /* zero timeout: runs after the next epoll_wait */
     const struct timeval *read_deadline; /* common timeout of server.read_timeout */
     size_t input_high; /* client bytes read ahead of evhttp before we stop (see client_pump) */
@@ -973,10 +974,19 @@ static void read_deadline_cb(evutil_socket_t fd, short what, void *arg)
 
 static void client_pump(gw_conn *c);
 
+static void mark_later(gw_conn *c);
+
 static void mark_dirty(gw_conn *c)
 {
     if (c->dirty || c->closed)
         return;
+    if (c->w->in_flush) {
+        /* Marked by its own pump, or another's, during a flush pass: an event
+         * activated now would run in this same pass, before the loop polls
+         * again, and a pipelining client could keep it going forever. */
+        mark_later(c);
+        return;
+    }
     c->dirty = true;
     c->next_dirty = c->w->dirty;
     c->w->dirty = c;
@@ -1026,10 +1036,11 @@ static void reap_dead(gw_worker *w)
 static void flush_cb(evutil_socket_t fd, short what, void *arg)
 {
     gw_worker *w = arg;
-    /* Take the list as it is now: connections marked while it runs get the
-     * next pass (mark_dirty activates this event again). */
+    /* Take the list as it is now: connections marked while it runs wait for
+     * the next poll (mark_dirty sends them to the later list). */
     gw_conn *list = w->dirty;
     w->dirty = NULL;
+    w->in_flush = true;
     while (list) {
         gw_conn *c = list;
         list = c->next_dirty;
@@ -1037,6 +1048,7 @@ static void flush_cb(evutil_socket_t fd, short what, void *arg)
         if (!c->closed)
             client_pump(c);
     }
+    w->in_flush = false;
     reap_dead(w);
 }
 
@@ -1045,6 +1057,7 @@ static void later_cb(evutil_socket_t fd, short what, void *arg)
     gw_worker *w = arg;
     gw_conn *list = w->later;
     w->later = NULL;
+    w->in_flush = true;
     while (list) {
         gw_conn *c = list;
         list = c->next_later;
@@ -1052,6 +1065,7 @@ static void later_cb(evutil_socket_t fd, short what, void *arg)
         if (!c->closed)
             client_pump(c);
     }
+    w->in_flush = false;
     reap_dead(w);
 }
 
