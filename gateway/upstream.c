@@ -34,6 +34,7 @@
 
 #include "gateway/http1.h"
 #include "gateway/log.h"
+#include "gateway/sockio.h"
 
 typedef struct up_target up_target;
 typedef struct up_upstream up_upstream;
@@ -266,50 +267,23 @@ static int conn_flush(up_conn *c)
     return 0;
 }
 
-/* Read until EAGAIN (edge-triggered) without asking the kernel how much is
- * there. A short read means drained for now, unless the peer has closed
- * (EV_CLOSED came with the edge): then read on to the end of the stream, since
- * no further edge will come. Returns 1 at end of stream, 0 otherwise, -1 on
- * error. */
+/* Read the answer so far. Past the largest answer we accept there is no point
+ * reading on: the parser fails it and the connection is closed. Returns 1 at
+ * end of stream, 0 otherwise, -1 on error. */
 static int conn_read(up_conn *c, bool peer_closed)
 {
-    /* Past the largest answer we accept there is no point reading on: the
-     * parser fails it and the connection is closed. */
-    while (evbuffer_get_length(c->in) <= UPSTREAM_MAX_RESPONSE_BYTES + UPSTREAM_MAX_RESPONSE_HEADER_BYTES) {
-        /* One extent: an answer that fits arrives contiguous, and the parser
-         * never has to gather it from two chains. */
-        struct evbuffer_iovec v[2];
-        int nv = evbuffer_reserve_space(c->in, UPSTREAM_READ_CHUNK, v, 1);
-        if (nv <= 0)
-            return -1;
-        struct iovec iov[2];
-        size_t want = 0;
-        for (int i = 0; i < nv; i++) {
-            iov[i].iov_base = v[i].iov_base;
-            iov[i].iov_len = v[i].iov_len;
-            want += v[i].iov_len;
-        }
-        ssize_t r = readv(c->fd, iov, nv);
-        if (r < 0) {
-            evbuffer_commit_space(c->in, v, 0);
-            if (errno == EINTR)
-                continue;
-            return errno == EAGAIN || errno == EWOULDBLOCK ? 0 : -1;
-        }
-        size_t left = (size_t)r;
-        for (int i = 0; i < nv; i++) {
-            v[i].iov_len = left < v[i].iov_len ? left : v[i].iov_len;
-            left -= v[i].iov_len;
-        }
-        evbuffer_commit_space(c->in, v, nv);
-        if (r == 0) {
-            c->peer_eof = true;
-            return 1;
-        }
-        if ((size_t)r < want && !peer_closed)
-            return 0; /* short read: drained for now; the next arrival raises a new edge */
+    size_t got;
+    switch (gw_read_socket(c->fd, c->in, UPSTREAM_READ_CHUNK, 1,
+                           UPSTREAM_MAX_RESPONSE_BYTES + UPSTREAM_MAX_RESPONSE_HEADER_BYTES, peer_closed,
+                           &got)) {
+    case GW_READ_EOF:
+        c->peer_eof = true;
+        return 1;
+    case GW_READ_ERROR:
+        return -1;
+    default:
+        return 0;
     }
-    return 0;
 }
 
 /* ---- passive health ------------------------------------------------------- */

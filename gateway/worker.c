@@ -36,6 +36,7 @@
 
 #include "gateway/httputil.h"
 #include "gateway/log.h"
+#include "gateway/sockio.h"
 #include "gateway/upstream.h"
 
 typedef struct worker_gen {
@@ -1106,49 +1107,21 @@ static void client_io_cb(evutil_socket_t fd, short what, void *arg)
     client_pump(c);
 }
 
-/* Read until EAGAIN or a short read into in. 1: end of stream; 0: fine;
- * -1: error. *got: bytes read. */
+/* Read what the client sent into in, up to w->input_high. 1: end of stream;
+ * 0: fine; -1: error. *got: bytes read. */
 static int client_read(gw_conn *c, struct evbuffer *in, size_t *got)
 {
-    *got = 0;
-    while (evbuffer_get_length(in) < c->w->input_high) {
-        struct evbuffer_iovec v[2];
-        int nv = evbuffer_reserve_space(in, GW_CLIENT_READ_CHUNK, v, 2);
-        if (nv <= 0)
-            return -1;
-        struct iovec iov[2];
-        size_t want = 0;
-        for (int i = 0; i < nv; i++) {
-            iov[i].iov_base = v[i].iov_base;
-            iov[i].iov_len = v[i].iov_len;
-            want += v[i].iov_len;
-        }
-        ssize_t r = readv(c->fd, iov, nv);
-        if (r < 0) {
-            evbuffer_commit_space(in, v, 0);
-            if (errno == EINTR)
-                continue;
-            if (errno == EAGAIN || errno == EWOULDBLOCK) {
-                c->readable = false;
-                return 0;
-            }
-            return -1;
-        }
-        size_t left = (size_t)r;
-        for (int i = 0; i < nv; i++) {
-            v[i].iov_len = left < v[i].iov_len ? left : v[i].iov_len;
-            left -= v[i].iov_len;
-        }
-        evbuffer_commit_space(in, v, nv);
-        *got += (size_t)r;
-        if (r == 0)
-            return 1;
-        if ((size_t)r < want && !c->peer_closed) {
-            c->readable = false; /* drained; the next arrival raises a new edge */
-            return 0;
-        }
+    switch (gw_read_socket(c->fd, in, GW_CLIENT_READ_CHUNK, 2, c->w->input_high, c->peer_closed, got)) {
+    case GW_READ_DRAINED:
+        c->readable = false;
+        return 0;
+    case GW_READ_LIMIT:
+        return 0; /* enough waiting for evhttp; c->readable stays set */
+    case GW_READ_EOF:
+        return 1;
+    default:
+        return -1;
     }
-    return 0; /* enough waiting for evhttp; c->readable stays set */
 }
 
 /* Move what can move, in both directions, and tell evhttp. Any trigger may end
