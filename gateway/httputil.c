@@ -11,10 +11,6 @@
 #include <time.h>
 
 #include <event2/buffer.h>
-#include <event2/http.h>
-#include <sys/queue.h>
-
-#include <event2/keyvalq_struct.h>
 
 #include "config/config.h"
 #include "gateway/log.h"

@@ -141,6 +141,8 @@ void gw_json_escape(struct evbuffer *out, const char *s)
 
 struct gw_access_log {
     int fd;
+    time_t stamp_sec;    /* the second stamp_text spells */
+    char stamp_text[24]; /* "YYYY-mm-ddTHH:MM:SS": formatted once per second, not per line */
     struct evbuffer *buf;
     struct event *timer;
     int timer_pending;
@@ -172,7 +174,15 @@ fail:
 void gw_access_log_write(gw_access_log_t *log, const gw_access_entry *e)
 {
     char ts[40];
-    format_time(ts, sizeof ts);
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    if (now.tv_sec != log->stamp_sec || !log->stamp_text[0]) {
+        struct tm tm;
+        gmtime_r(&now.tv_sec, &tm);
+        strftime(log->stamp_text, sizeof log->stamp_text, "%Y-%m-%dT%H:%M:%S", &tm);
+        log->stamp_sec = now.tv_sec;
+    }
+    snprintf(ts, sizeof ts, "%s.%03ldZ", log->stamp_text, now.tv_nsec / 1000000);
     struct evbuffer *b = log->buf;
     if (atomic_load_explicit(&log_format, memory_order_relaxed) == CONFIG_LOG_JSON) {
         evbuffer_add_printf(b, "{\"ts\":\"%s\",\"type\":\"access\",\"request_id\":\"", ts);

@@ -28,7 +28,6 @@ typedef struct gw_metrics {
     metrics_family_t *target_up;         /* {upstream,target} */
     metrics_family_t *build_info;        /* {version} */
     metrics_family_t *config_reloads;    /* {result} */
-    metrics_family_t *connections;       /* open client connections */
     metrics_family_t *upstream_errors;   /* {upstream,kind} */
 } gw_metrics;
 

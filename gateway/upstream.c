@@ -24,7 +24,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
-#include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -86,7 +85,6 @@ struct upstream_pool {
     up_upstream *ups;
     size_t count;
     struct evbuffer *scratch; /* request body being assembled */
-    unsigned calls;
 };
 
 enum { CALL_TIMER_NONE, CALL_TIMER_CONNECT, CALL_TIMER_DEADLINE, CALL_TIMER_DEFERRED };
@@ -441,7 +439,6 @@ static void call_attempt(upstream_call_t *call, up_target *t, bool fresh_conn);
 
 static void call_free(upstream_call_t *call)
 {
-    call->pool->calls--;
     event_del(call->timer);
     free(call);
 }
@@ -727,7 +724,6 @@ upstream_call_t *upstream_call_start(upstream_pool_t *pool, size_t index, enum e
         free(call);
         return NULL;
     }
-    pool->calls++;
     up_target *t = pick_target(call->up, NULL, gw_now_ns());
     if (t)
         call_attempt(call, t, false);

@@ -22,7 +22,6 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/eventfd.h>
-#include <sys/uio.h>
 #include <unistd.h>
 
 #include <event2/buffer.h>
@@ -658,15 +657,6 @@ static void proxy(gw_request *r, int upstream_index)
 
 /* ---- the pipeline ------------------------------------------------------------ */
 
-static size_t header_block_size(struct evhttp_request *req)
-{
-    size_t n = strlen(evhttp_request_get_uri(req)) + 20; /* request line */
-    const struct evkeyval *h;
-    TAILQ_FOREACH(h, evhttp_request_get_input_headers(req), next)
-    n += strlen(h->key) + strlen(h->value) + 4;
-    return n + 2;
-}
-
 /* RFC 9110 tchar, without a library call: this runs for every byte of every
  * header name. */
 static bool is_tchar(unsigned char c)
@@ -696,36 +686,43 @@ static bool is_tchar(unsigned char c)
     }
 }
 
+/* What on_request checks of the request line and headers, gathered in one
+ * walk over them. */
+typedef struct request_shape {
+    size_t header_bytes; /* the header block as received, request line included */
+    bool well_formed;
+    int host_count;
+} request_shape;
+
 /* evhttp 2.1 accepts spaces and bare CRs in the request-target and any bytes
  * before a header's colon; passed on verbatim they would let a client smuggle a
- * second request or framing header to an upstream that parses differently. */
-static bool request_is_well_formed(struct evhttp_request *req, const struct evkeyvalq *in)
+ * second request or framing header to an upstream that parses differently. So
+ * the target must have no space or control byte, names must be tokens and
+ * values free of CR and LF. */
+static void inspect_request(struct evhttp_request *req, const struct evkeyvalq *in, request_shape *shape)
 {
-    for (const unsigned char *p = (const unsigned char *)evhttp_request_get_uri(req); *p; p++)
+    const unsigned char *p = (const unsigned char *)evhttp_request_get_uri(req);
+    shape->well_formed = true;
+    shape->host_count = 0;
+    shape->header_bytes = 20 + 2; /* method, version, CRLFs */
+    for (; *p; p++, shape->header_bytes++)
         if (*p <= 0x20 || *p == 0x7f)
-            return false;
+            shape->well_formed = false;
     const struct evkeyval *h;
     TAILQ_FOREACH(h, in, next)
     {
-        if (!h->key[0])
-            return false;
-        for (const unsigned char *p = (const unsigned char *)h->key; *p; p++)
+        const unsigned char *k = (const unsigned char *)h->key, *v = (const unsigned char *)h->value;
+        if (!*k)
+            shape->well_formed = false;
+        for (p = k; *p; p++)
             if (!is_tchar(*p))
-                return false;
-        for (const unsigned char *p = (const unsigned char *)h->value; *p; p++)
+                shape->well_formed = false;
+        for (p = v; *p; p++)
             if (*p == '\r' || *p == '\n')
-                return false;
+                shape->well_formed = false;
+        shape->header_bytes += (size_t)(p - v) + strlen(h->key) + 4;
+        shape->host_count += strcasecmp(h->key, "Host") == 0;
     }
-    return true;
-}
-
-static int host_header_count(const struct evkeyvalq *in)
-{
-    int n = 0;
-    const struct evkeyval *h;
-    TAILQ_FOREACH(h, in, next)
-    n += strcasecmp(h->key, "Host") == 0;
-    return n;
 }
 
 static void client_address(struct evhttp_request *req, char *out, size_t size)
@@ -815,7 +812,9 @@ static void on_request(struct evhttp_request *req, void *arg)
     else
         gw_traceparent_mint(&w->rng, r->traceparent);
 
-    if (header_block_size(req) > (size_t)cfg->server.max_header_bytes) {
+    request_shape shape;
+    inspect_request(req, in, &shape);
+    if (shape.header_bytes > (size_t)cfg->server.max_header_bytes) {
         respond_error(r, 431, "request header fields too large");
         return;
     }
@@ -824,7 +823,7 @@ static void on_request(struct evhttp_request *req, void *arg)
         return;
     }
 
-    if (!request_is_well_formed(req, in)) {
+    if (!shape.well_formed) {
         respond_error(r, 400, "malformed request line or header field");
         return;
     }
@@ -832,7 +831,7 @@ static void on_request(struct evhttp_request *req, void *arg)
         respond_error(r, 400, "path with a dot-segment or NUL");
         return;
     }
-    if (host_header_count(in) > 1) {
+    if (shape.host_count > 1) {
         respond_error(r, 400, "more than one Host header");
         return;
     }
