@@ -183,6 +183,7 @@ typedef struct config_route_sql {
     config_kv *defaults;
     size_t default_count;
     config_sql_result result;
+    int64_t max_rows; /* result: array: page size cap */
 } config_route_sql;
 
 typedef struct config_route {

@@ -648,7 +648,14 @@ static const config_key route_sql_keys[] = {
      FIELD(config_route_sql, result),
      .def = "object",
      .names = sql_results,
-     .help = "object: the first row, 404 when none; array: every row."},
+     .help = "object: the first row, 404 when none; array: every row, paged by `limit` and `offset`."},
+    {.name = "max_rows",
+     .type = CONFIG_TYPE_INT,
+     FIELD(config_route_sql, max_rows),
+     .def = "1000",
+     .min = 1,
+     .max = 1000000,
+     .help = "result: array: rows per page at most (the default and cap of `limit`)."},
     {0},
 };
 

@@ -75,6 +75,12 @@ static void log_error_lines(const char *prefix, const char *errors)
 
 /* ---- metrics ----------------------------------------------------------------- */
 
+/* pool_log_fn: the pool's lines go to the diagnostic log. */
+static void pool_log(config_log_level level, const char *message)
+{
+    gw_log(level, NULL, "%s", message);
+}
+
 int gw_metrics_register(gw_metrics *m, const double *buckets, size_t bucket_count)
 {
     static const char *const route_method_code[] = {"route", "method", "code"};
@@ -227,6 +233,13 @@ static int reload(gw_main *gm, char **why)
         count_reload(srv, false);
         return -1;
     }
+    if (pool_shared_sync(srv->pool, cfg, why) != 0) {
+        gw_error("reload refused: %s", *why ? *why : "out of memory");
+        config_free(cfg);
+        free(errors);
+        count_reload(srv, false);
+        return -1;
+    }
     char *fixed = config_unreloadable_changes(srv->current->cfg, cfg);
     gw_runtime *rt = gw_runtime_create(cfg, ++srv->generation, why);
     if (!rt) {
@@ -306,7 +319,37 @@ static void admin_request(struct evhttp_request *req, void *arg)
         evbuffer_free(b);
         return;
     }
-    gw_send_json_error(req, 404, "no such admin endpoint", "");
+    char *(*show)(pool_shared *, const config_t *) = NULL;
+    if (strcmp(path, "/admin/pools") == 0)
+        show = pool_show_pools_json;
+    else if (strcmp(path, "/admin/stats") == 0)
+        show = pool_show_stats_json;
+    else if (strcmp(path, "/admin/databases") == 0)
+        show = pool_show_databases_json;
+    else if (strcmp(path, "/admin/config") != 0) {
+        gw_send_json_error(req, 404, "no such admin endpoint", "");
+        return;
+    }
+    enum evhttp_cmd_type cmd = evhttp_request_get_command(req);
+    if (cmd != EVHTTP_REQ_GET && cmd != EVHTTP_REQ_HEAD) {
+        evhttp_add_header(evhttp_request_get_output_headers(req), "Allow", "GET, HEAD");
+        gw_send_json_error(req, 405, "method not allowed", "");
+        return;
+    }
+    char *json = show ? show(srv->pool, srv->current->cfg) : config_show_json(srv->current->cfg);
+    struct evbuffer *b = evbuffer_new();
+    if (!json || !b) {
+        free(json);
+        if (b)
+            evbuffer_free(b);
+        gw_send_json_error(req, 500, "out of memory", "");
+        return;
+    }
+    evbuffer_add(b, json, strlen(json));
+    free(json);
+    evhttp_add_header(evhttp_request_get_output_headers(req), "Content-Type", "application/json");
+    evhttp_send_reply(req, 200, NULL, b);
+    evbuffer_free(b);
 }
 
 static int start_admin(gw_main *gm, char **err)
@@ -388,6 +431,14 @@ static int run(const char *path)
         config_free(cfg);
         goto out;
     }
+    srv->worker_count = resolve_workers(cfg->server.workers);
+    srv->pool = pool_shared_create(srv->worker_count, pool_log);
+    if (!srv->pool || pool_metrics_register(srv->pool, srv->metrics.reg, &srv->metrics.pool) != 0 ||
+        pool_shared_sync(srv->pool, cfg, &err) != 0) {
+        gw_error("%s", err ? err : "cannot create the PostgreSQL pool");
+        config_free(cfg);
+        goto out;
+    }
     metrics_collector_register(srv->metrics.reg, server_collector, srv);
     metrics_collector_register(srv->metrics.reg, metrics_process_collector, NULL);
     srv->main_shard = metrics_shard_create(srv->metrics.reg);
@@ -412,7 +463,6 @@ static int run(const char *path)
     if (!gm.base)
         goto out;
 
-    srv->worker_count = resolve_workers(cfg->server.workers);
     srv->workers = calloc((size_t)srv->worker_count, sizeof *srv->workers);
     if (!srv->workers)
         goto out;
@@ -483,6 +533,7 @@ out:
         event_base_free(gm.base);
     gw_runtime_unref(srv->current);
     metrics_registry_free(srv->metrics.reg);
+    pool_shared_free(srv->pool);
     free(err);
     return status;
 }

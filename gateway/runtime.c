@@ -7,6 +7,8 @@
  */
 #include "gateway/runtime.h"
 
+#include "pool/result.h"
+
 #include <netdb.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -127,10 +129,39 @@ static void runtime_free(gw_runtime *rt)
     }
     free(rt->upstreams);
     free(rt->route_upstream);
+    for (size_t i = 0; rt->route_sql && i < rt->cfg->route_count; i++)
+        free(rt->route_sql[i].query);
+    free(rt->route_sql);
     router_free(rt->router);
     SSL_CTX_free(rt->ssl_ctx);
     config_free(rt->cfg);
     free(rt);
+}
+
+/* A SQL route's plan. result: array is paged: by the query itself when it
+ * binds query.limit / query.offset (the gateway validates them and binds
+ * limit + 1, to see whether there are more), otherwise by the gateway, which
+ * wraps the query and binds LIMIT and OFFSET after the route's params. */
+static int plan_sql(const config_route_sql *sql, gw_sql_plan *plan)
+{
+    plan->nparams = (int)sql->param_count;
+    plan->limit_param = plan->offset_param = -1;
+    if (sql->result == CONFIG_RESULT_ARRAY) {
+        for (size_t i = 0; i < sql->param_count; i++) {
+            if (strcmp(sql->params[i], "query.limit") == 0)
+                plan->limit_param = (int)i;
+            else if (strcmp(sql->params[i], "query.offset") == 0)
+                plan->offset_param = (int)i;
+        }
+        if (plan->limit_param < 0) {
+            plan->query = pool_page_wrap(sql->query, (int)sql->param_count);
+            plan->wrapped = true;
+            plan->nparams += 2;
+            return plan->query ? 0 : -1;
+        }
+    }
+    plan->query = strdup(sql->query);
+    return plan->query ? 0 : -1;
 }
 
 gw_runtime *gw_runtime_create(config_t *cfg, unsigned long generation, char **err)
@@ -148,7 +179,8 @@ gw_runtime *gw_runtime_create(config_t *cfg, unsigned long generation, char **er
     rt->router = router_create(cfg->routes, cfg->route_count);
     rt->upstreams = calloc(cfg->upstream_count + 1, sizeof *rt->upstreams);
     rt->route_upstream = calloc(cfg->route_count + 1, sizeof *rt->route_upstream);
-    if (!rt->router || !rt->upstreams || !rt->route_upstream) {
+    rt->route_sql = calloc(cfg->route_count + 1, sizeof *rt->route_sql);
+    if (!rt->router || !rt->upstreams || !rt->route_upstream || !rt->route_sql) {
         *err = format_err("routes: cannot compile (out of memory or more than %d params in a path)",
                           ROUTER_MAX_PARAMS);
         goto fail;
@@ -171,6 +203,12 @@ gw_runtime *gw_runtime_create(config_t *cfg, unsigned long generation, char **er
         for (size_t i = 0; cfg->routes[r].upstream && i < cfg->upstream_count; i++)
             if (strcmp(cfg->routes[r].upstream, cfg->upstreams[i].name) == 0)
                 rt->route_upstream[r] = (int)i;
+    }
+    for (size_t r = 0; r < cfg->route_count; r++) {
+        if (cfg->routes[r].sql.enabled && plan_sql(&cfg->routes[r].sql, &rt->route_sql[r]) != 0) {
+            *err = format_err("out of memory");
+            goto fail;
+        }
     }
     if (cfg->server.tls_cert) {
         rt->ssl_ctx = gw_tls_context_create(cfg->server.tls_cert, cfg->server.tls_key, err);

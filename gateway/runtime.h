@@ -30,6 +30,15 @@ typedef struct gw_upstream_addrs {
     size_t count;
 } gw_upstream_addrs;
 
+/* How a SQL route runs, worked out once per configuration. */
+typedef struct gw_sql_plan {
+    char *query;      /* the statement sent: the route's, or wrapped for paging */
+    int nparams;      /* the route's params, plus 2 when the gateway pages (limit + 1, offset) */
+    int limit_param;  /* result: array paged by the query itself: index of its query.limit, else -1 */
+    int offset_param; /* likewise query.offset, else -1 */
+    bool wrapped;     /* the gateway pages: LIMIT/OFFSET bound after the route's params */
+} gw_sql_plan;
+
 typedef struct gw_runtime {
     atomic_int refs;
     unsigned long generation;
@@ -37,6 +46,7 @@ typedef struct gw_runtime {
     router_t *router;
     gw_upstream_addrs *upstreams; /* parallel to cfg->upstreams */
     int *route_upstream;          /* per route: index into cfg->upstreams, or -1 */
+    gw_sql_plan *route_sql;       /* per route; query NULL for upstream routes */
     SSL_CTX *ssl_ctx;             /* NULL without server.tls */
 } gw_runtime;
 

@@ -16,6 +16,7 @@
 
 #include "gateway/runtime.h"
 #include "metrics/metrics.h"
+#include "pool/pool.h"
 
 typedef struct gw_worker gw_worker;
 
@@ -29,6 +30,7 @@ typedef struct gw_metrics {
     metrics_family_t *build_info;        /* {version} */
     metrics_family_t *config_reloads;    /* {result} */
     metrics_family_t *upstream_errors;   /* {upstream,kind} */
+    pool_metric_families pool;           /* gateway_pool_* */
 } gw_metrics;
 
 typedef struct gw_server {
@@ -42,6 +44,7 @@ typedef struct gw_server {
 
     gw_metrics metrics;
     metrics_shard_t *main_shard;
+    pool_shared *pool; /* the PostgreSQL pool's process-wide half */
 
     atomic_long connections;   /* open client connections, all workers */
     long max_connections;      /* fixed at start (not reloadable) */

@@ -36,6 +36,7 @@
 #include "gateway/httputil.h"
 #include "gateway/log.h"
 #include "gateway/sockio.h"
+#include "gateway/sqlroute.h"
 #include "gateway/upstream.h"
 
 typedef struct worker_gen {
@@ -163,6 +164,7 @@ struct gw_worker {
     atomic_uint mailbox_bits;
 
     worker_gen *gen;
+    pool_t *pool; /* PostgreSQL connections: outlive generations */
     metrics_shard_t *shard;
     metrics_series_t *in_flight_gauge;
     gw_access_log_t *access;
@@ -202,6 +204,8 @@ struct gw_request {
     const char *path; /* borrowed from req's parsed uri: only while on_request runs */
     char *log_path;   /* owned copy for the access log (req may be freed before the end) */
     upstream_call_t *call;
+    pool_call *sql_call;
+    sqlroute_params sql;
     const char *upstream_name;
     uint64_t start_ns;
     int status;
@@ -303,6 +307,7 @@ static void install_runtime(gw_worker *w, gw_runtime *rt)
     worker_gen *old = w->gen;
     w->gen = g;
     apply_http_settings(w, rt->cfg);
+    pool_configure(w->pool, rt->cfg);
     gen_unref(w, old, false);
 }
 
@@ -364,6 +369,7 @@ static void request_end(gw_request *r)
         r->next->prev = r->prev;
     w->in_flight--;
     gen_unref(w, r->gen, true);
+    sqlroute_params_free(&r->sql);
     free(r->uri_owned);
     free(r->log_path);
     free(r);
@@ -655,6 +661,54 @@ static void proxy(gw_request *r, int upstream_index)
         respond_error(r, 500, "out of memory");
 }
 
+/* ---- SQL routes ------------------------------------------------------------------ */
+
+/* pool_done_fn: the statement's result becomes the answer. */
+static void sql_done(void *arg, const pool_result *result)
+{
+    gw_request *r = arg;
+    r->sql_call = NULL;
+    const config_route_sql *sql = &r->gen->rt->cfg->routes[r->route_index].sql;
+    if (result->status >= 500) {
+        const char *state = result->res ? PQresultErrorField(result->res, PG_DIAG_SQLSTATE) : NULL;
+        const char *msg = result->res ? PQresultErrorField(result->res, PG_DIAG_MESSAGE_PRIMARY) : NULL;
+        gw_log(CONFIG_LOG_WARN, r->request_id, "route %s: %s%s%s%s%s",
+               r->gen->rt->cfg->routes[r->route_index].name,
+               result->error ? result->error : "statement failed", state ? ": SQLSTATE " : "",
+               state ? state : "", msg ? ": " : "", msg ? msg : "");
+    }
+    add_common_headers(r);
+    r->status = sqlroute_answer(r->req, sql, &r->sql, result, r->request_id, &r->bytes);
+    if (r->method == CONFIG_METHOD_HEAD)
+        r->bytes = 0;
+    request_end(r);
+}
+
+static void sql_route(gw_request *r, const router_match *m)
+{
+    const gw_runtime *rt = r->gen->rt;
+    const config_route_sql *sql = &rt->cfg->routes[r->route_index].sql;
+    const gw_sql_plan *plan = &rt->route_sql[r->route_index];
+    r->upstream_name = sql->database;
+    const char *why = NULL;
+    int status = sqlroute_params_build(sql, plan, m, r->req, &r->sql, &why);
+    if (status != 0) {
+        respond_error(r, status, why);
+        return;
+    }
+    pool_request pr = {
+        .database = sql->database,
+        .query = plan->query,
+        .nparams = r->sql.count,
+        .values = (const char *const *)r->sql.values,
+        .session = evhttp_request_get_connection(r->req),
+        .deadline_ns = r->start_ns + (uint64_t)rt->cfg->server.request_timeout_ms * 1000000ULL,
+    };
+    r->sql_call = pool_exec(r->w->pool, &pr, sql_done, r);
+    if (!r->sql_call)
+        respond_error(r, 500, "out of memory");
+}
+
 /* ---- the pipeline ------------------------------------------------------------ */
 
 /* RFC 9110 tchar, without a library call: this runs for every byte of every
@@ -852,8 +906,7 @@ static void on_request(struct evhttp_request *req, void *arg)
     r->route_index = m.route_index;
     int up = gen->rt->route_upstream[m.route_index];
     if (up < 0) {
-        /* SQL routes arrive with the pool module. */
-        respond_error(r, 501, "route backend not available");
+        sql_route(r, &m);
         return;
     }
     proxy(r, up);
@@ -893,7 +946,7 @@ bool gw_builtin_serve(gw_server *srv, const config_t *cfg, struct evhttp_request
     if (is_live) {
         send_text(req, 200, "application/json", "{\"status\":\"live\"}\n");
     } else if (is_ready) {
-        bool ready = atomic_load(&srv->ready) && !atomic_load(&srv->draining);
+        bool ready = atomic_load(&srv->ready) && !atomic_load(&srv->draining) && pool_ready(srv->pool, cfg);
         send_text(req, ready ? 200 : 503, "application/json",
                   ready ? "{\"status\":\"ready\"}\n" : "{\"status\":\"not ready\"}\n");
     } else {
@@ -963,6 +1016,7 @@ static void on_connection_closed(struct evhttp_connection *evcon, void *arg)
         w->replying--;
     c->replying = false;
     conn_remove(&w->conns, c);
+    pool_session_end(w->pool, evcon);
     if (c->read_timer)
         event_free(c->read_timer);
     c->read_timer = NULL;
@@ -1319,6 +1373,9 @@ static void worker_stop(gw_worker *w)
         gw_request *r = w->requests;
         upstream_call_cancel(r->call);
         r->call = NULL;
+        pool_cancel(r->sql_call);
+        r->sql_call = NULL;
+        sqlroute_params_free(&r->sql);
         w->requests = r->next;
         w->in_flight--;
         gen_unref(w, r->gen, false);
@@ -1399,6 +1456,8 @@ static void worker_free(gw_worker *w)
 {
     if (!w)
         return;
+    pool_free(w->pool); /* before evhttp: calls still running are answered */
+    w->pool = NULL;
     if (w->http)
         evhttp_free(w->http);
     if (w->later_timer) {
@@ -1482,6 +1541,9 @@ gw_worker *gw_worker_create(gw_server *srv, int id, gw_runtime *rt, const int *l
         !w->drain_timer || !w->access || event_add(w->mailbox_ev, NULL) != 0)
         goto fail;
     w->in_flight_gauge = metrics_series(w->shard, srv->metrics.in_flight, NULL);
+    w->pool = pool_create(w->base, srv->pool, id, w->shard, &srv->metrics.pool);
+    if (!w->pool)
+        goto fail;
 
     evhttp_set_gencb(w->http, on_request, w);
     evhttp_set_bevcb(w->http, make_bufferevent, w);
@@ -1496,6 +1558,7 @@ gw_worker *gw_worker_create(gw_server *srv, int id, gw_runtime *rt, const int *l
         goto fail;
     }
     apply_http_settings(w, rt->cfg);
+    pool_configure(w->pool, rt->cfg);
 
     for (size_t i = 0; i < listen_count; i++) {
         w->listeners[i] = evconnlistener_new(w->base, NULL, NULL,

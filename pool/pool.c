@@ -1,0 +1,1217 @@
+/*
+ * pool.c - one worker's half of the PostgreSQL pool: its server connections,
+ * driven by asynchronous libpq on the worker's event_base, and its queue of
+ * calls waiting for one.
+ *
+ * A connection's life: LOGIN (PQconnectStartParams, then PQconnectPoll each
+ * time the socket is ready the way libpq asked, re-reading PQsocket() after
+ * every poll) -> IDLE (on the idle stack, newest on top) -> ACTIVE (running a
+ * call: an optional server_check_query when it idled past
+ * server_check_delay, PQsendPrepare the first time this connection sees the
+ * statement, then PQsendQueryPrepared) -> IDLE again, or closed. Results are
+ * read with PQconsumeInput / PQisBusy / PQgetResult until PQgetResult says
+ * the command is complete. A persistent read event watches every connection
+ * from login to close, so a server that goes away is noticed on idle
+ * connections too.
+ *
+ * Deadlines: one timer per connection (server_connect_timeout while logging
+ * in; then query_timeout + POOL_QUERY_GRACE_MS, or the call's own deadline,
+ * while running), one timer per database for the oldest waiting call
+ * (query_wait_timeout, and reserve_pool_timeout when a reserve is
+ * configured), and a maintenance tick every POOL_TICK_MS.
+ *
+ * A failed connect marks the database down: calls waiting with no connection
+ * left to serve them get 503 at once, and new calls get 503 at once until the
+ * backoff (POOL_BACKOFF_MIN_MS doubling to POOL_BACKOFF_MAX_MS) lets the next
+ * attempt start; the first call after that waits for the attempt.
+ */
+#include "pool/pool.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "pool/pool_internal.h"
+
+typedef struct pool_db pool_db;
+typedef struct pool_conn pool_conn;
+
+typedef enum { CONN_LOGIN, CONN_IDLE, CONN_ACTIVE, CONN_BOUND } conn_state;
+typedef enum { STEP_NONE, STEP_CHECK, STEP_PREPARE, STEP_EXECUTE } conn_step;
+
+#define CONN_PARAMS_MAX 16
+
+struct pool_call {
+    pool_call *prev, *next; /* the database's wait queue, or the pool's finished list */
+    pool_t *p;
+    pool_db *db;
+    const char *query;
+    uint64_t qhash;
+    char stmt[24]; /* "gw_" + 16 hex digits */
+    int nparams;
+    char **values;
+    const void *session;
+    uint64_t deadline_ns;
+    pool_done_fn done;
+    void *arg;
+    uint64_t queued_ns;
+    pool_conn *conn;
+    bool waiting;
+    bool cancelled;
+    bool admitted; /* counted in pool_shared.clients */
+    bool retried;  /* re-run once after a stale prepared statement */
+    int status;    /* finished list: the answer */
+    const char *error;
+};
+
+struct pool_conn {
+    pool_conn *prev, *next; /* the database's connections */
+    pool_conn *idle_next;   /* the idle stack */
+    pool_db *db;
+    PGconn *pg;
+    int fd;
+    struct event *io;    /* login: one-shot, as libpq asks; afterwards persistent read */
+    struct event *wr;    /* one-shot write while libpq has output queued */
+    struct event *timer; /* connect or statement deadline */
+    conn_state state;
+    conn_step step;
+    unsigned version; /* the database's settings version it was opened with */
+    uint64_t opened_ns, idle_ns, sent_ns;
+    uint64_t *prepared;
+    size_t prepared_count, prepared_cap;
+    pool_call *call;
+    const void *session; /* CONN_BOUND: its owner */
+    PGresult *result;    /* of the current step, kept until the step ends */
+    bool checked_idle;   /* counted in sv_used */
+};
+
+struct pool_db {
+    pool_db *next;
+    pool_t *p;
+    char *name;
+    pool_shared_db *sh;
+    pool_worker_stats *st;
+    bool configured;
+    unsigned version;
+    /* connection settings, as libpq keywords and values */
+    const char *keys[CONN_PARAMS_MAX + 1];
+    char *vals[CONN_PARAMS_MAX + 1];
+    int pool_share, min_share, reserve_share, max_db;
+    bool session_mode;
+    int64_t wait_ms, reserve_ms, idle_ms, lifetime_ms, check_delay_ms, connect_ms, query_ms;
+    char *check_query;
+
+    pool_conn *conns;
+    pool_conn *idle;
+    int n_open, n_login, n_idle, n_active, n_bound, n_tested, n_used;
+    pool_call *wait_head, *wait_tail;
+    int n_waiting;
+    struct event *wait_timer;
+
+    bool down;
+    uint64_t next_connect_ns;
+    int backoff_ms;
+
+    metrics_series_t *wait_hist;
+    metrics_series_t *max_gauge;
+};
+
+struct pool {
+    struct event_base *base;
+    pool_shared *sh;
+    int worker;
+    metrics_shard_t *shard;
+    pool_metric_families fam;
+    pool_db *dbs;
+    const config_t *cfg;
+    struct event *tick;
+    struct event *finish_ev;
+    pool_call *finished, *finished_tail;
+};
+
+static void dispatch(pool_db *db);
+static void conn_close(pool_conn *c, int status, const char *why);
+static void conn_release(pool_conn *c);
+static void start_step(pool_conn *c);
+
+/* ---- small things ---------------------------------------------------------------- */
+
+static uint64_t hash_text(const char *s)
+{
+    uint64_t h = 1469598103934665603ULL;
+    for (; *s; s++) {
+        h ^= (unsigned char)*s;
+        h *= 1099511628211ULL;
+    }
+    return h;
+}
+
+static void store(atomic_long *a, long v)
+{
+    atomic_store_explicit(a, v, memory_order_relaxed);
+}
+
+static void bump(atomic_ullong *a, uint64_t by)
+{
+    atomic_store_explicit(a, atomic_load_explicit(a, memory_order_relaxed) + by, memory_order_relaxed);
+}
+
+static void count_error(pool_db *db, const char *kind)
+{
+    const char *labels[2] = {db->name, kind};
+    metrics_series_t *s = metrics_series(db->p->shard, db->p->fam.errors, labels);
+    if (s)
+        metrics_counter_add(s, 1);
+}
+
+/* Publish this worker's state figures for the database. */
+static void publish(pool_db *db)
+{
+    pool_worker_stats *st = db->st;
+    store(&st->cl_active, db->n_active + db->n_bound);
+    store(&st->cl_waiting, db->n_waiting);
+    store(&st->sv_active, db->n_active - db->n_tested + db->n_bound);
+    store(&st->sv_idle, db->n_idle - db->n_used);
+    store(&st->sv_used, db->n_used);
+    store(&st->sv_tested, db->n_tested);
+    store(&st->sv_login, db->n_login);
+    atomic_store_explicit(&st->wait_head_ns, db->wait_head ? db->wait_head->queued_ns : 0,
+                          memory_order_relaxed);
+}
+
+static void set_state(pool_db *db, pool_db_state s)
+{
+    int old = atomic_exchange_explicit(&db->sh->state, (int)s, memory_order_relaxed);
+    if (old == (int)s)
+        return;
+    if (s == POOL_DB_UP && old == POOL_DB_DOWN)
+        pool_logf(db->p->sh, CONFIG_LOG_INFO, "postgres %s: reachable again", db->name);
+}
+
+static void timer_in(struct event *ev, int64_t ms)
+{
+    if (ms < 0)
+        ms = 0;
+    struct timeval tv = {(time_t)(ms / 1000), (suseconds_t)(ms % 1000) * 1000};
+    evtimer_add(ev, &tv);
+}
+
+/* ---- finishing calls ------------------------------------------------------------- */
+
+static void call_free(pool_call *call)
+{
+    for (int i = 0; i < call->nparams; i++)
+        free(call->values[i]);
+    free(call->values);
+    free(call);
+}
+
+static void unadmit(pool_call *call)
+{
+    if (call->admitted) {
+        atomic_fetch_sub_explicit(&call->p->sh->clients, 1, memory_order_relaxed);
+        call->admitted = false;
+    }
+}
+
+/* Answer a call now (never from inside pool_exec). */
+static void call_finish(pool_call *call, int status, const PGresult *res, const char *error)
+{
+    unadmit(call);
+    if (!call->cancelled) {
+        pool_result r = {.status = status, .res = res, .error = error};
+        call->done(call->arg, &r);
+    }
+    call_free(call);
+}
+
+static void finish_cb(evutil_socket_t fd, short what, void *arg)
+{
+    pool_t *p = arg;
+    while (p->finished) {
+        pool_call *call = p->finished;
+        p->finished = call->next;
+        if (!p->finished)
+            p->finished_tail = NULL;
+        call_finish(call, call->status, NULL, call->error);
+    }
+}
+
+/* Answer a call from the next loop iteration. */
+static void call_finish_later(pool_call *call, int status, const char *error)
+{
+    pool_t *p = call->p;
+    call->status = status;
+    call->error = error;
+    call->next = NULL;
+    if (p->finished_tail)
+        p->finished_tail->next = call;
+    else
+        p->finished = call;
+    p->finished_tail = call;
+    event_active(p->finish_ev, EV_TIMEOUT, 0);
+}
+
+/* ---- the wait queue ----------------------------------------------------------------- */
+
+static void queue_remove(pool_db *db, pool_call *call)
+{
+    if (!call->waiting)
+        return;
+    if (call->prev)
+        call->prev->next = call->next;
+    else
+        db->wait_head = call->next;
+    if (call->next)
+        call->next->prev = call->prev;
+    else
+        db->wait_tail = call->prev;
+    call->prev = call->next = NULL;
+    call->waiting = false;
+    db->n_waiting--;
+}
+
+static void queue_push(pool_db *db, pool_call *call, bool front)
+{
+    call->waiting = true;
+    db->n_waiting++;
+    if (front) {
+        call->prev = NULL;
+        call->next = db->wait_head;
+        if (db->wait_head)
+            db->wait_head->prev = call;
+        else
+            db->wait_tail = call;
+        db->wait_head = call;
+    } else {
+        call->next = NULL;
+        call->prev = db->wait_tail;
+        if (db->wait_tail)
+            db->wait_tail->next = call;
+        else
+            db->wait_head = call;
+        db->wait_tail = call;
+    }
+}
+
+/* Arm the wait timer for the oldest call: its query_wait_timeout, or its
+ * reserve_pool_timeout when that comes first and a reserve exists. */
+static void arm_wait_timer(pool_db *db)
+{
+    if (!db->wait_head) {
+        evtimer_del(db->wait_timer);
+        return;
+    }
+    uint64_t now = pool_now_ns();
+    uint64_t at = db->wait_head->queued_ns + (uint64_t)db->wait_ms * 1000000ULL;
+    uint64_t reserve_at = db->wait_head->queued_ns + (uint64_t)db->reserve_ms * 1000000ULL;
+    if (db->reserve_share > 0 && db->n_open < db->pool_share + db->reserve_share && reserve_at > now &&
+        reserve_at < at)
+        at = reserve_at;
+    timer_in(db->wait_timer, at > now ? (int64_t)((at - now + 999999) / 1000000) : 0);
+}
+
+/* Every waiting call gets status now (the database is unreachable). */
+static void fail_waiters(pool_db *db, int status, const char *why)
+{
+    while (db->wait_head) {
+        pool_call *call = db->wait_head;
+        queue_remove(db, call);
+        call_finish_later(call, status, why);
+    }
+    evtimer_del(db->wait_timer);
+}
+
+static void wait_timer_cb(evutil_socket_t fd, short what, void *arg)
+{
+    pool_db *db = arg;
+    uint64_t now = pool_now_ns();
+    uint64_t limit = (uint64_t)db->wait_ms * 1000000ULL;
+    while (db->wait_head && now - db->wait_head->queued_ns >= limit) {
+        pool_call *call = db->wait_head;
+        queue_remove(db, call);
+        count_error(db, "wait_timeout");
+        call_finish_later(call, 503, "no server connection within query_wait_timeout");
+    }
+    dispatch(db); /* a reserve connection may be due */
+    arm_wait_timer(db);
+    publish(db);
+}
+
+/* ---- connections ---------------------------------------------------------------------- */
+
+static bool conn_prepared(const pool_conn *c, uint64_t h)
+{
+    for (size_t i = 0; i < c->prepared_count; i++)
+        if (c->prepared[i] == h)
+            return true;
+    return false;
+}
+
+static void conn_remember(pool_conn *c, uint64_t h)
+{
+    if (c->prepared_count == c->prepared_cap) {
+        size_t cap = c->prepared_cap ? c->prepared_cap * 2 : 8;
+        uint64_t *np = realloc(c->prepared, cap * sizeof *np);
+        if (!np)
+            return; /* prepared again next time: harmless but for a 42P05, handled below */
+        c->prepared = np;
+        c->prepared_cap = cap;
+    }
+    c->prepared[c->prepared_count++] = h;
+}
+
+static void idle_remove(pool_db *db, pool_conn *c)
+{
+    pool_conn **pp = &db->idle;
+    while (*pp && *pp != c)
+        pp = &(*pp)->idle_next;
+    if (*pp) {
+        *pp = c->idle_next;
+        c->idle_next = NULL;
+        db->n_idle--;
+        if (c->checked_idle) {
+            db->n_used--;
+            c->checked_idle = false;
+        }
+    }
+}
+
+/* Leave the state the connection is in (counts). */
+static void leave_state(pool_conn *c)
+{
+    pool_db *db = c->db;
+    switch (c->state) {
+    case CONN_LOGIN:
+        db->n_login--;
+        break;
+    case CONN_IDLE:
+        idle_remove(db, c);
+        break;
+    case CONN_ACTIVE:
+        db->n_active--;
+        if (c->step == STEP_CHECK)
+            db->n_tested--;
+        break;
+    case CONN_BOUND:
+        db->n_bound--;
+        break;
+    }
+}
+
+/* Free a connection: its call (if any) gets status. */
+static void conn_close(pool_conn *c, int status, const char *why)
+{
+    pool_db *db = c->db;
+    leave_state(c);
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        db->conns = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    db->n_open--;
+    atomic_fetch_sub_explicit(&db->sh->server_conns, 1, memory_order_relaxed);
+    if (c->call) {
+        pool_call *call = c->call;
+        call->conn = NULL;
+        if (status == 0) { /* re-run on another connection (nothing was executed) */
+            queue_push(db, call, true);
+        } else {
+            call_finish_later(call, status, why);
+        }
+    }
+    if (c->result)
+        PQclear(c->result);
+    event_free(c->io);
+    event_free(c->wr);
+    event_free(c->timer);
+    PQfinish(c->pg);
+    free(c->prepared);
+    free(c);
+    publish(db);
+}
+
+/* The connection failed while a statement ran, or went away while idle. */
+static void conn_broken(pool_conn *c, const char *what)
+{
+    pool_db *db = c->db;
+    pool_logf(db->p->sh, CONFIG_LOG_WARN, "postgres %s: connection lost (%s): %s", db->name, what,
+              c->pg ? PQerrorMessage(c->pg) : "");
+    count_error(db, "broken");
+    bool had_call = c->call != NULL;
+    conn_close(c, 503, "database connection lost");
+    if (had_call || db->n_waiting)
+        dispatch(db);
+}
+
+static void conn_flush(pool_conn *c)
+{
+    int rc = PQflush(c->pg);
+    if (rc < 0) {
+        conn_broken(c, "send");
+        return;
+    }
+    if (rc > 0)
+        event_add(c->wr, NULL);
+}
+
+static void wr_cb(evutil_socket_t fd, short what, void *arg)
+{
+    conn_flush(arg);
+}
+
+/* The step's command is complete: c->result holds its (first) result. */
+static void step_done(pool_conn *c)
+{
+    pool_db *db = c->db;
+    pool_call *call = c->call;
+    PGresult *res = c->result;
+    c->result = NULL;
+    ExecStatusType st = res ? PQresultStatus(res) : PGRES_FATAL_ERROR;
+    bool ok = st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK;
+    uint64_t now = pool_now_ns();
+
+    if (c->step == STEP_CHECK) {
+        db->n_tested--;
+        PQclear(res);
+        if (!ok) {
+            conn_close(c, 0, NULL); /* the call waits for another connection */
+            dispatch(db);
+            return;
+        }
+        c->step = STEP_NONE;
+        start_step(c);
+        return;
+    }
+    if (c->step == STEP_PREPARE && ok) {
+        PQclear(res);
+        conn_remember(c, call->qhash);
+        start_step(c);
+        return;
+    }
+    const char *state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+    if (!ok && c->step == STEP_EXECUTE && state && strcmp(state, "0A000") == 0 && !call->retried) {
+        /* "cached plan must not change result type": the schema changed under a
+         * prepared statement. Nothing ran; start over on a fresh connection. */
+        PQclear(res);
+        call->retried = true;
+        c->call = NULL;
+        call->conn = NULL;
+        queue_push(db, call, true);
+        conn_close(c, 503, NULL);
+        dispatch(db);
+        return;
+    }
+    evtimer_del(c->timer);
+    pool_worker_stats *stats = db->st;
+    uint64_t us = (now - c->sent_ns) / 1000;
+    bump(&stats->query_count, 1);
+    bump(&stats->xact_count, 1);
+    bump(&stats->query_time_us, us);
+    bump(&stats->xact_time_us, us);
+    if (res && st == PGRES_TUPLES_OK) {
+        uint64_t bytes = 0;
+        int rows = PQntuples(res), cols = PQnfields(res);
+        for (int r = 0; r < rows; r++)
+            for (int k = 0; k < cols; k++)
+                bytes += (uint64_t)PQgetlength(res, r, k);
+        bump(&stats->sent, bytes);
+    }
+    c->call = NULL;
+    call->conn = NULL;
+    int status = ok ? 200 : pool_sqlstate_status(state);
+    if (!ok && status == 504)
+        count_error(db, "query_timeout");
+    if (db->session_mode && call->session && !call->cancelled) {
+        /* session mode: the connection stays with its client until
+         * pool_session_end(). */
+        leave_state(c);
+        c->state = CONN_BOUND;
+        c->session = call->session;
+        db->n_bound++;
+        publish(db);
+    } else {
+        conn_release(c);
+    }
+    call_finish(call, status, res, ok ? NULL : "statement failed");
+    PQclear(res);
+}
+
+/* Read what the server sent; finish the step when its command is complete. */
+static void conn_read(pool_conn *c)
+{
+    if (!PQconsumeInput(c->pg)) {
+        conn_broken(c, "read");
+        return;
+    }
+    if (c->state != CONN_ACTIVE) {
+        /* Nothing is expected on an idle connection: a notice is fine, an error
+         * (the server shutting down) or EOF means it is gone. */
+        PGnotify *n;
+        while ((n = PQnotifies(c->pg)))
+            PQfreemem(n);
+        PGresult *stray = PQstatus(c->pg) == CONNECTION_BAD || PQisBusy(c->pg) ? NULL : PQgetResult(c->pg);
+        if (PQstatus(c->pg) == CONNECTION_BAD || stray) {
+            PQclear(stray);
+            pool_db *db = c->db;
+            conn_close(c, 503, "database connection lost");
+            dispatch(db);
+        }
+        return;
+    }
+    while (!PQisBusy(c->pg)) {
+        PGresult *r = PQgetResult(c->pg);
+        if (!r) {
+            step_done(c);
+            return;
+        }
+        if (!c->result)
+            c->result = r;
+        else
+            PQclear(r);
+    }
+    if (PQstatus(c->pg) == CONNECTION_BAD)
+        conn_broken(c, "read");
+}
+
+static void io_cb(evutil_socket_t fd, short what, void *arg)
+{
+    conn_read(arg);
+}
+
+static void conn_timeout(pool_conn *c)
+{
+    pool_db *db = c->db;
+    if (c->state == CONN_LOGIN) {
+        pool_logf(db->p->sh, CONFIG_LOG_WARN, "postgres %s: connect timed out after %lld ms", db->name,
+                  (long long)db->connect_ms);
+        count_error(db, "connect");
+        db->down = true;
+        set_state(db, POOL_DB_DOWN);
+        db->backoff_ms = db->backoff_ms ? db->backoff_ms * 2 : POOL_BACKOFF_MIN_MS;
+        if (db->backoff_ms > POOL_BACKOFF_MAX_MS)
+            db->backoff_ms = POOL_BACKOFF_MAX_MS;
+        db->next_connect_ns = pool_now_ns() + (uint64_t)db->backoff_ms * 1000000ULL;
+        conn_close(c, 503, "database unavailable");
+        if (db->n_open == 0)
+            fail_waiters(db, 503, "database unavailable");
+        return;
+    }
+    /* A statement past its deadline: the server may still be running it, so
+     * the connection cannot be reused. */
+    count_error(db, "query_timeout");
+    conn_close(c, 504, "query timed out");
+    dispatch(db);
+}
+
+static void timer_cb(evutil_socket_t fd, short what, void *arg)
+{
+    conn_timeout(arg);
+}
+
+/* Send the next command of the connection's call. */
+static void start_step(pool_conn *c)
+{
+    pool_db *db = c->db;
+    pool_call *call = c->call;
+    int ok;
+    if (call->cancelled) {
+        /* Its caller is gone, and with it the query text: nothing more to run. */
+        c->call = NULL;
+        call->conn = NULL;
+        evtimer_del(c->timer);
+        conn_release(c);
+        call_finish(call, 503, NULL, NULL);
+        return;
+    }
+    if (c->step == STEP_NONE && db->check_query && *db->check_query && db->check_delay_ms >= 0 &&
+        c->idle_ns && pool_now_ns() - c->idle_ns >= (uint64_t)db->check_delay_ms * 1000000ULL) {
+        c->step = STEP_CHECK;
+        db->n_tested++;
+        c->idle_ns = 0;
+        ok = PQsendQuery(c->pg, db->check_query);
+    } else if (!conn_prepared(c, call->qhash)) {
+        c->step = STEP_PREPARE;
+        ok = PQsendPrepare(c->pg, call->stmt, call->query, call->nparams, NULL);
+    } else {
+        c->step = STEP_EXECUTE;
+        ok = PQsendQueryPrepared(c->pg, call->stmt, call->nparams, (const char *const *)call->values, NULL,
+                                 NULL, 0);
+    }
+    c->idle_ns = 0;
+    if (!ok) {
+        conn_broken(c, "send");
+        return;
+    }
+    conn_flush(c);
+}
+
+/* Give an open connection to a call. */
+static void conn_assign(pool_conn *c, pool_call *call)
+{
+    pool_db *db = c->db;
+    uint64_t now = pool_now_ns();
+    uint64_t waited = now - call->queued_ns;
+    bump(&db->st->wait_time_us, waited / 1000);
+    if (db->wait_hist)
+        metrics_histogram_observe(db->wait_hist, (double)waited / 1e9);
+    c->state = CONN_ACTIVE;
+    c->step = STEP_NONE;
+    db->n_active++;
+    c->call = call;
+    call->conn = c;
+    c->sent_ns = now;
+    /* Our own deadline: statement_timeout plus a grace, or the call's. */
+    uint64_t deadline =
+        db->query_ms > 0 ? now + (uint64_t)(db->query_ms + POOL_QUERY_GRACE_MS) * 1000000ULL : 0;
+    if (call->deadline_ns && (!deadline || call->deadline_ns < deadline))
+        deadline = call->deadline_ns;
+    if (deadline)
+        timer_in(c->timer, deadline > now ? (int64_t)((deadline - now + 999999) / 1000000) : 0);
+    start_step(c);
+}
+
+/* A connection finished its call (or its session ended). */
+static void conn_release(pool_conn *c)
+{
+    pool_db *db = c->db;
+    uint64_t now = pool_now_ns();
+    leave_state(c);
+    c->step = STEP_NONE;
+    c->session = NULL;
+    bool stale = c->version != db->version || !db->configured ||
+                 (db->lifetime_ms > 0 && now - c->opened_ns >= (uint64_t)db->lifetime_ms * 1000000ULL) ||
+                 db->n_open > db->pool_share + db->reserve_share;
+    if (stale) {
+        c->state = CONN_IDLE; /* counted as idle for conn_close's bookkeeping */
+        c->idle_next = db->idle;
+        db->idle = c;
+        db->n_idle++;
+        conn_close(c, 503, NULL);
+        dispatch(db);
+        return;
+    }
+    if (db->wait_head) {
+        pool_call *call = db->wait_head;
+        queue_remove(db, call);
+        arm_wait_timer(db);
+        conn_assign(c, call);
+        publish(db);
+        return;
+    }
+    c->state = CONN_IDLE;
+    c->idle_ns = now;
+    c->idle_next = db->idle;
+    db->idle = c;
+    db->n_idle++;
+    publish(db);
+}
+
+static void login_step(pool_conn *c, PostgresPollingStatusType st);
+
+static void login_cb(evutil_socket_t fd, short what, void *arg)
+{
+    pool_conn *c = arg;
+    login_step(c, PQconnectPoll(c->pg));
+}
+
+static void login_failed(pool_conn *c)
+{
+    pool_db *db = c->db;
+    const char *msg = PQerrorMessage(c->pg);
+    if (!db->down)
+        pool_logf(db->p->sh, CONFIG_LOG_WARN, "postgres %s: cannot connect: %.*s", db->name,
+                  (int)strcspn(msg, "\n"), msg);
+    count_error(db, "connect");
+    db->down = true;
+    set_state(db, POOL_DB_DOWN);
+    db->backoff_ms = db->backoff_ms ? db->backoff_ms * 2 : POOL_BACKOFF_MIN_MS;
+    if (db->backoff_ms > POOL_BACKOFF_MAX_MS)
+        db->backoff_ms = POOL_BACKOFF_MAX_MS;
+    db->next_connect_ns = pool_now_ns() + (uint64_t)db->backoff_ms * 1000000ULL;
+    conn_close(c, 503, "database unavailable");
+    /* Calls that no open connection will serve are told at once. */
+    if (db->n_open == 0)
+        fail_waiters(db, 503, "database unavailable");
+    publish(db);
+}
+
+static void login_ok(pool_conn *c)
+{
+    pool_db *db = c->db;
+    PQsetnonblocking(c->pg, 1);
+    event_del(c->io);
+    event_assign(c->io, db->p->base, c->fd, EV_READ | EV_PERSIST, io_cb, c);
+    event_add(c->io, NULL);
+    event_assign(c->wr, db->p->base, c->fd, EV_WRITE, wr_cb, c);
+    evtimer_del(c->timer);
+    db->down = false;
+    db->backoff_ms = 0;
+    set_state(db, POOL_DB_UP);
+    leave_state(c);
+    c->state = CONN_BOUND; /* released next: counted by conn_release */
+    db->n_bound++;
+    conn_release(c);
+}
+
+static void login_step(pool_conn *c, PostgresPollingStatusType st)
+{
+    pool_db *db = c->db;
+    if (st == PGRES_POLLING_FAILED) {
+        login_failed(c);
+        return;
+    }
+    int fd = PQsocket(c->pg);
+    if (fd < 0) {
+        login_failed(c);
+        return;
+    }
+    c->fd = fd;
+    if (st == PGRES_POLLING_OK) {
+        login_ok(c);
+        return;
+    }
+    event_del(c->io);
+    event_assign(c->io, db->p->base, fd, st == PGRES_POLLING_READING ? EV_READ : EV_WRITE, login_cb, c);
+    event_add(c->io, NULL);
+}
+
+/* May a connection be opened now? reserve: the oldest call waited past
+ * reserve_pool_timeout. Takes a slot of the shared cap when so. */
+static bool open_allowed(pool_db *db)
+{
+    if (!db->configured)
+        return false;
+    if (db->down && pool_now_ns() < db->next_connect_ns)
+        return false;
+    int limit = db->pool_share;
+    if (db->reserve_share > 0 && db->wait_head &&
+        pool_now_ns() - db->wait_head->queued_ns >= (uint64_t)db->reserve_ms * 1000000ULL)
+        limit += db->reserve_share;
+    if (db->n_open >= limit)
+        return false;
+    int cur = atomic_load_explicit(&db->sh->server_conns, memory_order_relaxed);
+    do {
+        if (cur >= db->max_db)
+            return false;
+    } while (!atomic_compare_exchange_weak_explicit(&db->sh->server_conns, &cur, cur + 1,
+                                                    memory_order_relaxed, memory_order_relaxed));
+    return true;
+}
+
+/* Start a connection (a slot of the shared cap is already taken). */
+static void conn_open(pool_db *db)
+{
+    pool_conn *c = calloc(1, sizeof *c);
+    if (c) {
+        c->pg = PQconnectStartParams(db->keys, (const char *const *)db->vals, 0);
+        c->io = event_new(db->p->base, -1, 0, login_cb, c);
+        c->wr = event_new(db->p->base, -1, 0, wr_cb, c);
+        c->timer = evtimer_new(db->p->base, timer_cb, c);
+    }
+    if (!c || !c->pg || !c->io || !c->wr || !c->timer) {
+        if (c) {
+            PQfinish(c->pg);
+            if (c->io)
+                event_free(c->io);
+            if (c->wr)
+                event_free(c->wr);
+            if (c->timer)
+                event_free(c->timer);
+            free(c);
+        }
+        atomic_fetch_sub_explicit(&db->sh->server_conns, 1, memory_order_relaxed);
+        return;
+    }
+    c->db = db;
+    c->fd = -1;
+    c->version = db->version;
+    c->opened_ns = pool_now_ns();
+    c->state = CONN_LOGIN;
+    c->next = db->conns;
+    if (db->conns)
+        db->conns->prev = c;
+    db->conns = c;
+    db->n_open++;
+    db->n_login++;
+    timer_in(c->timer, db->connect_ms);
+    /* The write event of the one-shot pair: after PQconnectStart, behave as if
+     * PQconnectPoll had said PGRES_POLLING_WRITING. */
+    event_assign(c->wr, db->p->base, -1, 0, wr_cb, c);
+    if (PQstatus(c->pg) == CONNECTION_BAD) {
+        login_failed(c);
+        return;
+    }
+    login_step(c, PGRES_POLLING_WRITING);
+    publish(db);
+}
+
+/* Hand idle connections to waiting calls; open more when allowed. */
+static void dispatch(pool_db *db)
+{
+    while (db->wait_head && db->idle) {
+        pool_conn *c = db->idle;
+        pool_call *call = db->wait_head;
+        queue_remove(db, call);
+        idle_remove(db, c);
+        conn_assign(c, call);
+    }
+    while (db->n_waiting > db->n_login && open_allowed(db))
+        conn_open(db);
+    arm_wait_timer(db);
+    publish(db);
+}
+
+/* ---- maintenance ------------------------------------------------------------------------ */
+
+static void maintain(pool_db *db)
+{
+    uint64_t now = pool_now_ns();
+    /* Idle connections: stale settings, lifetime, idle timeout (above the
+     * minimum). Oldest idle are at the bottom of the stack. */
+    int keep = db->configured ? db->min_share : 0;
+    pool_conn *c = db->conns;
+    while (c) {
+        pool_conn *next = c->next;
+        if (c->state == CONN_IDLE) {
+            bool stale = c->version != db->version || !db->configured;
+            bool old = db->lifetime_ms > 0 && now - c->opened_ns >= (uint64_t)db->lifetime_ms * 1000000ULL;
+            bool idle_long = db->idle_ms > 0 && now - c->idle_ns >= (uint64_t)db->idle_ms * 1000000ULL &&
+                             db->n_open > keep;
+            if (stale || old || idle_long) {
+                conn_close(c, 503, NULL);
+            } else if (!c->checked_idle && db->check_delay_ms >= 0 &&
+                       now - c->idle_ns >= (uint64_t)db->check_delay_ms * 1000000ULL) {
+                c->checked_idle = true;
+                db->n_used++;
+            }
+        }
+        c = next;
+    }
+    while (db->configured && db->n_open < keep && !(db->down && now < db->next_connect_ns)) {
+        int cur = atomic_load_explicit(&db->sh->server_conns, memory_order_relaxed);
+        if (cur >= db->max_db ||
+            !atomic_compare_exchange_strong_explicit(&db->sh->server_conns, &cur, cur + 1,
+                                                     memory_order_relaxed, memory_order_relaxed))
+            break;
+        int before = db->n_open;
+        conn_open(db);
+        if (db->n_open <= before)
+            break; /* failed at once */
+    }
+    dispatch(db);
+}
+
+static void tick_cb(evutil_socket_t fd, short what, void *arg)
+{
+    pool_t *p = arg;
+    for (pool_db *db = p->dbs; db; db = db->next)
+        maintain(db);
+}
+
+/* ---- configuration ------------------------------------------------------------------------ */
+
+static void free_settings(pool_db *db)
+{
+    for (int i = 0; db->vals[i]; i++) {
+        free(db->vals[i]);
+        db->vals[i] = NULL;
+    }
+    free(db->check_query);
+    db->check_query = NULL;
+}
+
+/* Fill keys/vals from the configuration; true when they differ from before. */
+static bool set_settings(pool_db *db, const config_t *cfg, const config_database *d)
+{
+    char options[64];
+    snprintf(options, sizeof options, "-c statement_timeout=%lld", (long long)cfg->postgres.query_timeout_ms);
+    const char *pairs[][2] = {
+        {"host", d->host},
+        {"port", d->port},
+        {"dbname", d->dbname},
+        {"user", d->user},
+        {"password", d->password && *d->password ? d->password : NULL},
+        {"application_name", "gateway"},
+        {"options", options},
+        {"gssencmode", "disable"},
+        {"keepalives", "1"},
+        {"keepalives_idle", "30"},
+        {"keepalives_interval", "10"},
+        {"keepalives_count", "3"},
+    };
+    const char *keys[CONN_PARAMS_MAX + 1] = {0};
+    char *vals[CONN_PARAMS_MAX + 1] = {0};
+    int n = 0;
+    for (size_t i = 0; i < sizeof pairs / sizeof pairs[0]; i++) {
+        if (!pairs[i][1])
+            continue;
+        keys[n] = pairs[i][0];
+        vals[n] = strdup(pairs[i][1]);
+        n++;
+    }
+    bool changed = false;
+    for (int i = 0; i <= CONN_PARAMS_MAX; i++) {
+        if ((keys[i] == NULL) != (db->keys[i] == NULL) || (keys[i] && strcmp(keys[i], db->keys[i]) != 0) ||
+            (vals[i] && db->vals[i] && strcmp(vals[i], db->vals[i]) != 0) || (!vals[i] != !db->vals[i]))
+            changed = true;
+    }
+    free_settings(db);
+    memcpy(db->keys, keys, sizeof keys);
+    memcpy(db->vals, vals, sizeof vals);
+    return changed;
+}
+
+static pool_db *find_db(pool_t *p, const char *name)
+{
+    for (pool_db *db = p->dbs; db; db = db->next)
+        if (strcmp(db->name, name) == 0)
+            return db;
+    return NULL;
+}
+
+static pool_db *db_create(pool_t *p, const char *name)
+{
+    pool_shared_db *sd = pool_shared_find(p->sh, name);
+    if (!sd)
+        return NULL;
+    pool_db *db = calloc(1, sizeof *db);
+    if (!db)
+        return NULL;
+    db->name = strdup(name);
+    db->wait_timer = evtimer_new(p->base, wait_timer_cb, db);
+    if (!db->name || !db->wait_timer) {
+        free(db->name);
+        if (db->wait_timer)
+            event_free(db->wait_timer);
+        free(db);
+        return NULL;
+    }
+    db->p = p;
+    db->sh = sd;
+    db->st = &sd->workers[p->worker];
+    const char *labels[1] = {name};
+    db->wait_hist = metrics_series(p->shard, p->fam.wait_seconds, labels);
+    db->max_gauge = metrics_series(p->shard, p->fam.max_connections, labels);
+    db->next = p->dbs;
+    p->dbs = db;
+    return db;
+}
+
+void pool_configure(pool_t *p, const config_t *cfg)
+{
+    p->cfg = cfg;
+    const config_postgres *pg = &cfg->postgres;
+    for (pool_db *db = p->dbs; db; db = db->next)
+        db->configured = false;
+    int workers = p->sh->worker_count;
+    for (size_t i = 0; i < pg->database_count; i++) {
+        const config_database *d = &pg->databases[i];
+        pool_db *db = find_db(p, d->name);
+        if (!db)
+            db = db_create(p, d->name);
+        if (!db) {
+            pool_logf(p->sh, CONFIG_LOG_ERROR, "postgres %s: out of memory configuring the pool", d->name);
+            continue;
+        }
+        db->configured = true;
+        if (set_settings(db, cfg, d))
+            db->version++;
+        int64_t size = d->pool_size > 0 ? d->pool_size : pg->default_pool_size;
+        int64_t max_db = d->max_db_connections > 0 ? d->max_db_connections : pg->max_db_connections;
+        db->pool_share = pool_share(size, workers, p->worker, 1);
+        db->min_share = pool_share(pg->min_pool_size, workers, p->worker, 0);
+        if (p->worker == 0 && db->min_share < 1)
+            db->min_share = 1; /* one connection tells /ready the database is reachable */
+        if (db->min_share > db->pool_share)
+            db->min_share = db->pool_share;
+        db->reserve_share = pool_share(pg->reserve_pool_size, workers, p->worker, 0);
+        db->max_db = (int)max_db;
+        db->session_mode = pg->pool_mode == CONFIG_POOL_SESSION;
+        db->wait_ms = pg->query_wait_timeout_ms;
+        db->reserve_ms = pg->reserve_pool_timeout_ms;
+        db->idle_ms = pg->server_idle_timeout_ms;
+        db->lifetime_ms = pg->server_lifetime_ms;
+        db->check_delay_ms = pg->server_check_delay_ms;
+        db->connect_ms = pg->server_connect_timeout_ms;
+        db->query_ms = pg->query_timeout_ms;
+        free(db->check_query);
+        db->check_query = pg->server_check_query ? strdup(pg->server_check_query) : NULL;
+        if (db->max_gauge)
+            metrics_gauge_set(db->max_gauge, (double)max_db);
+    }
+    for (pool_db *db = p->dbs; db; db = db->next)
+        maintain(db);
+}
+
+/* ---- life cycle ---------------------------------------------------------------------------- */
+
+pool_t *pool_create(struct event_base *base, pool_shared *sh, int worker_id, metrics_shard_t *shard,
+                    const pool_metric_families *fam)
+{
+    pool_t *p = calloc(1, sizeof *p);
+    if (!p)
+        return NULL;
+    p->base = base;
+    p->sh = sh;
+    p->worker = worker_id;
+    p->shard = shard;
+    p->fam = *fam;
+    p->tick = event_new(base, -1, EV_PERSIST, tick_cb, p);
+    p->finish_ev = event_new(base, -1, 0, finish_cb, p);
+    if (!p->tick || !p->finish_ev) {
+        pool_free(p);
+        return NULL;
+    }
+    struct timeval tv = {0, POOL_TICK_MS * 1000};
+    event_add(p->tick, &tv);
+    return p;
+}
+
+void pool_free(pool_t *p)
+{
+    if (!p)
+        return;
+    for (pool_db *db = p->dbs; db; db = db->next)
+        fail_waiters(db, 503, "shutting down");
+    while (p->dbs) {
+        pool_db *db = p->dbs;
+        p->dbs = db->next;
+        while (db->conns)
+            conn_close(db->conns, 503, "shutting down");
+        publish(db);
+        event_free(db->wait_timer);
+        free_settings(db);
+        free(db->name);
+        free(db);
+    }
+    if (p->finish_ev)
+        finish_cb(-1, 0, p);
+    if (p->tick)
+        event_free(p->tick);
+    if (p->finish_ev)
+        event_free(p->finish_ev);
+    free(p);
+}
+
+/* ---- calls ---------------------------------------------------------------------------------- */
+
+pool_call *pool_exec(pool_t *p, const pool_request *req, pool_done_fn done, void *arg)
+{
+    pool_call *call = calloc(1, sizeof *call);
+    if (!call)
+        return NULL;
+    call->p = p;
+    call->query = req->query;
+    call->qhash = hash_text(req->query);
+    snprintf(call->stmt, sizeof call->stmt, "gw_%016llx", (unsigned long long)call->qhash);
+    call->session = req->session;
+    call->deadline_ns = req->deadline_ns;
+    call->done = done;
+    call->arg = arg;
+    call->queued_ns = pool_now_ns();
+    if (req->nparams > 0) {
+        call->values = calloc((size_t)req->nparams, sizeof *call->values);
+        if (!call->values) {
+            free(call);
+            return NULL;
+        }
+        call->nparams = req->nparams;
+        for (int i = 0; i < req->nparams; i++) {
+            if (!req->values[i])
+                continue;
+            call->values[i] = strdup(req->values[i]);
+            if (!call->values[i]) {
+                call_free(call);
+                return NULL;
+            }
+        }
+    }
+    pool_db *db = find_db(p, req->database);
+    call->db = db;
+    if (!db || !db->configured) {
+        call_finish_later(call, 500, "unknown database");
+        return call;
+    }
+    uint64_t bytes = 0;
+    for (int i = 0; i < call->nparams; i++)
+        bytes += call->values[i] ? strlen(call->values[i]) : 0;
+    bump(&db->st->received, bytes);
+
+    /* session mode: the owner's bound connection first. */
+    if (db->session_mode && call->session) {
+        for (pool_conn *c = db->conns; c; c = c->next) {
+            if (c->state == CONN_BOUND && c->session == call->session) {
+                db->n_bound--;
+                conn_assign(c, call);
+                publish(db);
+                return call;
+            }
+        }
+    }
+    long admitted = atomic_fetch_add_explicit(&p->sh->clients, 1, memory_order_relaxed);
+    call->admitted = true;
+    if (admitted >= atomic_load_explicit(&p->sh->max_client_conn, memory_order_relaxed)) {
+        count_error(db, "full");
+        call_finish_later(call, 503, "too many SQL requests (max_client_conn)");
+        return call;
+    }
+    if (db->down && !db->idle && db->n_login == 0 && pool_now_ns() < db->next_connect_ns) {
+        count_error(db, "unavailable");
+        call_finish_later(call, 503, "database unavailable");
+        return call;
+    }
+    queue_push(db, call, false);
+    dispatch(db);
+    return call;
+}
+
+void pool_cancel(pool_call *call)
+{
+    if (!call)
+        return;
+    call->cancelled = true;
+    if (call->waiting) {
+        pool_db *db = call->db;
+        queue_remove(db, call);
+        arm_wait_timer(db);
+        publish(db);
+        unadmit(call);
+        call_free(call);
+    }
+    /* Running: finished (and freed) when its statement ends. On the finished
+     * list: freed there. */
+}
+
+void pool_session_end(pool_t *p, const void *session)
+{
+    for (pool_db *db = p->dbs; db; db = db->next) {
+        if (!db->session_mode && !db->n_bound)
+            continue;
+        for (pool_conn *c = db->conns; c; c = c->next) {
+            if (c->state == CONN_BOUND && c->session == session) {
+                conn_release(c);
+                break;
+            }
+        }
+    }
+}
+
+int pool_sqlstate_status(const char *s)
+{
+    if (!s || strlen(s) != 5)
+        return 500;
+    if (strncmp(s, "22", 2) == 0)
+        return 400;
+    if (strcmp(s, "23503") == 0 || strcmp(s, "23505") == 0)
+        return 409;
+    if (strncmp(s, "23", 2) == 0)
+        return 400;
+    if (strcmp(s, "57014") == 0)
+        return 504;
+    if (strncmp(s, "08", 2) == 0 || strncmp(s, "53", 2) == 0 || strncmp(s, "40", 2) == 0 ||
+        strcmp(s, "57P01") == 0 || strcmp(s, "57P02") == 0 || strcmp(s, "57P03") == 0)
+        return 503;
+    return 500;
+}
