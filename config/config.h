@@ -116,6 +116,7 @@ typedef struct config_postgres {
     int64_t server_lifetime_ms;
     char *server_check_query;
     int64_t server_check_delay_ms;
+    int64_t pipeline_depth; /* statements in flight per server connection when all are busy */
 } config_postgres;
 
 typedef struct config_cache {

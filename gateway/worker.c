@@ -672,8 +672,8 @@ static void sql_done(void *arg, const pool_result *result)
     if (result->status >= 500) {
         const char *state = result->res ? PQresultErrorField(result->res, PG_DIAG_SQLSTATE) : NULL;
         const char *msg = result->res ? PQresultErrorField(result->res, PG_DIAG_MESSAGE_PRIMARY) : NULL;
-        gw_log(CONFIG_LOG_WARN, r->request_id, "route %s: %s%s%s%s%s",
-               r->gen->rt->cfg->routes[r->route_index].name,
+        gw_log(result->status == 503 ? CONFIG_LOG_DEBUG : CONFIG_LOG_WARN, r->request_id,
+               "route %s: %s%s%s%s%s", r->gen->rt->cfg->routes[r->route_index].name,
                result->error ? result->error : "statement failed", state ? ": SQLSTATE " : "",
                state ? state : "", msg ? ": " : "", msg ? msg : "");
     }

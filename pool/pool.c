@@ -5,20 +5,28 @@
  *
  * A connection's life: LOGIN (PQconnectStartParams, then PQconnectPoll each
  * time the socket is ready the way libpq asked, re-reading PQsocket() after
- * every poll) -> IDLE (on the idle stack, newest on top) -> ACTIVE (running a
- * call: an optional server_check_query when it idled past
- * server_check_delay, PQsendPrepare the first time this connection sees the
- * statement, then PQsendQueryPrepared) -> IDLE again, or closed. Results are
- * read with PQconsumeInput / PQisBusy / PQgetResult until PQgetResult says
- * the command is complete. A persistent read event watches every connection
- * from login to close, so a server that goes away is noticed on idle
- * connections too.
+ * every poll) -> IDLE (on the idle stack, newest on top) -> ACTIVE (calls in
+ * flight) -> IDLE again, or closed. A persistent read event watches every
+ * connection from login to close, so a server that goes away is noticed on
+ * idle connections too.
  *
- * Deadlines: one timer per connection (server_connect_timeout while logging
- * in; then query_timeout + POOL_QUERY_GRACE_MS, or the call's own deadline,
- * while running), one timer per database for the oldest waiting call
- * (query_wait_timeout, and reserve_pool_timeout when a reserve is
- * configured), and a maintenance tick every POOL_TICK_MS.
+ * Connections run in libpq's pipeline mode. A call is sent as one segment:
+ * server_check_query when the connection idled past server_check_delay, a
+ * Parse (PQsendPrepare) the first time this connection sees the statement,
+ * the Bind/Execute (PQsendQueryPrepared), then a Sync, so every call is its
+ * own implicit transaction and an error aborts only its own segment. Results
+ * are read with PQconsumeInput / PQisBusy / PQgetResult: each command's
+ * results end with NULL, each segment with PGRES_PIPELINE_SYNC. When every
+ * connection is busy and no more may be opened, a waiting call is sent on the
+ * connection with the fewest calls in flight, up to pipeline_depth: the
+ * server then finds the next statement already in its socket when it
+ * finishes one, instead of sleeping until the gateway's next round trip.
+ *
+ * Deadlines: one timer per connection for the oldest call in flight
+ * (query_timeout + POOL_QUERY_GRACE_MS, or the call's own deadline) or for
+ * the login (server_connect_timeout); one timer per database for the oldest
+ * waiting call (query_wait_timeout, and reserve_pool_timeout when a reserve
+ * is configured); and a maintenance tick every POOL_TICK_MS.
  *
  * A failed connect marks the database down: calls waiting with no connection
  * left to serve them get 503 at once, and new calls get 503 at once until the
@@ -37,12 +45,12 @@ typedef struct pool_db pool_db;
 typedef struct pool_conn pool_conn;
 
 typedef enum { CONN_LOGIN, CONN_IDLE, CONN_ACTIVE, CONN_BOUND } conn_state;
-typedef enum { STEP_NONE, STEP_CHECK, STEP_PREPARE, STEP_EXECUTE } conn_step;
+typedef enum { STEP_CHECK, STEP_PREPARE, STEP_EXECUTE } conn_step;
 
 #define CONN_PARAMS_MAX 16
 
 struct pool_call {
-    pool_call *prev, *next; /* the database's wait queue, or the pool's finished list */
+    pool_call *prev, *next; /* the wait queue, a connection's calls in flight, or the finished list */
     pool_t *p;
     pool_db *db;
     const char *query;
@@ -51,11 +59,16 @@ struct pool_call {
     int nparams;
     char **values;
     const void *session;
-    uint64_t deadline_ns;
+    uint64_t deadline_ns; /* the caller's */
     pool_done_fn done;
     void *arg;
-    uint64_t queued_ns;
+    uint64_t queued_ns, sent_ns, due_ns;
     pool_conn *conn;
+    unsigned char steps[3]; /* conn_step, in the order sent */
+    int nsteps, cur;
+    PGresult *res;     /* the execute's result, or the first error of the segment */
+    bool check_failed; /* server_check_query failed: nothing of the call ran */
+    bool prepare_failed;
     bool waiting;
     bool cancelled;
     bool admitted; /* counted in pool_shared.clients */
@@ -72,16 +85,17 @@ struct pool_conn {
     int fd;
     struct event *io;    /* login: one-shot, as libpq asks; afterwards persistent read */
     struct event *wr;    /* one-shot write while libpq has output queued */
-    struct event *timer; /* connect or statement deadline */
+    struct event *timer; /* login deadline, then the oldest call's */
     conn_state state;
-    conn_step step;
     unsigned version; /* the database's settings version it was opened with */
-    uint64_t opened_ns, idle_ns, sent_ns;
-    uint64_t *prepared;
+    uint64_t opened_ns, idle_ns;
+    uint64_t *prepared; /* statements prepared (or being prepared) here */
     size_t prepared_count, prepared_cap;
-    pool_call *call;
+    pool_call *q_head, *q_tail; /* calls in flight, oldest first */
+    int depth;
+    int testing;         /* server_check_query results still to come */
+    bool closing;        /* takes no more calls; closed when the last ends */
     const void *session; /* CONN_BOUND: its owner */
-    PGresult *result;    /* of the current step, kept until the step ends */
     bool checked_idle;   /* counted in sv_used */
 };
 
@@ -96,7 +110,7 @@ struct pool_db {
     /* connection settings, as libpq keywords and values */
     const char *keys[CONN_PARAMS_MAX + 1];
     char *vals[CONN_PARAMS_MAX + 1];
-    int pool_share, min_share, reserve_share, max_db;
+    int pool_share, min_share, reserve_share, max_db, pipeline_depth;
     bool session_mode;
     int64_t wait_ms, reserve_ms, idle_ms, lifetime_ms, check_delay_ms, connect_ms, query_ms;
     char *check_query;
@@ -104,6 +118,7 @@ struct pool_db {
     pool_conn *conns;
     pool_conn *idle;
     int n_open, n_login, n_idle, n_active, n_bound, n_tested, n_used;
+    int n_calls; /* calls in flight on this database's connections */
     pool_call *wait_head, *wait_tail;
     int n_waiting;
     struct event *wait_timer;
@@ -123,7 +138,6 @@ struct pool {
     metrics_shard_t *shard;
     pool_metric_families fam;
     pool_db *dbs;
-    const config_t *cfg;
     struct event *tick;
     struct event *finish_ev;
     pool_call *finished, *finished_tail;
@@ -131,8 +145,7 @@ struct pool {
 
 static void dispatch(pool_db *db);
 static void conn_close(pool_conn *c, int status, const char *why);
-static void conn_release(pool_conn *c);
-static void start_step(pool_conn *c);
+static void conn_settle(pool_conn *c);
 
 /* ---- small things ---------------------------------------------------------------- */
 
@@ -156,6 +169,11 @@ static void bump(atomic_ullong *a, uint64_t by)
     atomic_store_explicit(a, atomic_load_explicit(a, memory_order_relaxed) + by, memory_order_relaxed);
 }
 
+static uint64_t ms_ns(int64_t ms)
+{
+    return ms > 0 ? (uint64_t)ms * 1000000ULL : 0;
+}
+
 static void count_error(pool_db *db, const char *kind)
 {
     const char *labels[2] = {db->name, kind};
@@ -168,9 +186,9 @@ static void count_error(pool_db *db, const char *kind)
 static void publish(pool_db *db)
 {
     pool_worker_stats *st = db->st;
-    store(&st->cl_active, db->n_active + db->n_bound);
+    store(&st->cl_active, db->n_calls + db->n_bound);
     store(&st->cl_waiting, db->n_waiting);
-    store(&st->sv_active, db->n_active - db->n_tested + db->n_bound);
+    store(&st->sv_active, db->n_active + db->n_bound);
     store(&st->sv_idle, db->n_idle - db->n_used);
     store(&st->sv_used, db->n_used);
     store(&st->sv_tested, db->n_tested);
@@ -188,13 +206,22 @@ static void set_state(pool_db *db, pool_db_state s)
         pool_logf(db->p->sh, CONFIG_LOG_INFO, "postgres %s: reachable again", db->name);
 }
 
-static void timer_in(struct event *ev, int64_t ms)
+static void timer_at(struct event *ev, uint64_t at_ns)
 {
-    if (ms < 0)
-        ms = 0;
+    uint64_t now = pool_now_ns();
+    int64_t ms = at_ns > now ? (int64_t)((at_ns - now + 999999) / 1000000) : 0;
     struct timeval tv = {(time_t)(ms / 1000), (suseconds_t)(ms % 1000) * 1000};
     evtimer_add(ev, &tv);
 }
+
+/* libpq's messages run over several lines: the first is the one to log. */
+static int first_line(const char *msg)
+{
+    return (int)strcspn(msg, "\n");
+}
+
+/* Notices (a FATAL before the server closes, say) would go to stderr. */
+static void ignore_notice(void *arg, const char *message) {}
 
 /* ---- finishing calls ------------------------------------------------------------- */
 
@@ -203,6 +230,8 @@ static void call_free(pool_call *call)
     for (int i = 0; i < call->nparams; i++)
         free(call->values[i]);
     free(call->values);
+    if (call->res)
+        PQclear(call->res);
     free(call);
 }
 
@@ -214,7 +243,7 @@ static void unadmit(pool_call *call)
     }
 }
 
-/* Answer a call now (never from inside pool_exec). */
+/* Answer a call now (never from inside pool_exec) and free it. */
 static void call_finish(pool_call *call, int status, const PGresult *res, const char *error)
 {
     unadmit(call);
@@ -274,6 +303,7 @@ static void queue_remove(pool_db *db, pool_call *call)
 static void queue_push(pool_db *db, pool_call *call, bool front)
 {
     call->waiting = true;
+    call->conn = NULL;
     db->n_waiting++;
     if (front) {
         call->prev = NULL;
@@ -303,12 +333,12 @@ static void arm_wait_timer(pool_db *db)
         return;
     }
     uint64_t now = pool_now_ns();
-    uint64_t at = db->wait_head->queued_ns + (uint64_t)db->wait_ms * 1000000ULL;
-    uint64_t reserve_at = db->wait_head->queued_ns + (uint64_t)db->reserve_ms * 1000000ULL;
+    uint64_t at = db->wait_head->queued_ns + ms_ns(db->wait_ms);
+    uint64_t reserve_at = db->wait_head->queued_ns + ms_ns(db->reserve_ms);
     if (db->reserve_share > 0 && db->n_open < db->pool_share + db->reserve_share && reserve_at > now &&
         reserve_at < at)
         at = reserve_at;
-    timer_in(db->wait_timer, at > now ? (int64_t)((at - now + 999999) / 1000000) : 0);
+    timer_at(db->wait_timer, at);
 }
 
 /* Every waiting call gets status now (the database is unreachable). */
@@ -326,7 +356,7 @@ static void wait_timer_cb(evutil_socket_t fd, short what, void *arg)
 {
     pool_db *db = arg;
     uint64_t now = pool_now_ns();
-    uint64_t limit = (uint64_t)db->wait_ms * 1000000ULL;
+    uint64_t limit = ms_ns(db->wait_ms);
     while (db->wait_head && now - db->wait_head->queued_ns >= limit) {
         pool_call *call = db->wait_head;
         queue_remove(db, call);
@@ -334,8 +364,6 @@ static void wait_timer_cb(evutil_socket_t fd, short what, void *arg)
         call_finish_later(call, 503, "no server connection within query_wait_timeout");
     }
     dispatch(db); /* a reserve connection may be due */
-    arm_wait_timer(db);
-    publish(db);
 }
 
 /* ---- connections ---------------------------------------------------------------------- */
@@ -348,17 +376,37 @@ static bool conn_prepared(const pool_conn *c, uint64_t h)
     return false;
 }
 
-static void conn_remember(pool_conn *c, uint64_t h)
+static bool conn_remember(pool_conn *c, uint64_t h)
 {
     if (c->prepared_count == c->prepared_cap) {
         size_t cap = c->prepared_cap ? c->prepared_cap * 2 : 8;
         uint64_t *np = realloc(c->prepared, cap * sizeof *np);
         if (!np)
-            return; /* prepared again next time: harmless but for a 42P05, handled below */
+            return false;
         c->prepared = np;
         c->prepared_cap = cap;
     }
     c->prepared[c->prepared_count++] = h;
+    return true;
+}
+
+static void conn_forget(pool_conn *c, uint64_t h)
+{
+    for (size_t i = 0; i < c->prepared_count; i++) {
+        if (c->prepared[i] == h) {
+            c->prepared[i] = c->prepared[--c->prepared_count];
+            return;
+        }
+    }
+}
+
+static void idle_push(pool_db *db, pool_conn *c)
+{
+    c->state = CONN_IDLE;
+    c->idle_ns = pool_now_ns();
+    c->idle_next = db->idle;
+    db->idle = c;
+    db->n_idle++;
 }
 
 static void idle_remove(pool_db *db, pool_conn *c)
@@ -390,8 +438,6 @@ static void leave_state(pool_conn *c)
         break;
     case CONN_ACTIVE:
         db->n_active--;
-        if (c->step == STEP_CHECK)
-            db->n_tested--;
         break;
     case CONN_BOUND:
         db->n_bound--;
@@ -399,7 +445,32 @@ static void leave_state(pool_conn *c)
     }
 }
 
-/* Free a connection: its call (if any) gets status. */
+/* Arm the statement deadline for the oldest call in flight. */
+static void arm_call_timer(pool_conn *c)
+{
+    if (c->q_head)
+        timer_at(c->timer, c->q_head->due_ns);
+    else
+        evtimer_del(c->timer);
+}
+
+static pool_call *conn_pop(pool_conn *c)
+{
+    pool_call *call = c->q_head;
+    if (!call)
+        return NULL;
+    c->q_head = call->next;
+    if (!c->q_head)
+        c->q_tail = NULL;
+    call->next = NULL;
+    call->conn = NULL;
+    c->depth--;
+    c->db->n_calls--;
+    return call;
+}
+
+/* Free a connection. Its calls in flight get status: the oldest `status`,
+ * the others 503 (sent, so perhaps run: not to be run again). */
 static void conn_close(pool_conn *c, int status, const char *why)
 {
     pool_db *db = c->db;
@@ -411,18 +482,14 @@ static void conn_close(pool_conn *c, int status, const char *why)
     if (c->next)
         c->next->prev = c->prev;
     db->n_open--;
+    db->n_tested -= c->testing;
     atomic_fetch_sub_explicit(&db->sh->server_conns, 1, memory_order_relaxed);
-    if (c->call) {
-        pool_call *call = c->call;
-        call->conn = NULL;
-        if (status == 0) { /* re-run on another connection (nothing was executed) */
-            queue_push(db, call, true);
-        } else {
-            call_finish_later(call, status, why);
-        }
+    bool first = true;
+    pool_call *call;
+    while ((call = conn_pop(c))) {
+        call_finish_later(call, first ? status : 503, first ? why : "database connection lost");
+        first = false;
     }
-    if (c->result)
-        PQclear(c->result);
     event_free(c->io);
     event_free(c->wr);
     event_free(c->timer);
@@ -432,28 +499,30 @@ static void conn_close(pool_conn *c, int status, const char *why)
     publish(db);
 }
 
-/* The connection failed while a statement ran, or went away while idle. */
+/* The connection failed while statements ran, or went away while idle. */
 static void conn_broken(pool_conn *c, const char *what)
 {
     pool_db *db = c->db;
-    pool_logf(db->p->sh, CONFIG_LOG_WARN, "postgres %s: connection lost (%s): %s", db->name, what,
-              c->pg ? PQerrorMessage(c->pg) : "");
+    const char *msg = c->pg ? PQerrorMessage(c->pg) : "";
+    pool_logf(db->p->sh, CONFIG_LOG_WARN, "postgres %s: connection lost (%s): %.*s", db->name, what,
+              first_line(msg), msg);
     count_error(db, "broken");
-    bool had_call = c->call != NULL;
     conn_close(c, 503, "database connection lost");
-    if (had_call || db->n_waiting)
-        dispatch(db);
+    dispatch(db);
 }
 
-static void conn_flush(pool_conn *c)
+/* Push queued output; wait for the socket when it is full. -1 when the
+ * connection broke (and is freed). */
+static int conn_flush(pool_conn *c)
 {
     int rc = PQflush(c->pg);
     if (rc < 0) {
         conn_broken(c, "send");
-        return;
+        return -1;
     }
     if (rc > 0)
         event_add(c->wr, NULL);
+    return 0;
 }
 
 static void wr_cb(evutil_socket_t fd, short what, void *arg)
@@ -461,51 +530,103 @@ static void wr_cb(evutil_socket_t fd, short what, void *arg)
     conn_flush(arg);
 }
 
-/* The step's command is complete: c->result holds its (first) result. */
-static void step_done(pool_conn *c)
+/* Queue a call's segment on a connection (not yet flushed). False when libpq
+ * refused it: the connection is broken. */
+static bool conn_send(pool_conn *c, pool_call *call)
 {
     pool_db *db = c->db;
-    pool_call *call = c->call;
-    PGresult *res = c->result;
-    c->result = NULL;
+    uint64_t now = pool_now_ns();
+    call->nsteps = call->cur = 0;
+    if (c->depth == 0 && db->check_query && *db->check_query && c->idle_ns &&
+        now - c->idle_ns >= ms_ns(db->check_delay_ms)) {
+        if (!PQsendQueryParams(c->pg, db->check_query, 0, NULL, NULL, NULL, NULL, 0))
+            return false;
+        call->steps[call->nsteps++] = STEP_CHECK;
+        c->testing++;
+        db->n_tested++;
+    }
+    if (!conn_prepared(c, call->qhash)) {
+        if (!PQsendPrepare(c->pg, call->stmt, call->query, call->nparams, NULL))
+            return false;
+        conn_remember(c, call->qhash); /* later calls in this pipeline rely on it */
+        call->steps[call->nsteps++] = STEP_PREPARE;
+    }
+    if (!PQsendQueryPrepared(c->pg, call->stmt, call->nparams, (const char *const *)call->values, NULL, NULL,
+                             0) ||
+        !PQpipelineSync(c->pg))
+        return false;
+    call->steps[call->nsteps++] = STEP_EXECUTE;
+    c->idle_ns = 0;
+    call->sent_ns = now;
+    call->due_ns = db->query_ms > 0 ? now + ms_ns(db->query_ms + POOL_QUERY_GRACE_MS) : 0;
+    if (call->deadline_ns && (!call->due_ns || call->deadline_ns < call->due_ns))
+        call->due_ns = call->deadline_ns;
+    if (!call->due_ns)
+        call->due_ns = now + ms_ns(3600 * 1000); /* every wait has a deadline */
+    call->conn = c;
+    call->next = NULL;
+    if (c->q_tail)
+        c->q_tail->next = call;
+    else
+        c->q_head = call;
+    c->q_tail = call;
+    c->depth++;
+    db->n_calls++;
+    if (c->depth == 1)
+        arm_call_timer(c);
+    return true;
+}
+
+/* Give a call to an open connection (idle, bound or active with room). */
+static void conn_assign(pool_conn *c, pool_call *call)
+{
+    pool_db *db = c->db;
+    uint64_t waited = pool_now_ns() - call->queued_ns;
+    bump(&db->st->wait_time_us, waited / 1000);
+    if (db->wait_hist)
+        metrics_histogram_observe(db->wait_hist, (double)waited / 1e9);
+    if (c->state != CONN_ACTIVE) {
+        leave_state(c);
+        c->state = CONN_ACTIVE;
+        db->n_active++;
+    }
+    if (!conn_send(c, call)) {
+        /* Not sent: the call can wait for another connection. */
+        queue_push(db, call, true);
+        conn_broken(c, "send");
+        return;
+    }
+    conn_flush(c);
+}
+
+/* The call's segment ended (PGRES_PIPELINE_SYNC): answer it, or send it
+ * round again when nothing of it ran. */
+static void call_done(pool_conn *c, pool_call *call)
+{
+    pool_db *db = c->db;
+    PGresult *res = call->res;
+    call->res = NULL;
     ExecStatusType st = res ? PQresultStatus(res) : PGRES_FATAL_ERROR;
     bool ok = st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK;
-    uint64_t now = pool_now_ns();
-
-    if (c->step == STEP_CHECK) {
-        db->n_tested--;
-        PQclear(res);
-        if (!ok) {
-            conn_close(c, 0, NULL); /* the call waits for another connection */
-            dispatch(db);
-            return;
-        }
-        c->step = STEP_NONE;
-        start_step(c);
-        return;
-    }
-    if (c->step == STEP_PREPARE && ok) {
-        PQclear(res);
-        conn_remember(c, call->qhash);
-        start_step(c);
-        return;
-    }
     const char *state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
-    if (!ok && c->step == STEP_EXECUTE && state && strcmp(state, "0A000") == 0 && !call->retried) {
-        /* "cached plan must not change result type": the schema changed under a
-         * prepared statement. Nothing ran; start over on a fresh connection. */
-        PQclear(res);
-        call->retried = true;
-        c->call = NULL;
-        call->conn = NULL;
+    if (call->prepare_failed)
+        conn_forget(c, call->qhash);
+    if (call->check_failed ||
+        (!ok && state && strcmp(state, "0A000") == 0 && !call->retried && !call->cancelled)) {
+        /* The check failed (the segment was aborted before the statement), or
+         * "cached plan must not change result type": the schema changed under
+         * a prepared statement. Nothing ran: once more, on another connection;
+         * this one takes no more calls. */
+        if (res)
+            PQclear(res);
+        call->retried = call->retried || !call->check_failed;
+        call->check_failed = false;
+        c->closing = true;
         queue_push(db, call, true);
-        conn_close(c, 503, NULL);
-        dispatch(db);
         return;
     }
-    evtimer_del(c->timer);
     pool_worker_stats *stats = db->st;
-    uint64_t us = (now - c->sent_ns) / 1000;
+    uint64_t us = (pool_now_ns() - call->sent_ns) / 1000;
     bump(&stats->query_count, 1);
     bump(&stats->xact_count, 1);
     bump(&stats->query_time_us, us);
@@ -518,66 +639,125 @@ static void step_done(pool_conn *c)
                 bytes += (uint64_t)PQgetlength(res, r, k);
         bump(&stats->sent, bytes);
     }
-    c->call = NULL;
-    call->conn = NULL;
-    int status = ok ? 200 : pool_sqlstate_status(state);
-    if (!ok && status == 504)
+    int status = ok ? 200 : res ? pool_sqlstate_status(state) : 503;
+    if (status == 504)
         count_error(db, "query_timeout");
-    if (db->session_mode && call->session && !call->cancelled) {
+    if (db->session_mode && call->session && !call->cancelled && c->depth == 0 && !c->closing) {
         /* session mode: the connection stays with its client until
          * pool_session_end(). */
         leave_state(c);
         c->state = CONN_BOUND;
         c->session = call->session;
         db->n_bound++;
-        publish(db);
-    } else {
-        conn_release(c);
     }
-    call_finish(call, status, res, ok ? NULL : "statement failed");
-    PQclear(res);
+    call_finish(call, status, res, ok ? NULL : res ? "statement failed" : "statement not run");
+    if (res)
+        PQclear(res);
 }
 
-/* Read what the server sent; finish the step when its command is complete. */
+/* A result for the oldest call in flight. */
+static void take_result(pool_conn *c, pool_call *call, PGresult *r)
+{
+    ExecStatusType st = PQresultStatus(r);
+    bool ok = st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK;
+    conn_step step = call->cur < call->nsteps ? (conn_step)call->steps[call->cur] : STEP_EXECUTE;
+    if (step == STEP_CHECK && !ok)
+        call->check_failed = true;
+    if (step == STEP_PREPARE && !ok)
+        call->prepare_failed = true;
+    /* Keep the first error of the segment, else the statement's result. */
+    bool keep =
+        !call->res && st != PGRES_PIPELINE_ABORTED && step != STEP_CHECK && (step == STEP_EXECUTE || !ok);
+    if (keep)
+        call->res = r;
+    else
+        PQclear(r);
+}
+
+/* Read what the server sent and finish the calls whose segments ended. */
 static void conn_read(pool_conn *c)
 {
+    pool_db *db = c->db;
     if (!PQconsumeInput(c->pg)) {
         conn_broken(c, "read");
         return;
     }
-    if (c->state != CONN_ACTIVE) {
-        /* Nothing is expected on an idle connection: a notice is fine, an error
-         * (the server shutting down) or EOF means it is gone. */
+    if (c->depth == 0) {
+        /* Nothing is expected: a notice is fine, an error (the server shutting
+         * down) or EOF means the connection is gone. */
         PGnotify *n;
         while ((n = PQnotifies(c->pg)))
             PQfreemem(n);
-        PGresult *stray = PQstatus(c->pg) == CONNECTION_BAD || PQisBusy(c->pg) ? NULL : PQgetResult(c->pg);
-        if (PQstatus(c->pg) == CONNECTION_BAD || stray) {
-            PQclear(stray);
-            pool_db *db = c->db;
+        if (PQstatus(c->pg) == CONNECTION_BAD) {
             conn_close(c, 503, "database connection lost");
             dispatch(db);
         }
         return;
     }
-    while (!PQisBusy(c->pg)) {
+    bool done_any = false;
+    while (c->depth > 0 && !PQisBusy(c->pg)) {
         PGresult *r = PQgetResult(c->pg);
-        if (!r) {
-            step_done(c);
-            return;
+        pool_call *call = c->q_head;
+        if (!r) { /* the end of one command's results */
+            if (call->cur < call->nsteps && call->steps[call->cur] == STEP_CHECK) {
+                c->testing--;
+                db->n_tested--;
+            }
+            if (++call->cur > call->nsteps) { /* libpq and we disagree: give up on it */
+                conn_broken(c, "protocol");
+                return;
+            }
+            continue;
         }
-        if (!c->result)
-            c->result = r;
-        else
+        if (PQresultStatus(r) == PGRES_PIPELINE_SYNC) {
             PQclear(r);
+            conn_pop(c);
+            arm_call_timer(c);
+            call_done(c, call);
+            done_any = true;
+            continue;
+        }
+        take_result(c, call, r);
     }
-    if (PQstatus(c->pg) == CONNECTION_BAD)
+    if (PQstatus(c->pg) == CONNECTION_BAD) {
         conn_broken(c, "read");
+        return;
+    }
+    if (done_any)
+        conn_settle(c);
 }
 
 static void io_cb(evutil_socket_t fd, short what, void *arg)
 {
     conn_read(arg);
+}
+
+/* After calls ended: a connection with none left goes idle (or closes, or
+ * takes the next waiting call); one with room takes waiting calls too. */
+static void conn_settle(pool_conn *c)
+{
+    pool_db *db = c->db;
+    if (c->state == CONN_BOUND) {
+        publish(db);
+        return;
+    }
+    uint64_t now = pool_now_ns();
+    bool stale = c->closing || c->version != db->version || !db->configured ||
+                 (db->lifetime_ms > 0 && now - c->opened_ns >= ms_ns(db->lifetime_ms)) ||
+                 db->n_open > db->pool_share + db->reserve_share;
+    if (stale) {
+        c->closing = true;
+        if (c->depth == 0) {
+            conn_close(c, 503, NULL);
+            dispatch(db);
+            return;
+        }
+    }
+    if (c->depth == 0 && c->state == CONN_ACTIVE) {
+        leave_state(c);
+        idle_push(db, c);
+    }
+    dispatch(db);
 }
 
 static void conn_timeout(pool_conn *c)
@@ -592,10 +772,11 @@ static void conn_timeout(pool_conn *c)
         db->backoff_ms = db->backoff_ms ? db->backoff_ms * 2 : POOL_BACKOFF_MIN_MS;
         if (db->backoff_ms > POOL_BACKOFF_MAX_MS)
             db->backoff_ms = POOL_BACKOFF_MAX_MS;
-        db->next_connect_ns = pool_now_ns() + (uint64_t)db->backoff_ms * 1000000ULL;
+        db->next_connect_ns = pool_now_ns() + ms_ns(db->backoff_ms);
         conn_close(c, 503, "database unavailable");
         if (db->n_open == 0)
             fail_waiters(db, 503, "database unavailable");
+        publish(db);
         return;
     }
     /* A statement past its deadline: the server may still be running it, so
@@ -608,104 +789,6 @@ static void conn_timeout(pool_conn *c)
 static void timer_cb(evutil_socket_t fd, short what, void *arg)
 {
     conn_timeout(arg);
-}
-
-/* Send the next command of the connection's call. */
-static void start_step(pool_conn *c)
-{
-    pool_db *db = c->db;
-    pool_call *call = c->call;
-    int ok;
-    if (call->cancelled) {
-        /* Its caller is gone, and with it the query text: nothing more to run. */
-        c->call = NULL;
-        call->conn = NULL;
-        evtimer_del(c->timer);
-        conn_release(c);
-        call_finish(call, 503, NULL, NULL);
-        return;
-    }
-    if (c->step == STEP_NONE && db->check_query && *db->check_query && db->check_delay_ms >= 0 &&
-        c->idle_ns && pool_now_ns() - c->idle_ns >= (uint64_t)db->check_delay_ms * 1000000ULL) {
-        c->step = STEP_CHECK;
-        db->n_tested++;
-        c->idle_ns = 0;
-        ok = PQsendQuery(c->pg, db->check_query);
-    } else if (!conn_prepared(c, call->qhash)) {
-        c->step = STEP_PREPARE;
-        ok = PQsendPrepare(c->pg, call->stmt, call->query, call->nparams, NULL);
-    } else {
-        c->step = STEP_EXECUTE;
-        ok = PQsendQueryPrepared(c->pg, call->stmt, call->nparams, (const char *const *)call->values, NULL,
-                                 NULL, 0);
-    }
-    c->idle_ns = 0;
-    if (!ok) {
-        conn_broken(c, "send");
-        return;
-    }
-    conn_flush(c);
-}
-
-/* Give an open connection to a call. */
-static void conn_assign(pool_conn *c, pool_call *call)
-{
-    pool_db *db = c->db;
-    uint64_t now = pool_now_ns();
-    uint64_t waited = now - call->queued_ns;
-    bump(&db->st->wait_time_us, waited / 1000);
-    if (db->wait_hist)
-        metrics_histogram_observe(db->wait_hist, (double)waited / 1e9);
-    c->state = CONN_ACTIVE;
-    c->step = STEP_NONE;
-    db->n_active++;
-    c->call = call;
-    call->conn = c;
-    c->sent_ns = now;
-    /* Our own deadline: statement_timeout plus a grace, or the call's. */
-    uint64_t deadline =
-        db->query_ms > 0 ? now + (uint64_t)(db->query_ms + POOL_QUERY_GRACE_MS) * 1000000ULL : 0;
-    if (call->deadline_ns && (!deadline || call->deadline_ns < deadline))
-        deadline = call->deadline_ns;
-    if (deadline)
-        timer_in(c->timer, deadline > now ? (int64_t)((deadline - now + 999999) / 1000000) : 0);
-    start_step(c);
-}
-
-/* A connection finished its call (or its session ended). */
-static void conn_release(pool_conn *c)
-{
-    pool_db *db = c->db;
-    uint64_t now = pool_now_ns();
-    leave_state(c);
-    c->step = STEP_NONE;
-    c->session = NULL;
-    bool stale = c->version != db->version || !db->configured ||
-                 (db->lifetime_ms > 0 && now - c->opened_ns >= (uint64_t)db->lifetime_ms * 1000000ULL) ||
-                 db->n_open > db->pool_share + db->reserve_share;
-    if (stale) {
-        c->state = CONN_IDLE; /* counted as idle for conn_close's bookkeeping */
-        c->idle_next = db->idle;
-        db->idle = c;
-        db->n_idle++;
-        conn_close(c, 503, NULL);
-        dispatch(db);
-        return;
-    }
-    if (db->wait_head) {
-        pool_call *call = db->wait_head;
-        queue_remove(db, call);
-        arm_wait_timer(db);
-        conn_assign(c, call);
-        publish(db);
-        return;
-    }
-    c->state = CONN_IDLE;
-    c->idle_ns = now;
-    c->idle_next = db->idle;
-    db->idle = c;
-    db->n_idle++;
-    publish(db);
 }
 
 static void login_step(pool_conn *c, PostgresPollingStatusType st);
@@ -721,15 +804,15 @@ static void login_failed(pool_conn *c)
     pool_db *db = c->db;
     const char *msg = PQerrorMessage(c->pg);
     if (!db->down)
-        pool_logf(db->p->sh, CONFIG_LOG_WARN, "postgres %s: cannot connect: %.*s", db->name,
-                  (int)strcspn(msg, "\n"), msg);
+        pool_logf(db->p->sh, CONFIG_LOG_WARN, "postgres %s: cannot connect: %.*s", db->name, first_line(msg),
+                  msg);
     count_error(db, "connect");
     db->down = true;
     set_state(db, POOL_DB_DOWN);
     db->backoff_ms = db->backoff_ms ? db->backoff_ms * 2 : POOL_BACKOFF_MIN_MS;
     if (db->backoff_ms > POOL_BACKOFF_MAX_MS)
         db->backoff_ms = POOL_BACKOFF_MAX_MS;
-    db->next_connect_ns = pool_now_ns() + (uint64_t)db->backoff_ms * 1000000ULL;
+    db->next_connect_ns = pool_now_ns() + ms_ns(db->backoff_ms);
     conn_close(c, 503, "database unavailable");
     /* Calls that no open connection will serve are told at once. */
     if (db->n_open == 0)
@@ -740,7 +823,10 @@ static void login_failed(pool_conn *c)
 static void login_ok(pool_conn *c)
 {
     pool_db *db = c->db;
-    PQsetnonblocking(c->pg, 1);
+    if (PQsetnonblocking(c->pg, 1) != 0 || PQenterPipelineMode(c->pg) != 1) {
+        login_failed(c);
+        return;
+    }
     event_del(c->io);
     event_assign(c->io, db->p->base, c->fd, EV_READ | EV_PERSIST, io_cb, c);
     event_add(c->io, NULL);
@@ -750,9 +836,9 @@ static void login_ok(pool_conn *c)
     db->backoff_ms = 0;
     set_state(db, POOL_DB_UP);
     leave_state(c);
-    c->state = CONN_BOUND; /* released next: counted by conn_release */
-    db->n_bound++;
-    conn_release(c);
+    idle_push(db, c);
+    c->idle_ns = 0; /* fresh: no check needed */
+    dispatch(db);
 }
 
 static void login_step(pool_conn *c, PostgresPollingStatusType st)
@@ -777,6 +863,18 @@ static void login_step(pool_conn *c, PostgresPollingStatusType st)
     event_add(c->io, NULL);
 }
 
+/* Take a slot of the shared max_db_connections cap. */
+static bool take_slot(pool_db *db)
+{
+    int cur = atomic_load_explicit(&db->sh->server_conns, memory_order_relaxed);
+    do {
+        if (cur >= db->max_db)
+            return false;
+    } while (!atomic_compare_exchange_weak_explicit(&db->sh->server_conns, &cur, cur + 1,
+                                                    memory_order_relaxed, memory_order_relaxed));
+    return true;
+}
+
 /* May a connection be opened now? reserve: the oldest call waited past
  * reserve_pool_timeout. Takes a slot of the shared cap when so. */
 static bool open_allowed(pool_db *db)
@@ -787,17 +885,11 @@ static bool open_allowed(pool_db *db)
         return false;
     int limit = db->pool_share;
     if (db->reserve_share > 0 && db->wait_head &&
-        pool_now_ns() - db->wait_head->queued_ns >= (uint64_t)db->reserve_ms * 1000000ULL)
+        pool_now_ns() - db->wait_head->queued_ns >= ms_ns(db->reserve_ms))
         limit += db->reserve_share;
     if (db->n_open >= limit)
         return false;
-    int cur = atomic_load_explicit(&db->sh->server_conns, memory_order_relaxed);
-    do {
-        if (cur >= db->max_db)
-            return false;
-    } while (!atomic_compare_exchange_weak_explicit(&db->sh->server_conns, &cur, cur + 1,
-                                                    memory_order_relaxed, memory_order_relaxed));
-    return true;
+    return take_slot(db);
 }
 
 /* Start a connection (a slot of the shared cap is already taken). */
@@ -824,6 +916,7 @@ static void conn_open(pool_db *db)
         atomic_fetch_sub_explicit(&db->sh->server_conns, 1, memory_order_relaxed);
         return;
     }
+    PQsetNoticeProcessor(c->pg, ignore_notice, NULL);
     c->db = db;
     c->fd = -1;
     c->version = db->version;
@@ -835,30 +928,51 @@ static void conn_open(pool_db *db)
     db->conns = c;
     db->n_open++;
     db->n_login++;
-    timer_in(c->timer, db->connect_ms);
-    /* The write event of the one-shot pair: after PQconnectStart, behave as if
-     * PQconnectPoll had said PGRES_POLLING_WRITING. */
-    event_assign(c->wr, db->p->base, -1, 0, wr_cb, c);
+    timer_at(c->timer, c->opened_ns + ms_ns(db->connect_ms));
     if (PQstatus(c->pg) == CONNECTION_BAD) {
         login_failed(c);
         return;
     }
+    /* Right after PQconnectStart, behave as if PQconnectPoll had said
+     * PGRES_POLLING_WRITING. */
     login_step(c, PGRES_POLLING_WRITING);
     publish(db);
 }
 
-/* Hand idle connections to waiting calls; open more when allowed. */
+/* The active connection with the fewest calls in flight and room for one
+ * more, or NULL. */
+static pool_conn *least_busy(pool_db *db)
+{
+    pool_conn *best = NULL;
+    for (pool_conn *c = db->conns; c; c = c->next)
+        if (c->state == CONN_ACTIVE && !c->closing && c->depth < db->pipeline_depth &&
+            (!best || c->depth < best->depth))
+            best = c;
+    return best;
+}
+
+/* Hand waiting calls to idle connections; open more when allowed; past
+ * that, pipeline them on busy connections. */
 static void dispatch(pool_db *db)
 {
-    while (db->wait_head && db->idle) {
+    while (db->wait_head) {
         pool_conn *c = db->idle;
+        if (!c) {
+            if (db->n_waiting > db->n_login && open_allowed(db)) {
+                int before = db->n_open;
+                conn_open(db);
+                if (db->n_open <= before)
+                    break; /* failed at once */
+                continue;
+            }
+            c = db->session_mode ? NULL : least_busy(db);
+            if (!c)
+                break;
+        }
         pool_call *call = db->wait_head;
         queue_remove(db, call);
-        idle_remove(db, c);
         conn_assign(c, call);
     }
-    while (db->n_waiting > db->n_login && open_allowed(db))
-        conn_open(db);
     arm_wait_timer(db);
     publish(db);
 }
@@ -890,10 +1004,7 @@ static void maintain(pool_db *db)
         c = next;
     }
     while (db->configured && db->n_open < keep && !(db->down && now < db->next_connect_ns)) {
-        int cur = atomic_load_explicit(&db->sh->server_conns, memory_order_relaxed);
-        if (cur >= db->max_db ||
-            !atomic_compare_exchange_strong_explicit(&db->sh->server_conns, &cur, cur + 1,
-                                                     memory_order_relaxed, memory_order_relaxed))
+        if (!take_slot(db))
             break;
         int before = db->n_open;
         conn_open(db);
@@ -1001,7 +1112,6 @@ static pool_db *db_create(pool_t *p, const char *name)
 
 void pool_configure(pool_t *p, const config_t *cfg)
 {
-    p->cfg = cfg;
     const config_postgres *pg = &cfg->postgres;
     for (pool_db *db = p->dbs; db; db = db->next)
         db->configured = false;
@@ -1027,6 +1137,7 @@ void pool_configure(pool_t *p, const config_t *cfg)
         if (db->min_share > db->pool_share)
             db->min_share = db->pool_share;
         db->reserve_share = pool_share(pg->reserve_pool_size, workers, p->worker, 0);
+        db->pipeline_depth = (int)pg->pipeline_depth;
         db->max_db = (int)max_db;
         db->session_mode = pg->pool_mode == CONFIG_POOL_SESSION;
         db->wait_ms = pg->query_wait_timeout_ms;
@@ -1143,7 +1254,6 @@ pool_call *pool_exec(pool_t *p, const pool_request *req, pool_done_fn done, void
     if (db->session_mode && call->session) {
         for (pool_conn *c = db->conns; c; c = c->next) {
             if (c->state == CONN_BOUND && c->session == call->session) {
-                db->n_bound--;
                 conn_assign(c, call);
                 publish(db);
                 return call;
@@ -1191,7 +1301,11 @@ void pool_session_end(pool_t *p, const void *session)
             continue;
         for (pool_conn *c = db->conns; c; c = c->next) {
             if (c->state == CONN_BOUND && c->session == session) {
-                conn_release(c);
+                leave_state(c);
+                c->state = CONN_ACTIVE;
+                c->session = NULL;
+                db->n_active++;
+                conn_settle(c);
                 break;
             }
         }
