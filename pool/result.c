@@ -396,7 +396,7 @@ char *pool_page_wrap(const char *query, int nparams)
         qlen--;
     }
     char tail[80];
-    int tlen = snprintf(tail, sizeof tail, ") AS gw_page LIMIT $%lld OFFSET $%lld", (long long)nparams + 1,
+    int tlen = snprintf(tail, sizeof tail, "\n) AS gw_page LIMIT $%lld OFFSET $%lld", (long long)nparams + 1,
                         (long long)nparams + 2);
     if (tlen < 0 || (size_t)tlen >= sizeof tail)
         return NULL;

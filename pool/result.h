@@ -59,8 +59,9 @@ int pool_page_parse(const char *limit, const char *offset, int64_t max_rows, int
                     int64_t *out_offset);
 
 /* The route's query wrapped for paging by the gateway:
- * "SELECT * FROM (<query>) AS gw_page LIMIT $<nparams+1> OFFSET $<nparams+2>",
- * with trailing whitespace and semicolons of the query removed. malloc'd;
+ * "SELECT * FROM (<query>\n) AS gw_page LIMIT $<nparams+1> OFFSET $<nparams+2>",
+ * with trailing whitespace and semicolons of the query removed (the newline
+ * ends a trailing -- comment). malloc'd;
  * NULL when out of memory. */
 char *pool_page_wrap(const char *query, int nparams);
 

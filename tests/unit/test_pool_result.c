@@ -917,15 +917,17 @@ static void want_wrap(const char *query, int nparams, const char *want)
 static void test_page_wrap(void **state)
 {
     (void)state;
-    want_wrap("SELECT id FROM t", 0, "SELECT * FROM (SELECT id FROM t) AS gw_page LIMIT $1 OFFSET $2");
+    want_wrap("SELECT id FROM t", 0, "SELECT * FROM (SELECT id FROM t\n) AS gw_page LIMIT $1 OFFSET $2");
     want_wrap("SELECT id FROM t WHERE a = $1 AND b = $2", 2,
-              "SELECT * FROM (SELECT id FROM t WHERE a = $1 AND b = $2) AS gw_page LIMIT $3 OFFSET $4");
-    want_wrap("SELECT 1; \n", 0, "SELECT * FROM (SELECT 1) AS gw_page LIMIT $1 OFFSET $2");
-    want_wrap("SELECT 1 ;; \t\r\n ;\n", 1, "SELECT * FROM (SELECT 1) AS gw_page LIMIT $2 OFFSET $3");
-    want_wrap("SELECT ';'", 0, "SELECT * FROM (SELECT ';') AS gw_page LIMIT $1 OFFSET $2");
+              "SELECT * FROM (SELECT id FROM t WHERE a = $1 AND b = $2\n) AS gw_page LIMIT $3 OFFSET $4");
+    want_wrap("SELECT 1; \n", 0, "SELECT * FROM (SELECT 1\n) AS gw_page LIMIT $1 OFFSET $2");
+    want_wrap("SELECT 1 ;; \t\r\n ;\n", 1, "SELECT * FROM (SELECT 1\n) AS gw_page LIMIT $2 OFFSET $3");
+    want_wrap("SELECT ';'", 0, "SELECT * FROM (SELECT ';'\n) AS gw_page LIMIT $1 OFFSET $2");
     want_wrap("\n  SELECT 1\n  FROM t\n", 0,
-              "SELECT * FROM (\n  SELECT 1\n  FROM t) AS gw_page LIMIT $1 OFFSET $2");
-    want_wrap("SELECT $1", 99, "SELECT * FROM (SELECT $1) AS gw_page LIMIT $100 OFFSET $101");
+              "SELECT * FROM (\n  SELECT 1\n  FROM t\n) AS gw_page LIMIT $1 OFFSET $2");
+    want_wrap("SELECT $1", 99, "SELECT * FROM (SELECT $1\n) AS gw_page LIMIT $100 OFFSET $101");
+    /* a trailing line comment stays inside the subselect */
+    want_wrap("SELECT 1 -- note", 0, "SELECT * FROM (SELECT 1 -- note\n) AS gw_page LIMIT $1 OFFSET $2");
 }
 
 static void want_range(int64_t offset, int64_t rows, const char *want)
