@@ -313,7 +313,7 @@ static void install_runtime(gw_worker *w, gw_runtime *rt)
 
 /* ---- answers ---------------------------------------------------------------- */
 
-void gw_send_json_error(struct evhttp_request *req, int status, const char *text, const char *request_id)
+size_t gw_send_json_error(struct evhttp_request *req, int status, const char *text, const char *request_id)
 {
     struct evbuffer *body = evbuffer_new();
     if (body)
@@ -325,9 +325,11 @@ void gw_send_json_error(struct evhttp_request *req, int status, const char *text
     const char *reason = status == 431   ? "Request Header Fields Too Large"
                          : status == 429 ? "Too Many Requests"
                                          : NULL;
+    size_t len = body ? evbuffer_get_length(body) : 0;
     evhttp_send_reply(req, status, reason, body);
     if (body)
         evbuffer_free(body);
+    return len;
 }
 
 static void request_end(gw_request *r)
@@ -393,17 +395,25 @@ static void add_common_headers(gw_request *r)
     add_drain_header(r);
 }
 
-static void respond_error(gw_request *r, int status, const char *text)
+/* Answer with a JSON error and end the request. close: the connection's
+ * framing is not to be trusted after it (or, for CONNECT, a client may expect
+ * a tunnel): close it. */
+static void respond_error_close(gw_request *r, int status, const char *text, bool close)
 {
     struct evkeyvalq *oh = evhttp_request_get_output_headers(r->req);
-    /* After these the connection's framing is not to be trusted (or, for
-     * CONNECT, a client may expect a tunnel): close it. */
-    if (status == 413 || status == 431 || status == 400 || r->method == CONFIG_METHOD_CONNECT)
+    if (close || r->method == CONFIG_METHOD_CONNECT)
         evhttp_add_header(oh, "Connection", "close");
     add_common_headers(r);
     r->status = status;
-    gw_send_json_error(r->req, status, text, r->request_id);
+    r->bytes = gw_send_json_error(r->req, status, text, r->request_id);
+    if (r->method == CONFIG_METHOD_HEAD)
+        r->bytes = 0;
     request_end(r);
+}
+
+static void respond_error(gw_request *r, int status, const char *text)
+{
+    respond_error_close(r, status, text, status == 413 || status == 431 || status == 400);
 }
 
 /* ---- proxying --------------------------------------------------------------- */
@@ -693,7 +703,7 @@ static void sql_route(gw_request *r, const router_match *m)
     const char *why = NULL;
     int status = sqlroute_params_build(sql, plan, m, r->req, &r->sql, &why);
     if (status != 0) {
-        respond_error(r, status, why);
+        respond_error_close(r, status, why, false); /* a well-formed request: keep the connection */
         return;
     }
     pool_request pr = {

@@ -53,7 +53,7 @@ void gw_worker_join_free(gw_worker *w);
  * thread of the evhttp that received the request. */
 bool gw_builtin_serve(gw_server *srv, const config_t *cfg, struct evhttp_request *req, const char *path);
 
-/* Answer req with the gateway's JSON error body. */
-void gw_send_json_error(struct evhttp_request *req, int status, const char *text, const char *request_id);
+/* Answer req with the gateway's JSON error body; returns the body's length. */
+size_t gw_send_json_error(struct evhttp_request *req, int status, const char *text, const char *request_id);
 
 #endif
