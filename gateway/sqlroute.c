@@ -137,8 +137,12 @@ int sqlroute_params_build(const config_route_sql *sql, const gw_sql_plan *plan, 
             *why = "a parameter decodes to a NUL byte";
             return 400;
         }
+        bool paging = sql->result == CONFIG_RESULT_ARRAY &&
+                      ((int)i == plan->limit_param || (int)i == plan->offset_param);
         if (!v) {
             const char *d = default_of(sql, src);
+            if (!d && paging)
+                continue; /* the page's default, bound below */
             if (!d) {
                 snprintf(p->message, sizeof p->message, "missing parameter %s", src);
                 *why = p->message;
@@ -157,13 +161,13 @@ int sqlroute_params_build(const config_route_sql *sql, const gw_sql_plan *plan, 
 
     /* Paging: the client's limit / offset, or the route's bound query.limit /
      * query.offset values (defaults included). */
-    char *lim =
-        plan->limit_param >= 0 ? strdup(p->values[plan->limit_param]) : query_param(query, "limit", &bad);
-    char *off =
-        plan->offset_param >= 0 ? strdup(p->values[plan->offset_param]) : query_param(query, "offset", &bad);
-    int rc = pool_page_parse(lim, off, sql->max_rows, &p->limit, &p->offset);
-    free(lim);
-    free(off);
+    const char *lim = plan->limit_param >= 0 ? p->values[plan->limit_param] : NULL;
+    const char *off = plan->offset_param >= 0 ? p->values[plan->offset_param] : NULL;
+    char *qlim = plan->limit_param < 0 ? query_param(query, "limit", &bad) : NULL;
+    char *qoff = plan->offset_param < 0 ? query_param(query, "offset", &bad) : NULL;
+    int rc = pool_page_parse(qlim ? qlim : lim, qoff ? qoff : off, sql->max_rows, &p->limit, &p->offset);
+    free(qlim);
+    free(qoff);
     if (rc != 0 || bad) {
         *why = "limit and offset must be non-negative integers";
         return 400;
@@ -174,6 +178,14 @@ int sqlroute_params_build(const config_route_sql *sql, const gw_sql_plan *plan, 
         free(p->values[plan->limit_param]);
         p->values[plan->limit_param] = strdup(num);
         if (!p->values[plan->limit_param]) {
+            *why = "out of memory";
+            return 500;
+        }
+    }
+    if (plan->offset_param >= 0 && !p->values[plan->offset_param]) {
+        snprintf(num, sizeof num, "%lld", (long long)p->offset);
+        p->values[plan->offset_param] = strdup(num);
+        if (!p->values[plan->offset_param]) {
             *why = "out of memory";
             return 500;
         }
