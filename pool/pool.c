@@ -940,13 +940,18 @@ static void conn_open(pool_db *db)
 }
 
 /* The active connection with the fewest calls in flight and room for one
- * more, or NULL. */
+ * more, or NULL. Only connections whose oldest call is younger than
+ * POOL_PIPELINE_MAX_AGE_MS qualify: a call queued behind a slow statement
+ * would wait for it unbounded by query_wait_timeout, so behind one that has
+ * already taken long it waits in the queue instead. */
 static pool_conn *least_busy(pool_db *db)
 {
     pool_conn *best = NULL;
+    uint64_t now = pool_now_ns();
     for (pool_conn *c = db->conns; c; c = c->next)
         if (c->state == CONN_ACTIVE && !c->closing && c->depth < db->pipeline_depth &&
-            (!best || c->depth < best->depth))
+            (!best || c->depth < best->depth) && c->q_head &&
+            now - c->q_head->sent_ns < ms_ns(POOL_PIPELINE_MAX_AGE_MS))
             best = c;
     return best;
 }

@@ -40,12 +40,13 @@
 #include "config/config.h"
 #include "metrics/metrics.h"
 
-#define POOL_MAX_DATABASES 64      /* distinct database names over the process's life */
-#define POOL_BACKOFF_MIN_MS 50     /* first retry after a failed connect */
-#define POOL_BACKOFF_MAX_MS 500    /* capped: a returning server is used within a second */
-#define POOL_TICK_MS 250           /* maintenance: min_pool_size, idle and lifetime limits */
-#define POOL_QUERY_GRACE_MS 1000   /* our own deadline past statement_timeout */
-#define POOL_RETRY_AFTER_SECONDS 1 /* Retry-After on 503 */
+#define POOL_MAX_DATABASES 64       /* distinct database names over the process's life */
+#define POOL_BACKOFF_MIN_MS 50      /* first retry after a failed connect */
+#define POOL_BACKOFF_MAX_MS 500     /* capped: a returning server is used within a second */
+#define POOL_TICK_MS 250            /* maintenance: min_pool_size, idle and lifetime limits */
+#define POOL_QUERY_GRACE_MS 1000    /* our own deadline past statement_timeout */
+#define POOL_RETRY_AFTER_SECONDS 1  /* Retry-After on 503 */
+#define POOL_PIPELINE_MAX_AGE_MS 10 /* pipeline only behind statements younger than this */
 
 typedef struct pool_shared pool_shared;
 typedef struct pool pool_t;
