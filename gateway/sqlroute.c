@@ -338,7 +338,7 @@ int sqlroute_answer(struct evhttp_request *req, const config_route_sql *sql, con
         char range[64];
         pool_page_content_range(range, sizeof range, p->offset, shown);
         evhttp_add_header(evhttp_request_get_output_headers(req), "Content-Range", range);
-        if (rows > p->limit)
+        if (rows > p->limit && p->limit > 0) /* limit=0 would point at itself */
             add_next_link(req, p);
     }
     int s = send_json(req, 200, b, bytes);
