@@ -611,8 +611,8 @@ static void call_done(pool_conn *c, pool_call *call)
     const char *state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
     if (call->prepare_failed)
         conn_forget(c, call->qhash);
-    if (call->check_failed ||
-        (!ok && state && strcmp(state, "0A000") == 0 && !call->retried && !call->cancelled)) {
+    if (!call->cancelled &&
+        (call->check_failed || (!ok && state && strcmp(state, "0A000") == 0 && !call->retried))) {
         /* The check failed (the segment was aborted before the statement), or
          * "cached plan must not change result type": the schema changed under
          * a prepared statement. Nothing ran: once more, on another connection;
@@ -1305,6 +1305,11 @@ void pool_session_end(pool_t *p, const void *session)
         if (!db->session_mode && !db->n_bound)
             continue;
         for (pool_conn *c = db->conns; c; c = c->next) {
+            /* A call of the session still running: its connection is not to
+             * stay bound when it ends. */
+            for (pool_call *call = c->q_head; call; call = call->next)
+                if (call->session == session)
+                    call->session = NULL;
             if (c->state == CONN_BOUND && c->session == session) {
                 leave_state(c);
                 c->state = CONN_ACTIVE;

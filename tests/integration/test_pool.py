@@ -22,6 +22,7 @@ gateway per test.
 """
 
 import http.client
+import socket
 import json
 import os
 import re
@@ -549,6 +550,24 @@ def test_session_mode_holds_connection_until_client_leaves(stack, postgres):
     wait_until(lambda: call(gw, "/api/pid", timeout=3)[0] == 200, 3.0,
                "the session's server connection given back after its client closed")
     assert pg.count_connections() == 1
+
+
+def test_session_mode_client_leaves_during_statement(stack, postgres):
+    """A session whose client goes away while its statement runs must not keep
+    the server connection bound once the statement ends."""
+    pg = postgres.ensure_running()
+    gw, _ = start_gateway(stack, pg, workers=1, pool_mode="session", default_pool_size=1, max_db_connections=1,
+                          query_wait_timeout="3s")
+    sock = socket.create_connection(("127.0.0.1", gw.port), timeout=5)
+    sock.sendall(b"GET /api/slow?s=0.5 HTTP/1.1\r\nHost: x\r\n\r\n")
+    wait_until(lambda: [a for a in pg.activity() if a[1] == "active" and "pg_sleep" in (a[2] or "")], 3.0,
+               "the slow statement running")
+    sock.close()  # gone before its answer
+    status, _, body, took = call(gw, "/api/pid", timeout=10)
+    assert status == 200, "the only server connection stayed bound to a closed session: %d %r" % (status, body[:200])
+    assert took < 2.0, "waited %.2fs for a connection the closed session should have given back" % took
+    _, gauges = pool_gauges(gw)
+    assert gauges["active"] == 0 and gauges["idle"] == 1, "after both requests: %r" % gauges
 
 
 def test_transaction_mode_shares_backend(stack, postgres):
