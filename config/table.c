@@ -378,11 +378,12 @@ static const config_key postgres_keys[] = {
     {.name = "pipeline_depth",
      .type = CONFIG_TYPE_INT,
      FIELD(config_postgres, pipeline_depth),
-     .def = "4",
+     .def = "16",
      .min = 1,
      .max = 64,
-     .help = "Statements in flight on one server connection (libpq pipeline mode) once every connection "
-             "is busy and no more may open; 1 turns pipelining off."},
+     .help = "Statements in flight on one server connection (libpq pipeline mode): a statement goes to a "
+             "busy connection with room (whose oldest statement is under 10 ms old) before an idle or new "
+             "one; 1 turns pipelining off (PgBouncer's behaviour)."},
     {.name = "server_check_delay",
      .type = CONFIG_TYPE_DURATION,
      FIELD(config_postgres, server_check_delay_ms),

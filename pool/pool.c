@@ -956,12 +956,17 @@ static pool_conn *least_busy(pool_db *db)
     return best;
 }
 
-/* Hand waiting calls to idle connections; open more when allowed; past
- * that, pipeline them on busy connections. */
+/* Hand waiting calls to busy connections with room (pipelining), to idle
+ * ones, or to new ones when allowed; the rest wait. */
 static void dispatch(pool_db *db)
 {
     while (db->wait_head) {
-        pool_conn *c = db->idle;
+        /* A busy connection with room first: the server then runs the next
+         * statement without waiting for a wake-up, and fewer server processes
+         * share the machine's cores. Then an idle connection, then a new one. */
+        pool_conn *c = db->session_mode || db->pipeline_depth < 2 ? NULL : least_busy(db);
+        if (!c)
+            c = db->idle;
         if (!c) {
             if (db->n_waiting > db->n_login && open_allowed(db)) {
                 int before = db->n_open;
@@ -970,9 +975,7 @@ static void dispatch(pool_db *db)
                     break; /* failed at once */
                 continue;
             }
-            c = db->session_mode ? NULL : least_busy(db);
-            if (!c)
-                break;
+            break;
         }
         pool_call *call = db->wait_head;
         queue_remove(db, call);
