@@ -601,7 +601,7 @@ static void conn_assign(pool_conn *c, pool_call *call)
 
 /* The call's segment ended (PGRES_PIPELINE_SYNC): answer it, or send it
  * round again when nothing of it ran. */
-static void call_done(pool_conn *c, pool_call *call)
+static void call_done(pool_conn *c, pool_call *call, pool_call **answered)
 {
     pool_db *db = c->db;
     PGresult *res = call->res;
@@ -650,9 +650,35 @@ static void call_done(pool_conn *c, pool_call *call)
         c->session = call->session;
         db->n_bound++;
     }
-    call_finish(call, status, res, ok ? NULL : res ? "statement failed" : "statement not run");
-    if (res)
-        PQclear(res);
+    /* Answered by the caller once it is done with the connection: the
+     * caller's callback may do anything, this connection's end included. */
+    call->status = status;
+    call->error = ok ? NULL : res ? "statement failed" : "statement not run";
+    call->res = res;
+    call->next = *answered;
+    *answered = call;
+}
+
+/* Answer the calls call_done() set aside (in the order they ended). */
+static void answer_all(pool_call *answered)
+{
+    pool_call *list = NULL;
+    while (answered) { /* reverse: oldest first */
+        pool_call *next = answered->next;
+        answered->next = list;
+        list = answered;
+        answered = next;
+    }
+    while (list) {
+        pool_call *call = list;
+        list = call->next;
+        call->next = NULL;
+        PGresult *res = call->res;
+        call->res = NULL;
+        call_finish(call, call->status, res, call->error);
+        if (res)
+            PQclear(res);
+    }
 }
 
 /* A result for the oldest call in flight. */
@@ -694,7 +720,7 @@ static void conn_read(pool_conn *c)
         }
         return;
     }
-    bool done_any = false;
+    pool_call *answered = NULL;
     while (c->depth > 0 && !PQisBusy(c->pg)) {
         PGresult *r = PQgetResult(c->pg);
         pool_call *call = c->q_head;
@@ -705,6 +731,7 @@ static void conn_read(pool_conn *c)
             }
             if (++call->cur > call->nsteps) { /* libpq and we disagree: give up on it */
                 conn_broken(c, "protocol");
+                answer_all(answered);
                 return;
             }
             continue;
@@ -713,18 +740,16 @@ static void conn_read(pool_conn *c)
             PQclear(r);
             conn_pop(c);
             arm_call_timer(c);
-            call_done(c, call);
-            done_any = true;
+            call_done(c, call, &answered);
             continue;
         }
         take_result(c, call, r);
     }
-    if (PQstatus(c->pg) == CONNECTION_BAD) {
+    if (PQstatus(c->pg) == CONNECTION_BAD)
         conn_broken(c, "read");
-        return;
-    }
-    if (done_any)
+    else if (answered || db->wait_head)
         conn_settle(c);
+    answer_all(answered);
 }
 
 static void io_cb(evutil_socket_t fd, short what, void *arg)
