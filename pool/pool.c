@@ -35,6 +35,7 @@
  */
 #include "pool/pool.h"
 
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -48,6 +49,15 @@ typedef enum { CONN_LOGIN, CONN_IDLE, CONN_ACTIVE, CONN_BOUND } conn_state;
 typedef enum { STEP_CHECK, STEP_PREPARE, STEP_EXECUTE } conn_step;
 
 #define CONN_PARAMS_MAX 16
+#define STMT_STATS_CAP 256 /* statements timed per database and worker */
+
+/* How long a statement usually runs on the server, per worker: pipelining
+ * only queues calls behind statements known to be fast. */
+typedef struct stmt_stat {
+    uint64_t hash; /* 0: free slot */
+    uint32_t ewma_us;
+    uint32_t samples;
+} stmt_stat;
 
 struct pool_call {
     pool_call *prev, *next; /* the wait queue, a connection's calls in flight, or the finished list */
@@ -64,6 +74,8 @@ struct pool_call {
     void *arg;
     uint64_t queued_ns, sent_ns, due_ns;
     pool_conn *conn;
+    stmt_stat *stat;        /* NULL when the table is full */
+    bool fast;              /* sent as a statement known to be fast (see least_busy) */
     unsigned char steps[3]; /* conn_step, in the order sent */
     int nsteps, cur;
     PGresult *res;     /* the execute's result, or the first error of the segment */
@@ -93,6 +105,9 @@ struct pool_conn {
     size_t prepared_count, prepared_cap;
     pool_call *q_head, *q_tail; /* calls in flight, oldest first */
     int depth;
+    int n_slow; /* calls in flight not known to be fast */
+    uint64_t last_done_ns;
+    bool cancel_sent;    /* our deadline passed: a cancel request went to the server */
     int testing;         /* server_check_query results still to come */
     bool closing;        /* takes no more calls; closed when the last ends */
     const void *session; /* CONN_BOUND: its owner */
@@ -123,9 +138,12 @@ struct pool_db {
     int n_waiting;
     struct event *wait_timer;
 
-    bool down;
+    bool down; /* no usable connection and the last connect failed */
     uint64_t next_connect_ns;
     int backoff_ms;
+    bool cap_blocked; /* the last open was refused by the shared max_db_connections */
+    bool starving;    /* counted in the shared `wanted`: calls wait on the shared cap */
+    stmt_stat stats[STMT_STATS_CAP];
 
     metrics_series_t *wait_hist;
     metrics_series_t *max_gauge;
@@ -172,6 +190,38 @@ static void bump(atomic_ullong *a, uint64_t by)
 static uint64_t ms_ns(int64_t ms)
 {
     return ms > 0 ? (uint64_t)ms * 1000000ULL : 0;
+}
+
+/* The statement's timing slot (inserted when new); NULL when the table is full. */
+static stmt_stat *stat_find(pool_db *db, uint64_t hash)
+{
+    if (!hash)
+        hash = 1;
+    size_t i = (size_t)(hash % STMT_STATS_CAP);
+    for (size_t n = 0; n < STMT_STATS_CAP; n++, i = (i + 1) % STMT_STATS_CAP) {
+        if (db->stats[i].hash == hash)
+            return &db->stats[i];
+        if (!db->stats[i].hash) {
+            db->stats[i].hash = hash;
+            return &db->stats[i];
+        }
+    }
+    return NULL;
+}
+
+static void stat_update(stmt_stat *st, uint64_t us)
+{
+    if (!st)
+        return;
+    uint32_t v = us > UINT32_MAX ? UINT32_MAX : (uint32_t)us;
+    st->ewma_us = st->samples ? (uint32_t)(((uint64_t)st->ewma_us * 3 + v) / 4) : v;
+    if (st->samples < UINT32_MAX)
+        st->samples++;
+}
+
+static bool others_starving(const pool_db *db)
+{
+    return atomic_load_explicit(&db->sh->wanted, memory_order_relaxed) - (db->starving ? 1 : 0) > 0;
 }
 
 static void count_error(pool_db *db, const char *kind)
@@ -448,6 +498,8 @@ static void leave_state(pool_conn *c)
 /* Arm the statement deadline for the oldest call in flight. */
 static void arm_call_timer(pool_conn *c)
 {
+    if (c->cancel_sent)
+        return; /* the grace timer runs */
     if (c->q_head)
         timer_at(c->timer, c->q_head->due_ns);
     else
@@ -465,6 +517,7 @@ static pool_call *conn_pop(pool_conn *c)
     call->next = NULL;
     call->conn = NULL;
     c->depth--;
+    c->n_slow -= !call->fast;
     c->db->n_calls--;
     return call;
 }
@@ -563,6 +616,8 @@ static bool conn_send(pool_conn *c, pool_call *call)
         call->due_ns = call->deadline_ns;
     if (!call->due_ns)
         call->due_ns = now + ms_ns(3600 * 1000); /* every wait has a deadline */
+    call->fast = call->stat && call->stat->samples > 0 && call->stat->ewma_us < POOL_PIPELINE_FAST_US;
+    c->n_slow += !call->fast;
     call->conn = c;
     call->next = NULL;
     if (c->q_tail)
@@ -611,8 +666,11 @@ static void call_done(pool_conn *c, pool_call *call, pool_call **answered)
     const char *state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
     if (call->prepare_failed)
         conn_forget(c, call->qhash);
-    if (!call->cancelled &&
-        (call->check_failed || (!ok && state && strcmp(state, "0A000") == 0 && !call->retried))) {
+    /* 0A000 "cached plan must not change result type" (the schema changed
+     * under a prepared statement), 26000 (its Parse was aborted earlier in
+     * this pipeline): nothing ran. */
+    bool stale_stmt = !ok && state && (strcmp(state, "0A000") == 0 || strcmp(state, "26000") == 0);
+    if (!call->cancelled && (call->check_failed || (stale_stmt && !call->retried))) {
         /* The check failed (the segment was aborted before the statement), or
          * "cached plan must not change result type": the schema changed under
          * a prepared statement. Nothing ran: once more, on another connection;
@@ -621,6 +679,7 @@ static void call_done(pool_conn *c, pool_call *call, pool_call **answered)
             PQclear(res);
         call->retried = call->retried || !call->check_failed;
         call->check_failed = false;
+        call->prepare_failed = false;
         c->closing = true;
         queue_push(db, call, true);
         return;
@@ -738,6 +797,11 @@ static void conn_read(pool_conn *c)
         }
         if (PQresultStatus(r) == PGRES_PIPELINE_SYNC) {
             PQclear(r);
+            uint64_t now = pool_now_ns(),
+                     from = call->sent_ns > c->last_done_ns ? call->sent_ns : c->last_done_ns;
+            if (!call->check_failed)
+                stat_update(call->stat, (now - from) / 1000);
+            c->last_done_ns = now;
             conn_pop(c);
             arm_call_timer(c);
             call_done(c, call, &answered);
@@ -779,34 +843,102 @@ static void conn_settle(pool_conn *c)
         }
     }
     if (c->depth == 0 && c->state == CONN_ACTIVE) {
+        if (!db->wait_head && others_starving(db)) {
+            /* Another worker's calls wait on the shared cap: free the slot. */
+            conn_close(c, 503, NULL);
+            dispatch(db);
+            return;
+        }
         leave_state(c);
         idle_push(db, c);
     }
     dispatch(db);
 }
 
+/* A connect failed or timed out. The database counts as down only when no
+ * usable connection is left (a refused extra connection, say at the server's
+ * max_connections, is not an outage); either way growth backs off. */
+static void connect_failed(pool_conn *c, const char *why)
+{
+    pool_db *db = c->db;
+    count_error(db, "connect");
+    db->backoff_ms = db->backoff_ms ? db->backoff_ms * 2 : POOL_BACKOFF_MIN_MS;
+    if (db->backoff_ms > POOL_BACKOFF_MAX_MS)
+        db->backoff_ms = POOL_BACKOFF_MAX_MS;
+    db->next_connect_ns = pool_now_ns() + ms_ns(db->backoff_ms);
+    conn_close(c, 503, "database unavailable");
+    if (db->n_open - db->n_login > 0) {
+        pool_logf(db->p->sh, CONFIG_LOG_DEBUG, "postgres %s: cannot open another connection: %.*s", db->name,
+                  first_line(why), why);
+        return;
+    }
+    if (!db->down)
+        pool_logf(db->p->sh, CONFIG_LOG_WARN, "postgres %s: cannot connect: %.*s", db->name, first_line(why),
+                  why);
+    db->down = true;
+    set_state(db, POOL_DB_DOWN);
+    /* Calls that no connection will serve are told at once. */
+    if (db->n_login == 0)
+        fail_waiters(db, 503, "database unavailable");
+    publish(db);
+}
+
+/* Runs on a thread of its own: PQcancel connects to the server and waits. */
+static void *cancel_main(void *arg)
+{
+    char err[256];
+    PQcancel(arg, err, sizeof err);
+    PQfreeCancel(arg);
+    return NULL;
+}
+
+/* Ask the server to cancel what the connection runs, without blocking the loop. */
+static void send_cancel(pool_conn *c)
+{
+    PGcancel *pc = PQgetCancel(c->pg);
+    pthread_attr_t attr;
+    pthread_t t;
+    if (!pc)
+        return;
+    if (pthread_attr_init(&attr) != 0) {
+        PQfreeCancel(pc);
+        return;
+    }
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    if (pthread_create(&t, &attr, cancel_main, pc) != 0)
+        PQfreeCancel(pc);
+    pthread_attr_destroy(&attr);
+}
+
 static void conn_timeout(pool_conn *c)
 {
     pool_db *db = c->db;
     if (c->state == CONN_LOGIN) {
-        pool_logf(db->p->sh, CONFIG_LOG_WARN, "postgres %s: connect timed out after %lld ms", db->name,
-                  (long long)db->connect_ms);
-        count_error(db, "connect");
-        db->down = true;
-        set_state(db, POOL_DB_DOWN);
-        db->backoff_ms = db->backoff_ms ? db->backoff_ms * 2 : POOL_BACKOFF_MIN_MS;
-        if (db->backoff_ms > POOL_BACKOFF_MAX_MS)
-            db->backoff_ms = POOL_BACKOFF_MAX_MS;
-        db->next_connect_ns = pool_now_ns() + ms_ns(db->backoff_ms);
-        conn_close(c, 503, "database unavailable");
-        if (db->n_open == 0)
-            fail_waiters(db, 503, "database unavailable");
-        publish(db);
+        char why[96];
+        snprintf(why, sizeof why, "connect timed out after %lld ms", (long long)db->connect_ms);
+        connect_failed(c, why);
         return;
     }
-    /* A statement past its deadline: the server may still be running it, so
-     * the connection cannot be reused. */
-    count_error(db, "query_timeout");
+    if (!c->cancel_sent && c->q_head) {
+        /* The oldest statement is past its deadline (ours, before the server's
+         * statement_timeout). Answer it now, ask the server to cancel it, and
+         * keep the connection, and its slot under max_db_connections, until
+         * the server has let go of it. */
+        pool_call *call = c->q_head;
+        count_error(db, "query_timeout");
+        if (!call->cancelled) {
+            pool_result r = {.status = 504, .res = NULL, .error = "query timed out"};
+            call->cancelled = true;
+            unadmit(call);
+            call->done(call->arg, &r);
+        }
+        c->cancel_sent = true;
+        c->closing = true;
+        send_cancel(c);
+        timer_at(c->timer, pool_now_ns() + ms_ns(POOL_CANCEL_GRACE_MS));
+        return;
+    }
+    /* The server did not give it back in time: drop it. */
     conn_close(c, 504, "query timed out");
     dispatch(db);
 }
@@ -826,23 +958,7 @@ static void login_cb(evutil_socket_t fd, short what, void *arg)
 
 static void login_failed(pool_conn *c)
 {
-    pool_db *db = c->db;
-    const char *msg = PQerrorMessage(c->pg);
-    if (!db->down)
-        pool_logf(db->p->sh, CONFIG_LOG_WARN, "postgres %s: cannot connect: %.*s", db->name, first_line(msg),
-                  msg);
-    count_error(db, "connect");
-    db->down = true;
-    set_state(db, POOL_DB_DOWN);
-    db->backoff_ms = db->backoff_ms ? db->backoff_ms * 2 : POOL_BACKOFF_MIN_MS;
-    if (db->backoff_ms > POOL_BACKOFF_MAX_MS)
-        db->backoff_ms = POOL_BACKOFF_MAX_MS;
-    db->next_connect_ns = pool_now_ns() + ms_ns(db->backoff_ms);
-    conn_close(c, 503, "database unavailable");
-    /* Calls that no open connection will serve are told at once. */
-    if (db->n_open == 0)
-        fail_waiters(db, 503, "database unavailable");
-    publish(db);
+    connect_failed(c, PQerrorMessage(c->pg));
 }
 
 static void login_ok(pool_conn *c)
@@ -859,6 +975,7 @@ static void login_ok(pool_conn *c)
     evtimer_del(c->timer);
     db->down = false;
     db->backoff_ms = 0;
+    db->next_connect_ns = 0;
     set_state(db, POOL_DB_UP);
     leave_state(c);
     idle_push(db, c);
@@ -906,15 +1023,19 @@ static bool open_allowed(pool_db *db)
 {
     if (!db->configured)
         return false;
-    if (db->down && pool_now_ns() < db->next_connect_ns)
-        return false;
+    if (pool_now_ns() < db->next_connect_ns)
+        return false; /* backing off after a failed connect */
     int limit = db->pool_share;
     if (db->reserve_share > 0 && db->wait_head &&
         pool_now_ns() - db->wait_head->queued_ns >= ms_ns(db->reserve_ms))
         limit += db->reserve_share;
     if (db->n_open >= limit)
         return false;
-    return take_slot(db);
+    if (!take_slot(db)) {
+        db->cap_blocked = true;
+        return false;
+    }
+    return true;
 }
 
 /* Start a connection (a slot of the shared cap is already taken). */
@@ -974,7 +1095,7 @@ static pool_conn *least_busy(pool_db *db)
     pool_conn *best = NULL;
     uint64_t now = pool_now_ns();
     for (pool_conn *c = db->conns; c; c = c->next)
-        if (c->state == CONN_ACTIVE && !c->closing && c->depth < db->pipeline_depth &&
+        if (c->state == CONN_ACTIVE && !c->closing && c->depth < db->pipeline_depth && c->n_slow == 0 &&
             (!best || c->depth < best->depth) && c->q_head &&
             now - c->q_head->sent_ns < ms_ns(POOL_PIPELINE_MAX_AGE_MS))
             best = c;
@@ -985,6 +1106,7 @@ static pool_conn *least_busy(pool_db *db)
  * ones, or to new ones when allowed; the rest wait. */
 static void dispatch(pool_db *db)
 {
+    db->cap_blocked = false;
     while (db->wait_head) {
         /* A busy connection with room first: the server then runs the next
          * statement without waiting for a wake-up, and fewer server processes
@@ -1006,6 +1128,13 @@ static void dispatch(pool_db *db)
         queue_remove(db, call);
         conn_assign(c, call);
     }
+    /* Calls left waiting because the other workers hold every slot of the
+     * shared cap: ask them to give idle connections back. */
+    bool starving = db->wait_head && !db->idle && db->cap_blocked;
+    if (starving != db->starving) {
+        db->starving = starving;
+        atomic_fetch_add_explicit(&db->sh->wanted, starving ? 1 : -1, memory_order_relaxed);
+    }
     arm_wait_timer(db);
     publish(db);
 }
@@ -1026,7 +1155,12 @@ static void maintain(pool_db *db)
             bool old = db->lifetime_ms > 0 && now - c->opened_ns >= (uint64_t)db->lifetime_ms * 1000000ULL;
             bool idle_long = db->idle_ms > 0 && now - c->idle_ns >= (uint64_t)db->idle_ms * 1000000ULL &&
                              db->n_open > keep;
-            if (stale || old || idle_long) {
+            /* Over the share or the shared cap (a reload lowered them), or
+             * another worker waits on the cap. */
+            bool over = db->n_open > db->pool_share + db->reserve_share ||
+                        atomic_load_explicit(&db->sh->server_conns, memory_order_relaxed) > db->max_db ||
+                        others_starving(db);
+            if (stale || old || idle_long || over) {
                 conn_close(c, 503, NULL);
             } else if (!c->checked_idle && db->check_delay_ms >= 0 &&
                        now - c->idle_ns >= (uint64_t)db->check_delay_ms * 1000000ULL) {
@@ -1036,7 +1170,7 @@ static void maintain(pool_db *db)
         }
         c = next;
     }
-    while (db->configured && db->n_open < keep && !(db->down && now < db->next_connect_ns)) {
+    while (db->configured && db->n_open < keep && now >= db->next_connect_ns && !others_starving(db)) {
         if (!take_slot(db))
             break;
         int before = db->n_open;
@@ -1078,6 +1212,7 @@ static bool set_settings(pool_db *db, const config_t *cfg, const config_database
         {"user", d->user},
         {"password", d->password && *d->password ? d->password : NULL},
         {"application_name", "gateway"},
+        {"client_encoding", "UTF8"},
         {"options", options},
         {"gssencmode", "disable"},
         {"keepalives", "1"},
@@ -1224,6 +1359,8 @@ void pool_free(pool_t *p)
         p->dbs = db->next;
         while (db->conns)
             conn_close(db->conns, 503, "shutting down");
+        if (db->starving)
+            atomic_fetch_sub_explicit(&db->sh->wanted, 1, memory_order_relaxed);
         publish(db);
         event_free(db->wait_timer);
         free_settings(db);
@@ -1274,6 +1411,8 @@ pool_call *pool_exec(pool_t *p, const pool_request *req, pool_done_fn done, void
     }
     pool_db *db = find_db(p, req->database);
     call->db = db;
+    if (db)
+        call->stat = stat_find(db, call->qhash);
     if (!db || !db->configured) {
         call_finish_later(call, 500, "unknown database");
         return call;
@@ -1352,10 +1491,16 @@ void pool_session_end(pool_t *p, const void *session)
 
 int pool_sqlstate_status(const char *s)
 {
+    /* Class 22 codes a bad input value raises when it is converted to the
+     * parameter's type; other data exceptions (22012 division by zero, say)
+     * are the query's own. */
+    static const char *const bad_value[] = {"22001", "22003", "22007", "22008", "22009",
+                                            "22021", "22023", "22P02", "22P03", "2201B"};
     if (!s || strlen(s) != 5)
         return 500;
-    if (strncmp(s, "22", 2) == 0)
-        return 400;
+    for (size_t i = 0; i < sizeof bad_value / sizeof bad_value[0]; i++)
+        if (strcmp(s, bad_value[i]) == 0)
+            return 400;
     if (strcmp(s, "23503") == 0 || strcmp(s, "23505") == 0)
         return 409;
     if (strncmp(s, "23", 2) == 0)

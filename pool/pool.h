@@ -47,6 +47,8 @@
 #define POOL_QUERY_GRACE_MS 1000    /* our own deadline past statement_timeout */
 #define POOL_RETRY_AFTER_SECONDS 1  /* Retry-After on 503 */
 #define POOL_PIPELINE_MAX_AGE_MS 10 /* pipeline only behind statements younger than this */
+#define POOL_PIPELINE_FAST_US 2000  /* ... and known to run faster than this (moving average) */
+#define POOL_CANCEL_GRACE_MS 5000   /* after our deadline and a cancel request, then close */
 
 typedef struct pool_shared pool_shared;
 typedef struct pool pool_t;

@@ -36,8 +36,9 @@ typedef struct pool_stats_snapshot {
 
 typedef struct pool_shared_db {
     char *name;
-    atomic_int server_conns;              /* open or opening, all workers: the max_db_connections cap */
-    atomic_int state;                     /* pool_db_state, written by whichever worker learnt it last */
+    atomic_int server_conns; /* open or opening, all workers: the max_db_connections cap */
+    atomic_int state;        /* pool_db_state, written by whichever worker learnt it last */
+    atomic_int wanted;       /* workers whose calls wait on the cap: the others give idle connections back */
     pool_worker_stats *workers;           /* [worker_count] */
     pool_stats_snapshot period, previous; /* SHOW STATS averages; read by the admin thread only */
 } pool_shared_db;

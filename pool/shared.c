@@ -102,6 +102,7 @@ int pool_shared_sync(pool_shared *sh, const config_t *cfg, char **err)
         }
         atomic_init(&d->server_conns, 0);
         atomic_init(&d->state, POOL_DB_UNKNOWN);
+        atomic_init(&d->wanted, 0);
         d->period.at_ns = d->previous.at_ns = pool_now_ns();
         atomic_store_explicit(&sh->db_count, n + 1, memory_order_release);
     }
