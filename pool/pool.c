@@ -858,9 +858,11 @@ static void conn_settle(pool_conn *c)
 /* A connect failed or timed out. The database counts as down only when no
  * usable connection is left (a refused extra connection, say at the server's
  * max_connections, is not an outage); either way growth backs off. */
-static void connect_failed(pool_conn *c, const char *why)
+static void connect_failed(pool_conn *c, const char *reason)
 {
     pool_db *db = c->db;
+    char why[256]; /* reason may be libpq's, freed with the connection */
+    snprintf(why, sizeof why, "%s", reason);
     count_error(db, "connect");
     db->backoff_ms = db->backoff_ms ? db->backoff_ms * 2 : POOL_BACKOFF_MIN_MS;
     if (db->backoff_ms > POOL_BACKOFF_MAX_MS)
