@@ -108,10 +108,12 @@ struct pool_conn {
     int n_slow; /* calls in flight not known to be fast */
     uint64_t last_done_ns;
     bool cancel_sent;    /* our deadline passed: a cancel request went to the server */
+    uint64_t grace_ns;   /* with cancel_sent: dropped at this time if still busy */
     int testing;         /* server_check_query results still to come */
     bool closing;        /* takes no more calls; closed when the last ends */
     const void *session; /* CONN_BOUND: its owner */
     bool checked_idle;   /* counted in sv_used */
+    bool fresh;          /* logged in and not used yet: no check needed */
 };
 
 struct pool_db {
@@ -384,6 +386,8 @@ static void arm_wait_timer(pool_db *db)
     }
     uint64_t now = pool_now_ns();
     uint64_t at = db->wait_head->queued_ns + ms_ns(db->wait_ms);
+    if (db->wait_head->deadline_ns && db->wait_head->deadline_ns < at)
+        at = db->wait_head->deadline_ns; /* the request's own deadline comes first */
     uint64_t reserve_at = db->wait_head->queued_ns + ms_ns(db->reserve_ms);
     if (db->reserve_share > 0 && db->n_open < db->pool_share + db->reserve_share && reserve_at > now &&
         reserve_at < at)
@@ -407,11 +411,19 @@ static void wait_timer_cb(evutil_socket_t fd, short what, void *arg)
     pool_db *db = arg;
     uint64_t now = pool_now_ns();
     uint64_t limit = ms_ns(db->wait_ms);
-    while (db->wait_head && now - db->wait_head->queued_ns >= limit) {
-        pool_call *call = db->wait_head;
-        queue_remove(db, call);
-        count_error(db, "wait_timeout");
-        call_finish_later(call, 503, "no server connection within query_wait_timeout");
+    for (pool_call *call = db->wait_head, *next; call; call = next) {
+        next = call->next;
+        if (now - call->queued_ns >= limit) {
+            queue_remove(db, call);
+            count_error(db, "wait_timeout");
+            call_finish_later(call, 503, "no server connection within query_wait_timeout");
+        } else if (call->deadline_ns && now >= call->deadline_ns) {
+            queue_remove(db, call);
+            count_error(db, "query_timeout");
+            call_finish_later(call, 504, "request deadline passed waiting for a server connection");
+        } else if (now - call->queued_ns < limit / 2) {
+            break; /* FIFO: the rest are younger still */
+        }
     }
     dispatch(db); /* a reserve connection may be due */
 }
@@ -496,12 +508,16 @@ static void leave_state(pool_conn *c)
 }
 
 /* Arm the statement deadline for the oldest call in flight. */
+/* Arm the connection's timer for the earliest deadline among its calls
+ * still to be answered, and the cancel grace when one runs. */
 static void arm_call_timer(pool_conn *c)
 {
-    if (c->cancel_sent)
-        return; /* the grace timer runs */
-    if (c->q_head)
-        timer_at(c->timer, c->q_head->due_ns);
+    uint64_t at = c->cancel_sent ? c->grace_ns : 0;
+    for (pool_call *call = c->q_head; call; call = call->next)
+        if (!call->cancelled && (!at || call->due_ns < at))
+            at = call->due_ns;
+    if (at)
+        timer_at(c->timer, at);
     else
         evtimer_del(c->timer);
 }
@@ -590,7 +606,7 @@ static bool conn_send(pool_conn *c, pool_call *call)
     pool_db *db = c->db;
     uint64_t now = pool_now_ns();
     call->nsteps = call->cur = 0;
-    if (c->depth == 0 && db->check_query && *db->check_query && c->idle_ns &&
+    if (c->depth == 0 && !c->fresh && db->check_query && *db->check_query && c->idle_ns &&
         now - c->idle_ns >= ms_ns(db->check_delay_ms)) {
         if (!PQsendQueryParams(c->pg, db->check_query, 0, NULL, NULL, NULL, NULL, 0))
             return false;
@@ -610,6 +626,7 @@ static bool conn_send(pool_conn *c, pool_call *call)
         return false;
     call->steps[call->nsteps++] = STEP_EXECUTE;
     c->idle_ns = 0;
+    c->fresh = false;
     call->sent_ns = now;
     call->due_ns = db->query_ms > 0 ? now + ms_ns(db->query_ms + POOL_QUERY_GRACE_MS) : 0;
     if (call->deadline_ns && (!call->due_ns || call->deadline_ns < call->due_ns))
@@ -627,8 +644,7 @@ static bool conn_send(pool_conn *c, pool_call *call)
     c->q_tail = call;
     c->depth++;
     db->n_calls++;
-    if (c->depth == 1)
-        arm_call_timer(c);
+    arm_call_timer(c);
     return true;
 }
 
@@ -699,7 +715,7 @@ static void call_done(pool_conn *c, pool_call *call, pool_call **answered)
         bump(&stats->sent, bytes);
     }
     int status = ok ? 200 : res ? pool_sqlstate_status(state) : 503;
-    if (status == 504)
+    if (status == 504 && !call->cancelled) /* a call we answered early was counted then */
         count_error(db, "query_timeout");
     if (db->session_mode && call->session && !call->cancelled && c->depth == 0 && !c->closing) {
         /* session mode: the connection stays with its client until
@@ -869,7 +885,9 @@ static void connect_failed(pool_conn *c, const char *reason)
         db->backoff_ms = POOL_BACKOFF_MAX_MS;
     db->next_connect_ns = pool_now_ns() + ms_ns(db->backoff_ms);
     conn_close(c, 503, "database unavailable");
-    if (db->n_open - db->n_login > 0) {
+    /* Connections of other workers (or ours) still open: not an outage. */
+    if (db->n_open - db->n_login > 0 ||
+        atomic_load_explicit(&db->sh->server_conns, memory_order_relaxed) > 0) {
         pool_logf(db->p->sh, CONFIG_LOG_DEBUG, "postgres %s: cannot open another connection: %.*s", db->name,
                   first_line(why), why);
         return;
@@ -912,6 +930,16 @@ static void send_cancel(pool_conn *c)
     pthread_attr_destroy(&attr);
 }
 
+/* Answer a call 504 now, although its statement was sent: the call stays
+ * on its connection (cancelled) until the server's answer comes. */
+static void answer_timed_out(pool_call *call)
+{
+    pool_result r = {.status = 504, .res = NULL, .error = "query timed out"};
+    call->cancelled = true;
+    unadmit(call);
+    call->done(call->arg, &r);
+}
+
 static void conn_timeout(pool_conn *c)
 {
     pool_db *db = c->db;
@@ -921,28 +949,38 @@ static void conn_timeout(pool_conn *c)
         connect_failed(c, why);
         return;
     }
-    if (!c->cancel_sent && c->q_head) {
-        /* The oldest statement is past its deadline (ours, before the server's
-         * statement_timeout). Answer it now, ask the server to cancel it, and
-         * keep the connection, and its slot under max_db_connections, until
-         * the server has let go of it. */
-        pool_call *call = c->q_head;
-        count_error(db, "query_timeout");
-        if (!call->cancelled) {
-            pool_result r = {.status = 504, .res = NULL, .error = "query timed out"};
-            call->cancelled = true;
-            unadmit(call);
-            call->done(call->arg, &r);
-        }
-        c->cancel_sent = true;
-        c->closing = true;
-        send_cancel(c);
-        timer_at(c->timer, pool_now_ns() + ms_ns(POOL_CANCEL_GRACE_MS));
+    uint64_t now = pool_now_ns();
+    if (c->cancel_sent && now >= c->grace_ns) {
+        /* The server did not give it back in time: drop it. */
+        conn_close(c, 504, "query timed out");
+        dispatch(db);
         return;
     }
-    /* The server did not give it back in time: drop it. */
-    conn_close(c, 504, "query timed out");
-    dispatch(db);
+    /* Calls past their deadline (ours, before the server's statement_timeout)
+     * are answered now. When the oldest is one of them, the server is asked
+     * to cancel it, and the connection keeps its slot under
+     * max_db_connections, taking no more calls, until the server has let go
+     * of it (or POOL_CANCEL_GRACE_MS passed). */
+    pool_call *due[64];
+    size_t n = 0;
+    for (pool_call *call = c->q_head; call && n < 64; call = call->next) {
+        if (call->cancelled || call->due_ns > now)
+            continue;
+        if (call == c->q_head && !c->cancel_sent) {
+            c->cancel_sent = true;
+            c->closing = true;
+            c->grace_ns = now + ms_ns(POOL_CANCEL_GRACE_MS);
+            send_cancel(c);
+        }
+        count_error(db, "query_timeout");
+        call->cancelled = true; /* answered below, after the connection is in order */
+        due[n++] = call;
+    }
+    arm_call_timer(c);
+    for (size_t i = 0; i < n; i++) {
+        due[i]->cancelled = false;
+        answer_timed_out(due[i]);
+    }
 }
 
 static void timer_cb(evutil_socket_t fd, short what, void *arg)
@@ -980,8 +1018,8 @@ static void login_ok(pool_conn *c)
     db->next_connect_ns = 0;
     set_state(db, POOL_DB_UP);
     leave_state(c);
-    idle_push(db, c);
-    c->idle_ns = 0; /* fresh: no check needed */
+    idle_push(db, c); /* idle since now, for server_idle_timeout */
+    c->fresh = true;  /* just logged in: its first call needs no check */
     dispatch(db);
 }
 
@@ -1128,6 +1166,12 @@ static void dispatch(pool_db *db)
         }
         pool_call *call = db->wait_head;
         queue_remove(db, call);
+        if (call->deadline_ns && pool_now_ns() >= call->deadline_ns) {
+            /* Never send a call whose request has already given up. */
+            count_error(db, "query_timeout");
+            call_finish_later(call, 504, "request deadline passed waiting for a server connection");
+            continue;
+        }
         conn_assign(c, call);
     }
     /* Calls left waiting because the other workers hold every slot of the
@@ -1164,7 +1208,7 @@ static void maintain(pool_db *db)
                         others_starving(db);
             if (stale || old || idle_long || over) {
                 conn_close(c, 503, NULL);
-            } else if (!c->checked_idle && db->check_delay_ms >= 0 &&
+            } else if (!c->checked_idle && !c->fresh && db->check_delay_ms >= 0 &&
                        now - c->idle_ns >= (uint64_t)db->check_delay_ms * 1000000ULL) {
                 c->checked_idle = true;
                 db->n_used++;
@@ -1473,6 +1517,9 @@ void pool_session_end(pool_t *p, const void *session)
     for (pool_db *db = p->dbs; db; db = db->next) {
         if (!db->session_mode && !db->n_bound)
             continue;
+        for (pool_call *call = db->wait_head; call; call = call->next)
+            if (call->session == session)
+                call->session = NULL;
         for (pool_conn *c = db->conns; c; c = c->next) {
             /* A call of the session still running: its connection is not to
              * stay bound when it ends. */
@@ -1496,8 +1543,8 @@ int pool_sqlstate_status(const char *s)
     /* Class 22 codes a bad input value raises when it is converted to the
      * parameter's type; other data exceptions (22012 division by zero, say)
      * are the query's own. */
-    static const char *const bad_value[] = {"22001", "22003", "22007", "22008", "22009",
-                                            "22021", "22023", "22P02", "22P03", "2201B"};
+    static const char *const bad_value[] = {"22001", "22003", "22007", "22008", "22009", "22021",
+                                            "22023", "22P02", "22P03", "22P05", "2201B"};
     if (!s || strlen(s) != 5)
         return 500;
     for (size_t i = 0; i < sizeof bad_value / sizeof bad_value[0]; i++)
