@@ -130,6 +130,7 @@ typedef struct config_cache {
 } config_cache;
 
 typedef struct config_compression {
+    bool enabled;      /* the file has a compression: section */
     char **algorithms; /* each "br" or "gzip", server preference order */
     size_t algorithm_count;
     int64_t min_bytes;

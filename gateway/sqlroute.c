@@ -287,7 +287,8 @@ static void add_next_link(struct evhttp_request *req, const sqlroute_params *p)
 }
 
 int sqlroute_answer(struct evhttp_request *req, const config_route_sql *sql, const sqlroute_params *p,
-                    const pool_result *result, const char *request_id, size_t *bytes)
+                    const pool_result *result, const char *request_id, gw_compressor *comp,
+                    const config_compression *cc, size_t *bytes)
 {
     *bytes = 0;
     if (result->status != 200) {
@@ -341,7 +342,15 @@ int sqlroute_answer(struct evhttp_request *req, const config_route_sql *sql, con
         if (rows > p->limit && p->limit > 0) /* limit=0 would point at itself */
             add_next_link(req, p);
     }
-    int s = send_json(req, 200, b, bytes);
+    struct evbuffer *packed = NULL;
+    char joined[1024];
+    const char *ae = gw_accept_encoding_of(evhttp_request_get_input_headers(req), joined, sizeof joined);
+    struct evbuffer *out =
+        gw_compress_own(comp, cc, ae, evhttp_request_get_command(req) == EVHTTP_REQ_HEAD, 200,
+                        "application/json", b, evhttp_request_get_output_headers(req), &packed);
+    int s = send_json(req, 200, out, bytes);
+    if (packed)
+        evbuffer_free(packed);
     evbuffer_free(b);
     return s;
 }

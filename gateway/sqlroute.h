@@ -26,6 +26,7 @@
 #include <event2/http.h>
 
 #include "config/config.h"
+#include "gateway/compress.h"
 #include "gateway/router.h"
 #include "gateway/runtime.h"
 #include "pool/pool.h"
@@ -45,8 +46,10 @@ int sqlroute_params_build(const config_route_sql *sql, const gw_sql_plan *plan, 
 void sqlroute_params_free(sqlroute_params *p);
 
 /* Send the answer for result on req (X-Request-Id and the like are the
- * caller's). Returns the status sent; *bytes gets the body length. */
+ * caller's), compressed by compress.h's rules when cc says so. Returns the
+ * status sent; *bytes gets the body length sent. */
 int sqlroute_answer(struct evhttp_request *req, const config_route_sql *sql, const sqlroute_params *p,
-                    const pool_result *result, const char *request_id, size_t *bytes);
+                    const pool_result *result, const char *request_id, gw_compressor *comp,
+                    const config_compression *cc, size_t *bytes);
 
 #endif

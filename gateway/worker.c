@@ -33,6 +33,7 @@
 #include <event2/keyvalq_struct.h>
 #include <event2/listener.h>
 
+#include "gateway/compress.h"
 #include "gateway/httputil.h"
 #include "gateway/log.h"
 #include "gateway/sockio.h"
@@ -165,6 +166,7 @@ struct gw_worker {
 
     worker_gen *gen;
     pool_t *pool; /* PostgreSQL connections: outlive generations */
+    gw_compressor *comp;
     metrics_shard_t *shard;
     metrics_series_t *in_flight_gauge;
     gw_access_log_t *access;
@@ -540,7 +542,59 @@ static bool field_is(const http1_field *f, const char *name, size_t len)
  * the entry's key is Content-Length, with the body's length first in its value:
  * evhttp only checks that key's presence, and then adds no second one. For HEAD
  * the upstream's Content-Length passes as a field. */
-static void pass_response_fields(gw_request *r, const upstream_response *resp)
+/* How an answer leaves: its coding, and whether Vary must name Accept-Encoding. */
+typedef struct answer_coding {
+    gw_encoding enc;
+    bool add_vary;
+} answer_coding;
+
+/* Does the comma-separated list name token (or "*")? */
+static bool field_lists(const http1_field *f, const char *token)
+{
+    char v[512];
+    size_t n = f->value_len < sizeof v - 1 ? f->value_len : sizeof v - 1;
+    memcpy(v, f->value, n);
+    v[n] = '\0';
+    return gw_header_list_has_token(v, token) || gw_header_list_has_token(v, "*");
+}
+
+/* compress.h's rules for an upstream answer; the client's choice in ac. */
+static void choose_coding(gw_request *r, const upstream_response *resp, answer_coding *ac)
+{
+    const config_compression *cc = &r->gen->rt->cfg->compression;
+    ac->enc = GW_ENC_IDENTITY;
+    ac->add_vary = false;
+    if (!cc->enabled || r->method == CONFIG_METHOD_HEAD || resp->status < 200 || resp->status == 204 ||
+        resp->status == 206 || resp->status == 304 || evbuffer_get_length(resp->body) < (size_t)cc->min_bytes)
+        return;
+    bool type_ok = false, varies = false;
+    for (size_t i = 0; i < resp->field_count; i++) {
+        const http1_field *f = &resp->fields[i];
+        if (field_is(f, "Content-Encoding", 16) &&
+            !(f->value_len == 8 && strncasecmp(f->value, "identity", 8) == 0))
+            return; /* encoded already: passed as it is */
+        if (field_is(f, "Content-Range", 13))
+            return;
+        if (field_is(f, "Cache-Control", 13) && field_lists(f, "no-transform") &&
+            !(f->value_len == 1 && f->value[0] == '*'))
+            return;
+        if (field_is(f, "Content-Type", 12))
+            type_ok = gw_compress_type_ok(cc, f->value, f->value_len);
+        if (field_is(f, "Vary", 4) && field_lists(f, "Accept-Encoding"))
+            varies = true;
+    }
+    if (!type_ok)
+        return;
+    ac->add_vary = !varies;
+    gw_encoding prefs[2];
+    size_t n = gw_compress_prefs(cc, prefs);
+    char joined[1024];
+    const char *ae = gw_accept_encoding_of(evhttp_request_get_input_headers(r->req), joined, sizeof joined);
+    ac->enc = gw_encoding_choose(ae, prefs, n, NULL);
+}
+
+static void pass_response_fields(gw_request *r, const upstream_response *resp, struct evbuffer *body,
+                                 const answer_coding *ac)
 {
     struct evkeyvalq *oh = evhttp_request_get_output_headers(r->req);
     const http1_field *connection = NULL;
@@ -560,15 +614,17 @@ static void pass_response_fields(gw_request *r, const upstream_response *resp)
             continue;
         }
         keep[kept++] = i;
-        len += f->name_len + 2 + f->value_len + 2;
+        len += f->name_len + 2 + f->value_len + 2 + 2; /* + 2: "W/" on a weakened ETag */
     }
+    /* Our own lines: "Vary: Accept-Encoding", "Content-Encoding: gzip". */
+    len += 2 + 24 + 2 + 22;
     /* With a body, the entry's key is Content-Length (so evhttp adds none) and
      * its value starts with the length; otherwise the first field leads. */
     bool with_length = !head && resp->status >= 200 && resp->status != 204 && resp->status != 304;
     char length[24];
     size_t length_len = 0;
     if (with_length)
-        length_len = (size_t)snprintf(length, sizeof length, "%zu", evbuffer_get_length(resp->body));
+        length_len = (size_t)snprintf(length, sizeof length, "%zu", evbuffer_get_length(body));
     size_t id_len = strlen(r->request_id);
     len += length_len + 2 + 12 + 2 + id_len;
     const char *key = with_length ? "Content-Length" : kept ? resp->fields[keep[0]].name : "X-Request-Id";
@@ -599,8 +655,28 @@ static void pass_response_fields(gw_request *r, const upstream_response *resp)
             memcpy(w + f->name_len, ": ", 2);
             w += f->name_len + 2;
         }
+        /* A compressed answer is not byte-equal to the strong validator's. */
+        if (ac->enc != GW_ENC_IDENTITY && field_is(f, "ETag", 4) && f->value_len > 0 && f->value[0] == '"') {
+            memcpy(w, "W/", 2);
+            w += 2;
+        }
         memcpy(w, f->value, f->value_len);
         w += f->value_len;
+    }
+    if (ac->add_vary) {
+        if (w != value) {
+            memcpy(w, "\r\n", 2);
+            w += 2;
+        }
+        memcpy(w, "Vary: Accept-Encoding", 21);
+        w += 21;
+    }
+    if (ac->enc != GW_ENC_IDENTITY) {
+        if (w != value) {
+            memcpy(w, "\r\n", 2);
+            w += 2;
+        }
+        w += sprintf(w, "Content-Encoding: %s", gw_encoding_name(ac->enc));
     }
     if (w != value) {
         memcpy(w, "\r\nX-Request-Id: ", 16);
@@ -624,11 +700,25 @@ static void upstream_done(void *arg, const upstream_response *resp, int status, 
         respond_error(r, status, status == 504 ? "upstream timed out" : "upstream failed");
         return;
     }
-    pass_response_fields(r, resp); /* X-Request-Id included */
+    answer_coding ac;
+    choose_coding(r, resp, &ac);
+    struct evbuffer *body = resp->body, *packed = NULL;
+    if (ac.enc != GW_ENC_IDENTITY) {
+        packed = evbuffer_new();
+        if (packed &&
+            gw_compress(r->w->comp, &r->gen->rt->cfg->compression, ac.enc, resp->body, packed) == 0 &&
+            evbuffer_get_length(packed) < evbuffer_get_length(resp->body))
+            body = packed;
+        else
+            ac.enc = GW_ENC_IDENTITY; /* no smaller, or failed: as it came */
+    }
+    pass_response_fields(r, resp, body, &ac); /* X-Request-Id included */
     add_drain_header(r);
     r->status = resp->status;
-    r->bytes = r->method == CONFIG_METHOD_HEAD ? 0 : evbuffer_get_length(resp->body);
-    evhttp_send_reply(r->req, resp->status, resp->reason[0] ? resp->reason : NULL, resp->body);
+    r->bytes = r->method == CONFIG_METHOD_HEAD ? 0 : evbuffer_get_length(body);
+    evhttp_send_reply(r->req, resp->status, resp->reason[0] ? resp->reason : NULL, body);
+    if (packed)
+        evbuffer_free(packed);
     request_end(r);
 }
 
@@ -688,7 +778,8 @@ static void sql_done(void *arg, const pool_result *result)
                state ? state : "", msg ? ": " : "", msg ? msg : "");
     }
     add_common_headers(r);
-    r->status = sqlroute_answer(r->req, sql, &r->sql, result, r->request_id, &r->bytes);
+    r->status = sqlroute_answer(r->req, sql, &r->sql, result, r->request_id, r->w->comp,
+                                &r->gen->rt->cfg->compression, &r->bytes);
     if (r->method == CONFIG_METHOD_HEAD)
         r->bytes = 0;
     request_end(r);
@@ -1468,6 +1559,8 @@ static void worker_free(gw_worker *w)
         return;
     pool_free(w->pool); /* before evhttp: calls still running are answered */
     w->pool = NULL;
+    gw_compressor_free(w->comp);
+    w->comp = NULL;
     if (w->http)
         evhttp_free(w->http);
     if (w->later_timer) {
@@ -1552,7 +1645,8 @@ gw_worker *gw_worker_create(gw_server *srv, int id, gw_runtime *rt, const int *l
         goto fail;
     w->in_flight_gauge = metrics_series(w->shard, srv->metrics.in_flight, NULL);
     w->pool = pool_create(w->base, srv->pool, id, w->shard, &srv->metrics.pool);
-    if (!w->pool)
+    w->comp = gw_compressor_create();
+    if (!w->pool || !w->comp)
         goto fail;
 
     evhttp_set_gencb(w->http, on_request, w);

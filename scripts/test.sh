@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's test command: installs what is missing, checks formatting, builds
 # with warnings as errors, runs every test (unit + integration) under CTest, then
-# builds again with ASan + UBSan and runs the unit and integration suites there.
+# builds again with ASan + UBSan and runs the unit and integration suites there,
+# then fuzzes the Accept-Encoding parser for FUZZ_SECONDS (default 30).
 # Exits non-zero on any failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,3 +25,6 @@ export ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:exitcode=23
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 export GATEWAY_SANITIZED=1
 (cd "$root/build-asan" && ctest --output-on-failure --timeout 900 -L 'unit|integration')
+
+# Fuzz the Accept-Encoding parser for a bounded time (FUZZ_SECONDS, default 30 s).
+scripts/fuzz.sh "$root/build-fuzz"

@@ -19,11 +19,23 @@ the tests can put any route prefix in front:
   /headers?K=V&K=V    200, every query pair sent back as a response header
   /close              200 JSON, then closes the connection (Connection: close)
   /reset              closes the connection with an RST, answering nothing
+  /respond?...        a body and headers of the test's choosing (respond_body()):
+                      size=N bytes (default 0) of kind=json (compressible,
+                      JSON-like) or kind=random (incompressible), seed=S;
+                      ct=<Content-Type> (default application/json; ct= with an
+                      empty value sends none); status=<code> (default 200; no
+                      body for 1xx/204/304); h=Name:Value, repeatable, each an
+                      extra response header; gzip=1 sends the gzip of that body
+                      (add h=Content-Encoding:gzip yourself); chunked=1 sends it
+                      with Transfer-Encoding: chunked in pieces of piece=N bytes
+                      (default 4096)
 
 Header names in `headers` are lower-cased; each value is a list (repeated
 headers keep every value, in order).
 """
 
+import functools
+import gzip
 import hashlib
 import json
 import random
@@ -48,6 +60,39 @@ def big_body(n):
 def chunked_body(n=5):
     """The body /chunked?n=N answers, once the chunks are put together."""
     return "".join(CHUNKS[i % len(CHUNKS)] + str(i) + ";" for i in range(n)).encode()
+
+
+_WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliett",
+          "kilo", "lima", "mike", "november", "oscar", "papa", "quebec", "romeo", "sierra", "tango"]
+
+
+@functools.lru_cache(maxsize=64)
+def respond_body(size, kind="json", seed=0):
+    """The body /respond?size=N&kind=K&seed=S answers (before any gzip=1): exactly
+    `size` bytes. kind "json": JSON-like records with random numbers, words and hex
+    (compresses to roughly a third, not trivially); kind "random": random bytes
+    (does not compress). Deterministic, cached."""
+    rnd = random.Random("%s-%d-%d" % (kind, size, seed))
+    if kind == "random":
+        return rnd.randbytes(size)
+    assert kind == "json", "kind must be json or random"
+    out = []
+    have = 1
+    i = 0
+    while have < size:
+        rec = '{"id":%d,"name":"%s-%s","score":%d.%02d,"hex":"%08x","tags":["%s","%s"],"ok":%s}' % (
+            i, rnd.choice(_WORDS), rnd.choice(_WORDS), rnd.randrange(1000), rnd.randrange(100),
+            rnd.getrandbits(32), rnd.choice(_WORDS), rnd.choice(_WORDS), rnd.choice(("true", "false")))
+        out.append(rec)
+        have += len(rec) + 1
+        i += 1
+    return ("[" + ",".join(out) + "]").encode()[:size]
+
+
+@functools.lru_cache(maxsize=16)
+def respond_body_gzipped(size, kind="json", seed=0):
+    """What /respond?...&gzip=1 sends: gzip of respond_body(size, kind, seed)."""
+    return gzip.compress(respond_body(size, kind, seed), compresslevel=6, mtime=0)
 
 
 class Request:
@@ -186,7 +231,11 @@ class _Handler(BaseHTTPRequestHandler):
         stop = self.owner._stop_event
         m = re.search(r"/(status|delay|big)/(\d+)/?$", path) or re.search(r"/(chunked|headers|close|reset)/?$", path)
         kind = m.group(1) if m else "echo"
-        if kind == "status":
+        if not m and re.search(r"/respond/?$", path):
+            kind = "respond"
+        if kind == "respond":
+            self._respond_chosen(urllib.parse.parse_qs(req.query, keep_blank_values=True))
+        elif kind == "status":
             code = int(m.group(2))
             hdrs = [("Location", "/echo")] if 300 <= code < 400 else []
             doc = {"server": self.owner.name, "status": code}
@@ -222,6 +271,44 @@ class _Handler(BaseHTTPRequestHandler):
             if delay:
                 stop.wait(delay / 1000.0)
             self._send(200, json.dumps(self._echo_doc(req)).encode())
+
+
+    def _respond_chosen(self, query):
+        """/respond: see the module docstring."""
+        def one(name, default):
+            return query.get(name, [default])[0]
+        size = int(one("size", "0"))
+        kind = one("kind", "json")
+        seed = int(one("seed", "0"))
+        status = int(one("status", "200"))
+        ct = query["ct"][0] if "ct" in query else "application/json"
+        body = respond_body_gzipped(size, kind, seed) if one("gzip", "0") == "1" else respond_body(size, kind, seed)
+        hdrs = []
+        for h in query.get("h", []):
+            name, _, value = h.partition(":")
+            hdrs.append((name.strip(), value.strip()))
+        no_body = status in (204, 304) or status < 200
+        self.send_response(status)
+        if ct:
+            self.send_header("Content-Type", ct)
+        chunked = one("chunked", "0") == "1" and not no_body
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        elif not no_body:
+            self.send_header("Content-Length", str(len(body)))
+        for k, v in hdrs:
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command == "HEAD" or no_body:
+            return
+        if chunked:
+            piece = max(1, int(one("piece", "4096")))
+            for i in range(0, len(body), piece):
+                part = body[i:i + piece]
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+            self.wfile.write(b"0\r\n\r\n")
+        else:
+            self.wfile.write(body)
 
 
 class Upstream:

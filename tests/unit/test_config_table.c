@@ -134,6 +134,7 @@ static const char show_yaml[] = "admin: { listen: \"127.0.0.1:9901\", token: s3c
                                 "    main: { dbname: app, user: app, password: hunter4 }\n"
                                 "    other: { dbname: app, user: app }\n"
                                 "  server_check_query: 'select \"x\"'\n"
+                                "compression: { gzip_level: 6 }\n"
                                 "upstreams: { api: { targets: [\"a:1\"] } }\n"
                                 "routes:\n"
                                 "  - { name: r, match: { path: /r, methods: [GET, POST] }, upstream: api }\n";
@@ -186,6 +187,7 @@ static void test_show_json_skips_absent_redis(void **state)
 
     (void)state;
     assert_null(strstr(json, "\"redis."));
+    assert_null(strstr(json, "\"compression.")); /* absent: answers are not compressed */
     assert_non_null(strstr(json, "{\"key\":\"log.level\",\"value\":\"debug\",\"default\":\"info\""));
     assert_non_null(strstr(json, "{\"key\":\"cache.store\",\"value\":\"memory\""));
     free(json);

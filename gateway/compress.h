@@ -1,0 +1,64 @@
+/*
+ * compress.h - gzip and brotli for answers, and the rules for when to use them.
+ *
+ * One gw_compressor per worker (its thread only): the zlib stream is made once
+ * and reset for each answer (deflateReset), so a worker does not allocate
+ * zlib's 256 KiB of state per answer; brotli has no reset, so its encoder is
+ * made per answer. Bodies are read chunk by chunk from their evbuffer and
+ * written into reserved space of the output, so a large body is never copied
+ * into one flat buffer first.
+ *
+ * When an answer qualifies (gw_compress_eligible): the request is not HEAD;
+ * the status is 200-299 but not 204 or 206, or 3xx/4xx/5xx with a body, but
+ * never 304; no Content-Encoding (other than identity) and no Content-Range
+ * on it; no Cache-Control: no-transform; its Content-Type is one of
+ * compression.types (type/subtype or type/ *, parameters ignored, case
+ * insensitive); its body has at least compression.min_bytes. Then the answer
+ * varies by Accept-Encoding (Vary is added) whatever this client accepts, and
+ * is compressed when the client accepts br or gzip (gw_encoding_choose) and
+ * the result is smaller.
+ */
+#ifndef GATEWAY_COMPRESS_H
+#define GATEWAY_COMPRESS_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#include <event2/buffer.h>
+#include <event2/http.h>
+
+#include "config/config.h"
+#include "gateway/encoding.h"
+
+typedef struct gw_compressor gw_compressor;
+
+gw_compressor *gw_compressor_create(void);
+void gw_compressor_free(gw_compressor *c);
+
+/* Compress all of `in` (left as it was) into `out` with `enc` (GW_ENC_GZIP at
+ * gzip_level, GW_ENC_BR at brotli_quality from cfg). 0, or -1 on failure (out
+ * then holds garbage: the caller discards it). */
+int gw_compress(gw_compressor *c, const config_compression *cfg, gw_encoding enc, struct evbuffer *in,
+                struct evbuffer *out);
+
+/* Does content_type (a Content-Type value, may be NULL) match cfg->types? */
+bool gw_compress_type_ok(const config_compression *cfg, const char *content_type, size_t len);
+
+/* An answer the gateway writes itself (a SQL route's JSON): the same rules
+ * with what the gateway knows of it. Adds Vary and Content-Encoding to
+ * headers when due and returns the body to send: `body` itself, or a new
+ * buffer also stored in *packed for the caller to free. */
+struct evbuffer *gw_compress_own(gw_compressor *c, const config_compression *cfg, const char *accept_encoding,
+                                 bool head, int status, const char *content_type, struct evbuffer *body,
+                                 struct evkeyvalq *headers, struct evbuffer **packed);
+
+/* The request's Accept-Encoding: one field line as it is, several joined by
+ * ", " into buf (RFC 9110 5.3); NULL when there is none. Past size, the
+ * lines that do not fit are left out. */
+const char *gw_accept_encoding_of(const struct evkeyvalq *headers, char *buf, size_t size);
+
+/* The server's preference order from cfg->algorithms into prefs (at least 2
+ * entries); returns how many. */
+size_t gw_compress_prefs(const config_compression *cfg, gw_encoding *prefs);
+
+#endif
