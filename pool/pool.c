@@ -144,6 +144,7 @@ struct pool_db {
     uint64_t next_connect_ns;
     int backoff_ms;
     bool cap_blocked; /* the last open was refused by the shared max_db_connections */
+    bool refused;     /* the last connect failed while connections were open elsewhere */
     bool starving;    /* counted in the shared `wanted`: calls wait on the shared cap */
     stmt_stat stats[STMT_STATS_CAP];
 
@@ -890,6 +891,11 @@ static void connect_failed(pool_conn *c, const char *reason)
         atomic_load_explicit(&db->sh->server_conns, memory_order_relaxed) > 0) {
         pool_logf(db->p->sh, CONFIG_LOG_DEBUG, "postgres %s: cannot open another connection: %.*s", db->name,
                   first_line(why), why);
+        /* The server turns us away (its max_connections, a role's limit)
+         * while connections are open: if ours all belong to other workers,
+         * they are asked to give idle ones back, as for the shared cap. */
+        db->refused = true;
+        dispatch(db);
         return;
     }
     if (!db->down)
@@ -1014,6 +1020,7 @@ static void login_ok(pool_conn *c)
     event_assign(c->wr, db->p->base, c->fd, EV_WRITE, wr_cb, c);
     evtimer_del(c->timer);
     db->down = false;
+    db->refused = false;
     db->backoff_ms = 0;
     db->next_connect_ns = 0;
     set_state(db, POOL_DB_UP);
@@ -1176,7 +1183,7 @@ static void dispatch(pool_db *db)
     }
     /* Calls left waiting because the other workers hold every slot of the
      * shared cap: ask them to give idle connections back. */
-    bool starving = db->wait_head && !db->idle && db->cap_blocked;
+    bool starving = db->wait_head && !db->idle && (db->cap_blocked || (db->refused && db->n_open == 0));
     if (starving != db->starving) {
         db->starving = starving;
         atomic_fetch_add_explicit(&db->sh->wanted, starving ? 1 : -1, memory_order_relaxed);

@@ -277,11 +277,16 @@ def test_many_slow_calls_grow_the_pool(stack, postgres):
 
 # --- 3. a refused connection while growing -----------------------------------------------------
 
-def test_failed_growth_does_not_fail_database(stack, postgres):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_failed_growth_does_not_fail_database(stack, postgres, workers):
+    """With two workers, one may hold every connection the role may open: the
+    other's calls must still be served (its idle connections handed back)."""
     pg = clean_start(postgres)
     pg.psql("alter role %s connection limit 3" % APP_USER, db="postgres")
     try:
-        gw = start_gateway(stack, pg, workers=1, default_pool_size=10, pipeline_depth=1, query_wait_timeout="5s")
+        gw = start_gateway(stack, pg, workers=workers, default_pool_size=10, pipeline_depth=1,
+                           query_wait_timeout="5s")
+        wait_until(lambda: ready_status(gw) == 200, 5.0, "/ready once the first connection is up")
         lock = threading.Lock()
         results, probes = [], []
         done = threading.Event()
