@@ -153,6 +153,8 @@ typedef struct config_ratelimit {
     config_on_store_error on_store_error;
     config_policy *policies;
     size_t policy_count;
+    char **trusted_proxies; /* addresses or CIDR blocks whose X-Forwarded-For is believed */
+    size_t trusted_proxy_count;
 } config_ratelimit;
 
 typedef struct config_upstream {

@@ -208,6 +208,7 @@ bool config_valid_label(const char *value, config_why *why);
 bool config_valid_algorithm(const char *value, config_why *why);
 bool config_valid_media_type(const char *value, config_why *why);
 bool config_valid_policy_key(const char *value, config_why *why);
+bool config_valid_cidr(const char *value, config_why *why);
 bool config_valid_route_path(const char *value, config_why *why);
 bool config_valid_route_prefix(const char *value, config_why *why);
 bool config_valid_param_source(const char *value, config_why *why);

@@ -11,6 +11,7 @@
  */
 #include "config/config_internal.h"
 
+#include <arpa/inet.h>
 #include <ctype.h>
 #include <errno.h>
 #include <inttypes.h>
@@ -211,6 +212,28 @@ bool config_valid_media_type(const char *value, config_why *why)
         return fail(why, "a media type like application/json or text/*");
     if (strcmp(slash + 1, "*") != 0 && !all_tchars(slash + 1, strlen(slash + 1)))
         return fail(why, "a media type like application/json or text/*");
+    return true;
+}
+
+bool config_valid_cidr(const char *value, config_why *why)
+{
+    char addr[64];
+    unsigned char bytes[16];
+    const char *slash = strchr(value, '/');
+    size_t n = slash ? (size_t)(slash - value) : strlen(value);
+    if (n == 0 || n >= sizeof addr)
+        return fail(why, "an IP address or CIDR block like 10.0.0.0/8 or fd00::/8");
+    memcpy(addr, value, n);
+    addr[n] = '\0';
+    int family = strchr(addr, ':') ? AF_INET6 : AF_INET;
+    if (inet_pton(family, addr, bytes) != 1)
+        return fail(why, "an IP address or CIDR block like 10.0.0.0/8 or fd00::/8");
+    if (slash) {
+        char *end = NULL;
+        long bits = strtol(slash + 1, &end, 10);
+        if (!slash[1] || *end || bits < 0 || bits > (family == AF_INET ? 32 : 128))
+            return fail(why, "a prefix length 0..32 (IPv4) or 0..128 (IPv6) after '/'");
+    }
     return true;
 }
 

@@ -542,6 +542,15 @@ static const config_key ratelimit_keys[] = {
      .noun = "policy",
      .help =
          "Rate-limit policies by name (letters, digits, `_`, `.`, `-`); routes list them under ratelimit."},
+    {.name = "trusted_proxies",
+     .type = CONFIG_TYPE_STRING_LIST,
+     FIELD(config_ratelimit, trusted_proxies),
+     COUNT(config_ratelimit, trusted_proxy_count),
+     .def = "[]",
+     .noun = "proxy",
+     .valid = config_valid_cidr,
+     .help = "Peers (addresses or CIDR blocks) whose X-Forwarded-For names the client for client_ip keys; "
+             "none by default: the peer address is the client."},
     {0},
 };
 

@@ -114,6 +114,16 @@ int gw_metrics_register(gw_metrics *m, const double *buckets, size_t bucket_coun
         metrics_family_register(m->reg, "gateway_upstream_errors_total",
                                 "Upstream attempts that failed, by kind (connect, timeout, other).",
                                 METRICS_COUNTER, METRICS_MERGE_SUM, 2, upstream_kind, NULL, 0);
+    static const char *const policy_decision[] = {"policy", "decision"};
+    m->ratelimit =
+        metrics_family_register(m->reg, "gateway_ratelimit_requests_total",
+                                "Rate-limit decisions by policy (allowed, limited; dry-run policies "
+                                "count limited without refusing).",
+                                METRICS_COUNTER, METRICS_MERGE_SUM, 2, policy_decision, NULL, 0);
+    m->ratelimit_fallbacks = metrics_family_register(
+        m->reg, "gateway_ratelimit_store_fallbacks_total",
+        "Rate-limit decisions made by ratelimit.on_store_error because the store could not decide.",
+        METRICS_COUNTER, METRICS_MERGE_SUM, 0, NULL, NULL, 0);
     m->build_info = metrics_family_register(m->reg, "gateway_build_info", "Always 1; the version is a label.",
                                             METRICS_GAUGE, METRICS_MERGE_MAX, 1, version, NULL, 0);
     m->config_reloads = metrics_family_register(m->reg, "gateway_config_reloads_total",
@@ -439,6 +449,20 @@ static int run(const char *path)
         config_free(cfg);
         goto out;
     }
+    srv->rl = rl_local_create(GW_RATELIMIT_SLOTS);
+    if (!srv->rl) {
+        gw_error("cannot create the rate limiter's store");
+        config_free(cfg);
+        goto out;
+    }
+    {
+        gw_rng seed_rng;
+        gw_rng_seed(&seed_rng);
+        srv->rl_seed = gw_rng_next(&seed_rng);
+    }
+    if (cfg->ratelimit.store == CONFIG_STORE_REDIS && cfg->ratelimit.policy_count)
+        gw_warn("ratelimit.store: redis: the Redis store is not built yet; every decision follows "
+                "ratelimit.on_store_error");
     metrics_collector_register(srv->metrics.reg, server_collector, srv);
     metrics_collector_register(srv->metrics.reg, metrics_process_collector, NULL);
     srv->main_shard = metrics_shard_create(srv->metrics.reg);
@@ -534,6 +558,7 @@ out:
     gw_runtime_unref(srv->current);
     metrics_registry_free(srv->metrics.reg);
     pool_shared_free(srv->pool);
+    rl_local_free(srv->rl);
     free(err);
     return status;
 }

@@ -9,6 +9,7 @@
 
 #include "pool/result.h"
 
+#include <arpa/inet.h>
 #include <netdb.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -132,10 +133,51 @@ static void runtime_free(gw_runtime *rt)
     for (size_t i = 0; rt->route_sql && i < rt->cfg->route_count; i++)
         free(rt->route_sql[i].query);
     free(rt->route_sql);
+    for (size_t i = 0; rt->route_policies && i < rt->cfg->route_count; i++)
+        free(rt->route_policies[i]);
+    free(rt->route_policies);
+    free(rt->trusted);
     router_free(rt->router);
     SSL_CTX_free(rt->ssl_ctx);
     config_free(rt->cfg);
     free(rt);
+}
+
+static int parse_cidr(const char *text, gw_cidr *out)
+{
+    char addr[64];
+    const char *slash = strchr(text, '/');
+    size_t n = slash ? (size_t)(slash - text) : strlen(text);
+    if (n == 0 || n >= sizeof addr)
+        return -1;
+    memcpy(addr, text, n);
+    addr[n] = '\0';
+    out->family = strchr(addr, ':') ? AF_INET6 : AF_INET;
+    if (inet_pton(out->family, addr, out->bytes) != 1)
+        return -1;
+    int max = out->family == AF_INET ? 32 : 128;
+    out->bits = slash ? atoi(slash + 1) : max;
+    return out->bits < 0 || out->bits > max ? -1 : 0;
+}
+
+bool gw_cidr_match(const gw_cidr *blocks, size_t count, const char *addr)
+{
+    unsigned char bytes[16];
+    int family = strchr(addr, ':') ? AF_INET6 : AF_INET;
+    if (inet_pton(family, addr, bytes) != 1)
+        return false;
+    for (size_t i = 0; i < count; i++) {
+        const gw_cidr *b = &blocks[i];
+        if (b->family != family)
+            continue;
+        int full = b->bits / 8, rest = b->bits % 8;
+        if (memcmp(b->bytes, bytes, (size_t)full) != 0)
+            continue;
+        if (rest && ((b->bytes[full] ^ bytes[full]) & (unsigned char)(0xff << (8 - rest))))
+            continue;
+        return true;
+    }
+    return false;
 }
 
 /* A SQL route's plan. result: array is paged: by the query itself when it
@@ -203,6 +245,32 @@ gw_runtime *gw_runtime_create(config_t *cfg, unsigned long generation, char **er
         for (size_t i = 0; cfg->routes[r].upstream && i < cfg->upstream_count; i++)
             if (strcmp(cfg->routes[r].upstream, cfg->upstreams[i].name) == 0)
                 rt->route_upstream[r] = (int)i;
+    }
+    rt->route_policies = calloc(cfg->route_count + 1, sizeof *rt->route_policies);
+    rt->trusted = calloc(cfg->ratelimit.trusted_proxy_count + 1, sizeof *rt->trusted);
+    if (!rt->route_policies || !rt->trusted) {
+        *err = format_err("out of memory");
+        goto fail;
+    }
+    for (size_t i = 0; i < cfg->ratelimit.trusted_proxy_count; i++) {
+        if (parse_cidr(cfg->ratelimit.trusted_proxies[i], &rt->trusted[i]) != 0) {
+            *err = format_err("ratelimit.trusted_proxies: \"%s\" is not an address or CIDR block",
+                              cfg->ratelimit.trusted_proxies[i]);
+            goto fail;
+        }
+        rt->trusted_count++;
+    }
+    for (size_t r = 0; r < cfg->route_count; r++) {
+        const config_route *route = &cfg->routes[r];
+        rt->route_policies[r] = calloc(route->ratelimit_count + 1, sizeof **rt->route_policies);
+        if (!rt->route_policies[r]) {
+            *err = format_err("out of memory");
+            goto fail;
+        }
+        for (size_t k = 0; k < route->ratelimit_count; k++)
+            for (size_t i = 0; i < cfg->ratelimit.policy_count; i++)
+                if (strcmp(route->ratelimit[k], cfg->ratelimit.policies[i].name) == 0)
+                    rt->route_policies[r][k] = &cfg->ratelimit.policies[i];
     }
     for (size_t r = 0; r < cfg->route_count; r++) {
         if (cfg->routes[r].sql.enabled && plan_sql(&cfg->routes[r].sql, &rt->route_sql[r]) != 0) {

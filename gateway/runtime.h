@@ -30,6 +30,16 @@ typedef struct gw_upstream_addrs {
     size_t count;
 } gw_upstream_addrs;
 
+/* An address block of ratelimit.trusted_proxies. */
+typedef struct gw_cidr {
+    int family; /* AF_INET or AF_INET6 */
+    unsigned char bytes[16];
+    int bits;
+} gw_cidr;
+
+/* Is the textual address addr inside one of the blocks? */
+bool gw_cidr_match(const gw_cidr *blocks, size_t count, const char *addr);
+
 /* How a SQL route runs, worked out once per configuration. */
 typedef struct gw_sql_plan {
     char *query;      /* the statement sent: the route's, or wrapped for paging */
@@ -44,10 +54,13 @@ typedef struct gw_runtime {
     unsigned long generation;
     config_t *cfg;
     router_t *router;
-    gw_upstream_addrs *upstreams; /* parallel to cfg->upstreams */
-    int *route_upstream;          /* per route: index into cfg->upstreams, or -1 */
-    gw_sql_plan *route_sql;       /* per route; query NULL for upstream routes */
-    SSL_CTX *ssl_ctx;             /* NULL without server.tls */
+    gw_upstream_addrs *upstreams;          /* parallel to cfg->upstreams */
+    int *route_upstream;                   /* per route: index into cfg->upstreams, or -1 */
+    gw_sql_plan *route_sql;                /* per route; query NULL for upstream routes */
+    const config_policy ***route_policies; /* per route: its ratelimit policies, resolved */
+    gw_cidr *trusted;                      /* ratelimit.trusted_proxies, parsed */
+    size_t trusted_count;
+    SSL_CTX *ssl_ctx; /* NULL without server.tls */
 } gw_runtime;
 
 /* Build a runtime that takes ownership of cfg (freed with the runtime, or at

@@ -17,6 +17,7 @@
 #include "gateway/runtime.h"
 #include "metrics/metrics.h"
 #include "pool/pool.h"
+#include "ratelimit/ratelimit.h"
 
 typedef struct gw_worker gw_worker;
 
@@ -31,6 +32,8 @@ typedef struct gw_metrics {
     metrics_family_t *config_reloads;    /* {result} */
     metrics_family_t *upstream_errors;   /* {upstream,kind} */
     pool_metric_families pool;           /* gateway_pool_* */
+    metrics_family_t *ratelimit;         /* {policy,decision} */
+    metrics_family_t *ratelimit_fallbacks;
 } gw_metrics;
 
 typedef struct gw_server {
@@ -45,6 +48,8 @@ typedef struct gw_server {
     gw_metrics metrics;
     metrics_shard_t *main_shard;
     pool_shared *pool; /* the PostgreSQL pool's process-wide half */
+    rl_local *rl;      /* the rate limiter's per-process store, shared by the workers */
+    uint64_t rl_seed;  /* of the rate-limit key hash */
 
     atomic_long connections;   /* open client connections, all workers */
     long max_connections;      /* fixed at start (not reloadable) */

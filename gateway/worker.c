@@ -761,6 +761,147 @@ static void proxy(gw_request *r, int upstream_index)
         respond_error(r, 500, "out of memory");
 }
 
+/* ---- rate limiting ----------------------------------------------------------------- */
+
+/* The client's address for client_ip keys: the peer, or, when the peer is a
+ * trusted proxy, the last X-Forwarded-For entry that is not one (walking from
+ * the right: entries left of an untrusted hop could be forged). */
+static void limit_client(gw_request *r, char *out, size_t size)
+{
+    const gw_runtime *rt = r->gen->rt;
+    snprintf(out, size, "%s", r->client);
+    if (!rt->trusted_count || !gw_cidr_match(rt->trusted, rt->trusted_count, r->client))
+        return;
+    const char *xff = evhttp_find_header(evhttp_request_get_input_headers(r->req), "X-Forwarded-For");
+    if (!xff)
+        return;
+    const char *end = xff + strlen(xff);
+    while (end > xff) {
+        const char *start = end;
+        while (start > xff && start[-1] != ',')
+            start--;
+        const char *a = start, *b = end;
+        while (a < b && (*a == ' ' || *a == '\t'))
+            a++;
+        while (b > a && (b[-1] == ' ' || b[-1] == '\t'))
+            b--;
+        char hop[INET6_ADDRSTRLEN + 1];
+        size_t n = (size_t)(b - a);
+        if (n == 0 || n >= sizeof hop)
+            return; /* malformed: keep what we have */
+        memcpy(hop, a, n);
+        hop[n] = '\0';
+        snprintf(out, size, "%s", hop);
+        if (!gw_cidr_match(rt->trusted, rt->trusted_count, hop))
+            return;
+        end = start > xff ? start - 1 : xff;
+    }
+}
+
+/* The policy's key: its name and each part of `key` (client_ip, route,
+ * header:NAME), hashed with the process's seed. */
+static uint64_t limit_key(gw_request *r, const config_policy *pol, const char *route)
+{
+    uint64_t seed = r->w->srv->rl_seed;
+    uint64_t h = rl_hash(seed, pol->name, strlen(pol->name), 0);
+    for (const char *p = pol->key; *p;) {
+        size_t n = strcspn(p, "+");
+        if (n == 9 && strncmp(p, "client_ip", 9) == 0) {
+            char ip[INET6_ADDRSTRLEN + 1];
+            limit_client(r, ip, sizeof ip);
+            h = rl_hash(seed, ip, strlen(ip) + 1, h);
+        } else if (n == 5 && strncmp(p, "route", 5) == 0) {
+            h = rl_hash(seed, route, strlen(route) + 1, h);
+        } else if (n > 7) {
+            char name[256];
+            size_t k = n - 7 < sizeof name - 1 ? n - 7 : sizeof name - 1;
+            memcpy(name, p + 7, k);
+            name[k] = '\0';
+            const char *v = evhttp_find_header(evhttp_request_get_input_headers(r->req), name);
+            h = v ? rl_hash(seed, v, strlen(v) + 1, h) : rl_hash(seed, "", 0, h ^ 0x5a5a5a5a);
+        }
+        p += n + (p[n] == '+');
+    }
+    return h;
+}
+
+static void set_limit_headers(gw_request *r, const rl_decision *d)
+{
+    struct evkeyvalq *oh = evhttp_request_get_output_headers(r->req);
+    char v[32];
+    snprintf(v, sizeof v, "%lld", (long long)d->limit);
+    evhttp_add_header(oh, "RateLimit-Limit", v);
+    snprintf(v, sizeof v, "%lld", (long long)(d->remaining > 0 ? d->remaining : 0));
+    evhttp_add_header(oh, "RateLimit-Remaining", v);
+    snprintf(v, sizeof v, "%lld", (long long)((d->reset_ms + 999) / 1000));
+    evhttp_add_header(oh, "RateLimit-Reset", v);
+}
+
+/* The route's policies, in order. Returns false when the request was refused
+ * (answered 429). Every enforcing policy takes the request; the answer's
+ * RateLimit-* headers are those of the policy with the least room left. */
+static bool rate_limit(gw_request *r)
+{
+    const gw_runtime *rt = r->gen->rt;
+    const config_route *route = &rt->cfg->routes[r->route_index];
+    const gw_metrics *m = &r->w->srv->metrics;
+    rl_decision shown = {0}, refused = {0};
+    bool any = false, limited = false;
+    uint64_t now = gw_now_ns();
+    for (size_t i = 0; i < route->ratelimit_count; i++) {
+        const config_policy *pol = rt->route_policies[r->route_index][i];
+        if (!pol)
+            continue;
+        rl_decision d;
+        if (rt->cfg->ratelimit.store == CONFIG_STORE_REDIS &&
+            rt->cfg->ratelimit.on_store_error != CONFIG_ON_ERROR_LOCAL) {
+            /* No Redis store yet: every decision is on_store_error's. */
+            bool allow = rt->cfg->ratelimit.on_store_error == CONFIG_ON_ERROR_ALLOW;
+            d = (rl_decision){.allowed = allow,
+                              .limit = pol->limit,
+                              .remaining = allow ? pol->limit : 0,
+                              .reset_ms = pol->window_ms,
+                              .retry_after_ms = allow ? 0 : 1000};
+            metrics_series_t *fb = metrics_series(r->w->shard, m->ratelimit_fallbacks, NULL);
+            if (fb)
+                metrics_counter_add(fb, 1);
+        } else {
+            rl_local_take(r->w->srv->rl, limit_key(r, pol, route->name), now, pol->limit, pol->window_ms, &d);
+            if (rt->cfg->ratelimit.store == CONFIG_STORE_REDIS || d.no_room) {
+                metrics_series_t *fb = metrics_series(r->w->shard, m->ratelimit_fallbacks, NULL);
+                if (fb)
+                    metrics_counter_add(fb, 1);
+            }
+        }
+        const char *labels[2] = {pol->name, d.allowed ? "allowed" : "limited"};
+        metrics_series_t *s = metrics_series(r->w->shard, m->ratelimit, labels);
+        if (s)
+            metrics_counter_add(s, 1);
+        if (pol->dry_run)
+            continue; /* counted, never enforced */
+        if (!d.allowed) {
+            if (!limited || d.retry_after_ms > refused.retry_after_ms)
+                refused = d;
+            limited = true;
+        } else if (!any || d.remaining < shown.remaining) {
+            shown = d;
+        }
+        any = true;
+    }
+    if (limited) {
+        set_limit_headers(r, &refused);
+        char secs[24];
+        long long wait_s = (refused.retry_after_ms + 999) / 1000;
+        snprintf(secs, sizeof secs, "%lld", wait_s > 0 ? wait_s : 1);
+        evhttp_add_header(evhttp_request_get_output_headers(r->req), "Retry-After", secs);
+        respond_error_close(r, 429, "rate limited", false);
+        return false;
+    }
+    if (any)
+        set_limit_headers(r, &shown);
+    return true;
+}
+
 /* ---- SQL routes ------------------------------------------------------------------ */
 
 /* pool_done_fn: the statement's result becomes the answer. */
@@ -1005,6 +1146,8 @@ static void on_request(struct evhttp_request *req, void *arg)
         return;
     }
     r->route_index = m.route_index;
+    if (cfg->routes[m.route_index].ratelimit_count && !rate_limit(r))
+        return;
     int up = gen->rt->route_upstream[m.route_index];
     if (up < 0) {
         sql_route(r, &m);

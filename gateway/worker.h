@@ -30,6 +30,7 @@
 #define GW_DRAIN_POLL_MS 20
 #define GW_LISTEN_BACKLOG 4096
 #define GW_CLIENT_READ_CHUNK (16 * 1024) /* bytes asked of the kernel per client read */
+#define GW_RATELIMIT_SLOTS (64 * 1024)   /* keys the local rate-limit store holds (about 1 MiB) */
 
 /* Create a worker (main thread, before any thread starts). listen_fds are
  * bound, listening, nonblocking sockets, owned by the worker from now on. rt

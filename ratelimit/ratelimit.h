@@ -1,0 +1,56 @@
+/*
+ * ratelimit.h - rate limiting by GCRA (the generic cell rate algorithm), and
+ * the per-process store of its state.
+ *
+ * GCRA keeps one number per key: the theoretical arrival time (TAT) of the
+ * next request. A policy of `limit` requests per `window` spaces requests
+ * by period = window / limit and tolerates a burst of `limit`: a request at
+ * `now` is allowed when max(TAT, now) + period - now <= window, and then TAT
+ * becomes max(TAT, now) + period. Unlike a fixed window there is no edge
+ * where two windows' worth pass in a moment: at most `limit` requests in any
+ * window-long interval (plus one period's rounding).
+ *
+ * The local store (rl_local) is one table for the whole process, shared by
+ * all workers without a lock: each slot is a key hash and a TAT, updated by
+ * compare-and-swap. A key lives in one of RL_PROBE slots from its home; when
+ * they are all held by other keys still counting, the request is decided as
+ * "no room" (the caller counts a fallback and allows it), so the table's
+ * memory is bounded whatever the number of keys.
+ */
+#ifndef GATEWAY_RATELIMIT_H
+#define GATEWAY_RATELIMIT_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define RL_PROBE 16 /* slots tried from a key's home */
+
+typedef struct rl_decision {
+    bool allowed;
+    bool no_room; /* local store full around this key: not decided */
+    int64_t limit;
+    int64_t remaining;      /* requests still allowed now (after this one, when allowed) */
+    int64_t reset_ms;       /* until the full limit is available again */
+    int64_t retry_after_ms; /* when refused: until one request is allowed */
+} rl_decision;
+
+/* One GCRA step, pure: the stored TAT (0: none), the time now, the policy.
+ * Fills d and returns the TAT to store (unchanged when refused). Times in ns. */
+uint64_t rl_gcra(uint64_t tat, uint64_t now, int64_t limit, int64_t window_ms, rl_decision *d);
+
+typedef struct rl_local rl_local;
+
+/* A table of `slots` entries (rounded up to a power of two). NULL when out of memory. */
+rl_local *rl_local_create(size_t slots);
+void rl_local_free(rl_local *t);
+
+/* Take one request for key (a hash of policy and key parts; never 0) at now
+ * (CLOCK_MONOTONIC ns). Any thread. */
+void rl_local_take(rl_local *t, uint64_t key, uint64_t now, int64_t limit, int64_t window_ms, rl_decision *d);
+
+/* A seeded 64-bit hash of s[0..len), never 0: keys come from clients, so the
+ * seed (random per process) keeps them from aiming at each other's slots. */
+uint64_t rl_hash(uint64_t seed, const void *s, size_t len, uint64_t h);
+
+#endif
