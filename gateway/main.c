@@ -460,9 +460,6 @@ static int run(const char *path)
         gw_rng_seed(&seed_rng);
         srv->rl_seed = gw_rng_next(&seed_rng);
     }
-    if (cfg->ratelimit.store == CONFIG_STORE_REDIS && cfg->ratelimit.policy_count)
-        gw_warn("ratelimit.store: redis: the Redis store is not built yet; every decision follows "
-                "ratelimit.on_store_error");
     metrics_collector_register(srv->metrics.reg, server_collector, srv);
     metrics_collector_register(srv->metrics.reg, metrics_process_collector, NULL);
     srv->main_shard = metrics_shard_create(srv->metrics.reg);

@@ -39,6 +39,7 @@
 #include "gateway/sockio.h"
 #include "gateway/sqlroute.h"
 #include "gateway/upstream.h"
+#include "ratelimit/rlredis.h"
 
 typedef struct worker_gen {
     gw_runtime *rt;
@@ -165,7 +166,8 @@ struct gw_worker {
     atomic_uint mailbox_bits;
 
     worker_gen *gen;
-    pool_t *pool; /* PostgreSQL connections: outlive generations */
+    pool_t *pool;  /* PostgreSQL connections: outlive generations */
+    rl_redis *rlr; /* the rate limiter's Redis client */
     gw_compressor *comp;
     metrics_shard_t *shard;
     metrics_series_t *in_flight_gauge;
@@ -208,6 +210,8 @@ struct gw_request {
     upstream_call_t *call;
     pool_call *sql_call;
     sqlroute_params sql;
+    router_match match;     /* the route's match (SQL params point into the request's path) */
+    struct gw_rl_state *rl; /* rate-limit decisions, while Redis answers */
     const char *upstream_name;
     uint64_t start_ns;
     int status;
@@ -218,6 +222,8 @@ struct gw_request {
     char traceparent[GW_TRACEPARENT_LEN + 1];
     char client[INET6_ADDRSTRLEN];
 };
+
+static void limit_state_free(gw_request *r);
 
 /* ---- generations ------------------------------------------------------------ */
 
@@ -297,6 +303,19 @@ static void apply_http_settings(gw_worker *w, const config_t *cfg)
                              cfg->server.max_body_bytes + GW_BODY_HARD_LIMIT_SLACK_BYTES);
 }
 
+static void rl_log(config_log_level level, const char *message)
+{
+    gw_log(level, NULL, "%s", message);
+}
+
+/* The rate limiter's Redis client follows redis: when the store is redis. */
+static void configure_redis(gw_worker *w, const config_t *cfg)
+{
+    config_redis off = {0};
+    bool used = cfg->ratelimit.store == CONFIG_STORE_REDIS && cfg->ratelimit.policy_count > 0;
+    rl_redis_configure(w->rlr, used ? &cfg->redis : &off);
+}
+
 static void install_runtime(gw_worker *w, gw_runtime *rt)
 {
     worker_gen *g = gen_create(w, rt);
@@ -310,6 +329,7 @@ static void install_runtime(gw_worker *w, gw_runtime *rt)
     w->gen = g;
     apply_http_settings(w, rt->cfg);
     pool_configure(w->pool, rt->cfg);
+    configure_redis(w, rt->cfg);
     gen_unref(w, old, false);
 }
 
@@ -373,6 +393,7 @@ static void request_end(gw_request *r)
         r->next->prev = r->prev;
     w->in_flight--;
     gen_unref(w, r->gen, true);
+    limit_state_free(r);
     sqlroute_params_free(&r->sql);
     free(r->uri_owned);
     free(r->log_path);
@@ -798,31 +819,44 @@ static void limit_client(gw_request *r, char *out, size_t size)
     }
 }
 
-/* The policy's key: its name and each part of `key` (client_ip, route,
- * header:NAME), hashed with the process's seed. */
-static uint64_t limit_key(gw_request *r, const config_policy *pol, const char *route)
+/* The policy's key material: its name and each part of `key` (client_ip,
+ * route, header:NAME), each followed by a NUL, into buf (cut at size).
+ * Returns the length. */
+static size_t limit_key(gw_request *r, const config_policy *pol, const char *route, char *buf, size_t size)
 {
-    uint64_t seed = r->w->srv->rl_seed;
-    uint64_t h = rl_hash(seed, pol->name, strlen(pol->name), 0);
-    for (const char *p = pol->key; *p;) {
+    size_t used = 0;
+    const char *parts[16];
+    size_t lens[16], count = 0;
+    char ip[INET6_ADDRSTRLEN + 1];
+    parts[count] = pol->name;
+    lens[count++] = strlen(pol->name);
+    for (const char *p = pol->key; *p && count < 16;) {
         size_t n = strcspn(p, "+");
         if (n == 9 && strncmp(p, "client_ip", 9) == 0) {
-            char ip[INET6_ADDRSTRLEN + 1];
             limit_client(r, ip, sizeof ip);
-            h = rl_hash(seed, ip, strlen(ip) + 1, h);
+            parts[count] = ip;
+            lens[count++] = strlen(ip);
         } else if (n == 5 && strncmp(p, "route", 5) == 0) {
-            h = rl_hash(seed, route, strlen(route) + 1, h);
+            parts[count] = route;
+            lens[count++] = strlen(route);
         } else if (n > 7) {
             char name[256];
             size_t k = n - 7 < sizeof name - 1 ? n - 7 : sizeof name - 1;
             memcpy(name, p + 7, k);
             name[k] = '\0';
             const char *v = evhttp_find_header(evhttp_request_get_input_headers(r->req), name);
-            h = v ? rl_hash(seed, v, strlen(v) + 1, h) : rl_hash(seed, "", 0, h ^ 0x5a5a5a5a);
+            parts[count] = v ? v : "\x01"; /* absent differs from empty */
+            lens[count++] = v ? strlen(v) : 1;
         }
         p += n + (p[n] == '+');
     }
-    return h;
+    for (size_t i = 0; i < count && used < size; i++) {
+        size_t k = lens[i] < size - used - 1 ? lens[i] : size - used - 1;
+        memcpy(buf + used, parts[i], k);
+        used += k;
+        buf[used++] = '\0';
+    }
+    return used;
 }
 
 static void set_limit_headers(gw_request *r, const rl_decision *d)
@@ -837,54 +871,75 @@ static void set_limit_headers(gw_request *r, const rl_decision *d)
     evhttp_add_header(oh, "RateLimit-Reset", v);
 }
 
-/* The route's policies, in order. Returns false when the request was refused
- * (answered 429). Every enforcing policy takes the request; the answer's
- * RateLimit-* headers are those of the policy with the least room left. */
-static bool rate_limit(gw_request *r)
+/* One policy's Redis call, and whose it is. */
+typedef struct rl_wait {
+    gw_request *r;
+    size_t i;
+} rl_wait;
+
+/* A request's rate-limit decisions, while Redis answers. */
+struct gw_rl_state {
+    size_t n, pending;
+    rl_decision *dec;
+    rl_redis_call **calls;
+    rl_wait *waits;
+};
+
+static void count_fallback(gw_request *r)
+{
+    metrics_series_t *fb = metrics_series(r->w->shard, r->w->srv->metrics.ratelimit_fallbacks, NULL);
+    if (fb)
+        metrics_counter_add(fb, 1);
+}
+
+/* Decide a policy without Redis: ratelimit.on_store_error. */
+static void limit_fallback(gw_request *r, const config_policy *pol, const char *key, size_t key_len,
+                           rl_decision *d)
+{
+    const config_ratelimit *rc = &r->gen->rt->cfg->ratelimit;
+    count_fallback(r);
+    if (rc->on_store_error == CONFIG_ON_ERROR_LOCAL) {
+        uint64_t h = rl_hash(r->w->srv->rl_seed, key, key_len, 0);
+        rl_local_take(r->w->srv->rl, h, gw_now_ns(), pol->limit, pol->window_ms, d);
+        return;
+    }
+    bool allow = rc->on_store_error == CONFIG_ON_ERROR_ALLOW;
+    *d = (rl_decision){.allowed = allow,
+                       .limit = pol->limit,
+                       .remaining = allow ? pol->limit : 0,
+                       .reset_ms = pol->window_ms,
+                       .retry_after_ms = allow ? 0 : 1000};
+}
+
+static void backend(gw_request *r);
+
+/* Every policy has decided: count, then 429 or go on. False when the
+ * request was answered. RateLimit-* headers are those of the enforcing
+ * policy with the least room; dry-run policies are counted, never enforced. */
+static bool limit_finish(gw_request *r)
 {
     const gw_runtime *rt = r->gen->rt;
-    const config_route *route = &rt->cfg->routes[r->route_index];
     const gw_metrics *m = &r->w->srv->metrics;
+    struct gw_rl_state *st = r->rl;
     rl_decision shown = {0}, refused = {0};
     bool any = false, limited = false;
-    uint64_t now = gw_now_ns();
-    for (size_t i = 0; i < route->ratelimit_count; i++) {
+    for (size_t i = 0; i < st->n; i++) {
         const config_policy *pol = rt->route_policies[r->route_index][i];
+        const rl_decision *d = &st->dec[i];
         if (!pol)
             continue;
-        rl_decision d;
-        if (rt->cfg->ratelimit.store == CONFIG_STORE_REDIS &&
-            rt->cfg->ratelimit.on_store_error != CONFIG_ON_ERROR_LOCAL) {
-            /* No Redis store yet: every decision is on_store_error's. */
-            bool allow = rt->cfg->ratelimit.on_store_error == CONFIG_ON_ERROR_ALLOW;
-            d = (rl_decision){.allowed = allow,
-                              .limit = pol->limit,
-                              .remaining = allow ? pol->limit : 0,
-                              .reset_ms = pol->window_ms,
-                              .retry_after_ms = allow ? 0 : 1000};
-            metrics_series_t *fb = metrics_series(r->w->shard, m->ratelimit_fallbacks, NULL);
-            if (fb)
-                metrics_counter_add(fb, 1);
-        } else {
-            rl_local_take(r->w->srv->rl, limit_key(r, pol, route->name), now, pol->limit, pol->window_ms, &d);
-            if (rt->cfg->ratelimit.store == CONFIG_STORE_REDIS || d.no_room) {
-                metrics_series_t *fb = metrics_series(r->w->shard, m->ratelimit_fallbacks, NULL);
-                if (fb)
-                    metrics_counter_add(fb, 1);
-            }
-        }
-        const char *labels[2] = {pol->name, d.allowed ? "allowed" : "limited"};
+        const char *labels[2] = {pol->name, d->allowed ? "allowed" : "limited"};
         metrics_series_t *s = metrics_series(r->w->shard, m->ratelimit, labels);
         if (s)
             metrics_counter_add(s, 1);
         if (pol->dry_run)
-            continue; /* counted, never enforced */
-        if (!d.allowed) {
-            if (!limited || d.retry_after_ms > refused.retry_after_ms)
-                refused = d;
+            continue;
+        if (!d->allowed) {
+            if (!limited || d->retry_after_ms > refused.retry_after_ms)
+                refused = *d;
             limited = true;
-        } else if (!any || d.remaining < shown.remaining) {
-            shown = d;
+        } else if (!any || d->remaining < shown.remaining) {
+            shown = *d;
         }
         any = true;
     }
@@ -900,6 +955,89 @@ static bool rate_limit(gw_request *r)
     if (any)
         set_limit_headers(r, &shown);
     return true;
+}
+
+/* rl_redis_done_fn: one policy decided by Redis (or not: on_store_error). */
+static void limit_redis_done(void *arg, bool ok, const rl_decision *d)
+{
+    rl_wait *wt = arg;
+    gw_request *r = wt->r;
+    struct gw_rl_state *st = r->rl;
+    const gw_runtime *rt = r->gen->rt;
+    const config_route *route = &rt->cfg->routes[r->route_index];
+    const config_policy *pol = rt->route_policies[r->route_index][wt->i];
+    st->calls[wt->i] = NULL;
+    if (ok) {
+        st->dec[wt->i] = *d;
+        st->dec[wt->i].limit = pol->limit;
+    } else {
+        char key[1024];
+        size_t len = limit_key(r, pol, route->name, key, sizeof key);
+        limit_fallback(r, pol, key, len, &st->dec[wt->i]);
+    }
+    if (--st->pending == 0 && limit_finish(r))
+        backend(r);
+}
+
+static void limit_state_free(gw_request *r)
+{
+    struct gw_rl_state *st = r->rl;
+    if (!st)
+        return;
+    for (size_t i = 0; i < st->n; i++)
+        rl_redis_cancel(st->calls[i]);
+    free(st->dec);
+    free(st->calls);
+    free(st->waits);
+    free(st);
+    r->rl = NULL;
+}
+
+/* The route's policies. 0: go on to the backend; 1: answered (429 or an
+ * error); 2: waiting for Redis (limit_redis_done goes on). */
+static int rate_limit(gw_request *r)
+{
+    const gw_runtime *rt = r->gen->rt;
+    const config_route *route = &rt->cfg->routes[r->route_index];
+    const config_ratelimit *rc = &rt->cfg->ratelimit;
+    size_t n = route->ratelimit_count;
+    struct gw_rl_state *st = calloc(1, sizeof *st);
+    if (st) {
+        st->dec = calloc(n, sizeof *st->dec);
+        st->calls = calloc(n, sizeof *st->calls);
+        st->waits = calloc(n, sizeof *st->waits);
+    }
+    r->rl = st;
+    if (!st || !st->dec || !st->calls || !st->waits) {
+        respond_error(r, 503, "out of memory");
+        return 1;
+    }
+    st->n = n;
+    uint64_t now = gw_now_ns();
+    for (size_t i = 0; i < n; i++) {
+        const config_policy *pol = rt->route_policies[r->route_index][i];
+        if (!pol)
+            continue;
+        char key[1024];
+        size_t len = limit_key(r, pol, route->name, key, sizeof key);
+        if (rc->store == CONFIG_STORE_REDIS) {
+            st->waits[i] = (rl_wait){r, i};
+            st->calls[i] = rl_redis_take(r->w->rlr, key, len, pol->limit, pol->window_ms, limit_redis_done,
+                                         &st->waits[i]);
+            if (st->calls[i])
+                st->pending++;
+            else
+                limit_fallback(r, pol, key, len, &st->dec[i]); /* not connected: decide now */
+            continue;
+        }
+        rl_local_take(r->w->srv->rl, rl_hash(r->w->srv->rl_seed, key, len, 0), now, pol->limit,
+                      pol->window_ms, &st->dec[i]);
+        if (st->dec[i].no_room)
+            count_fallback(r);
+    }
+    if (st->pending)
+        return 2;
+    return limit_finish(r) ? 0 : 1;
 }
 
 /* ---- SQL routes ------------------------------------------------------------------ */
@@ -1146,11 +1284,18 @@ static void on_request(struct evhttp_request *req, void *arg)
         return;
     }
     r->route_index = m.route_index;
-    if (cfg->routes[m.route_index].ratelimit_count && !rate_limit(r))
+    r->match = m;
+    if (cfg->routes[m.route_index].ratelimit_count && rate_limit(r) != 0)
         return;
-    int up = gen->rt->route_upstream[m.route_index];
+    backend(r);
+}
+
+/* After routing and rate limiting: the route's upstream or its SQL. */
+static void backend(gw_request *r)
+{
+    int up = r->gen->rt->route_upstream[r->route_index];
     if (up < 0) {
-        sql_route(r, &m);
+        sql_route(r, &r->match);
         return;
     }
     proxy(r, up);
@@ -1619,6 +1764,7 @@ static void worker_stop(gw_worker *w)
         r->call = NULL;
         pool_cancel(r->sql_call);
         r->sql_call = NULL;
+        limit_state_free(r);
         sqlroute_params_free(&r->sql);
         w->requests = r->next;
         w->in_flight--;
@@ -1704,6 +1850,8 @@ static void worker_free(gw_worker *w)
     w->pool = NULL;
     gw_compressor_free(w->comp);
     w->comp = NULL;
+    rl_redis_free(w->rlr);
+    w->rlr = NULL;
     if (w->http)
         evhttp_free(w->http);
     if (w->later_timer) {
@@ -1789,7 +1937,8 @@ gw_worker *gw_worker_create(gw_server *srv, int id, gw_runtime *rt, const int *l
     w->in_flight_gauge = metrics_series(w->shard, srv->metrics.in_flight, NULL);
     w->pool = pool_create(w->base, srv->pool, id, w->shard, &srv->metrics.pool);
     w->comp = gw_compressor_create();
-    if (!w->pool || !w->comp)
+    w->rlr = rl_redis_create(w->base, rl_log);
+    if (!w->pool || !w->comp || !w->rlr)
         goto fail;
 
     evhttp_set_gencb(w->http, on_request, w);
@@ -1806,6 +1955,7 @@ gw_worker *gw_worker_create(gw_server *srv, int id, gw_runtime *rt, const int *l
     }
     apply_http_settings(w, rt->cfg);
     pool_configure(w->pool, rt->cfg);
+    configure_redis(w, rt->cfg);
 
     for (size_t i = 0; i < listen_count; i++) {
         w->listeners[i] = evconnlistener_new(w->base, NULL, NULL,
