@@ -201,18 +201,23 @@ struct evbuffer *gw_compress_own(gw_compressor *c, const config_compression *cfg
 const char *gw_accept_encoding_of(const struct evkeyvalq *headers, char *buf, size_t size)
 {
     const char *first = NULL;
-    size_t used = 0;
     int count = 0;
     const struct evkeyval *h;
     TAILQ_FOREACH(h, headers, next)
     {
+        if (strcasecmp(h->key, "Accept-Encoding") == 0 && count++ == 0)
+            first = h->value;
+    }
+    if (count <= 1)
+        return first;
+    size_t used = 0;
+    TAILQ_FOREACH(h, headers, next)
+    {
         if (strcasecmp(h->key, "Accept-Encoding") != 0)
             continue;
-        if (count++ == 0)
-            first = h->value;
         size_t n = strlen(h->value);
         if (used + n + 3 > size)
-            continue;
+            return ""; /* too long to read whole: a refusal could be in what is left out, so identity */
         if (used) {
             memcpy(buf + used, ", ", 2);
             used += 2;
@@ -221,7 +226,7 @@ const char *gw_accept_encoding_of(const struct evkeyvalq *headers, char *buf, si
         used += n;
         buf[used] = '\0';
     }
-    return count <= 1 ? first : used ? buf : first;
+    return buf;
 }
 
 size_t gw_compress_prefs(const config_compression *cfg, gw_encoding *prefs)

@@ -53,8 +53,8 @@ struct evbuffer *gw_compress_own(gw_compressor *c, const config_compression *cfg
                                  struct evkeyvalq *headers, struct evbuffer **packed);
 
 /* The request's Accept-Encoding: one field line as it is, several joined by
- * ", " into buf (RFC 9110 5.3); NULL when there is none. Past size, the
- * lines that do not fit are left out. */
+ * ", " into buf (RFC 9110 5.3); NULL when there is none; "" (identity only)
+ * when they do not fit in size: a refusal could be in the part left out. */
 const char *gw_accept_encoding_of(const struct evkeyvalq *headers, char *buf, size_t size);
 
 /* The server's preference order from cfg->algorithms into prefs (at least 2

@@ -569,14 +569,24 @@ typedef struct answer_coding {
     bool add_vary;
 } answer_coding;
 
-/* Does the comma-separated list name token (or "*")? */
+/* Does the field's comma-separated list have an element whose name (before
+ * any '=') is token, case-insensitively? Reads the whole value, however long. */
 static bool field_lists(const http1_field *f, const char *token)
 {
-    char v[512];
-    size_t n = f->value_len < sizeof v - 1 ? f->value_len : sizeof v - 1;
-    memcpy(v, f->value, n);
-    v[n] = '\0';
-    return gw_header_list_has_token(v, token) || gw_header_list_has_token(v, "*");
+    size_t tlen = strlen(token);
+    const char *p = f->value, *end = f->value + f->value_len;
+    while (p < end) {
+        while (p < end && (*p == ' ' || *p == '\t' || *p == ','))
+            p++;
+        const char *name = p;
+        while (p < end && *p != ',' && *p != '=' && *p != ' ' && *p != '\t' && *p != ';')
+            p++;
+        if ((size_t)(p - name) == tlen && strncasecmp(name, token, tlen) == 0)
+            return true;
+        while (p < end && *p != ',') /* the rest of the element (quoted commas are rare here) */
+            p++;
+    }
+    return false;
 }
 
 /* compress.h's rules for an upstream answer; the client's choice in ac. */
@@ -589,6 +599,7 @@ static void choose_coding(gw_request *r, const upstream_response *resp, answer_c
         resp->status == 206 || resp->status == 304 || evbuffer_get_length(resp->body) < (size_t)cc->min_bytes)
         return;
     bool type_ok = false, varies = false;
+    int types = 0;
     for (size_t i = 0; i < resp->field_count; i++) {
         const http1_field *f = &resp->fields[i];
         if (field_is(f, "Content-Encoding", 16) &&
@@ -596,15 +607,16 @@ static void choose_coding(gw_request *r, const upstream_response *resp, answer_c
             return; /* encoded already: passed as it is */
         if (field_is(f, "Content-Range", 13))
             return;
-        if (field_is(f, "Cache-Control", 13) && field_lists(f, "no-transform") &&
-            !(f->value_len == 1 && f->value[0] == '*'))
+        if (field_is(f, "Cache-Control", 13) && field_lists(f, "no-transform"))
             return;
-        if (field_is(f, "Content-Type", 12))
+        if (field_is(f, "Content-Type", 12)) {
             type_ok = gw_compress_type_ok(cc, f->value, f->value_len);
-        if (field_is(f, "Vary", 4) && field_lists(f, "Accept-Encoding"))
+            types++;
+        }
+        if (field_is(f, "Vary", 4) && (field_lists(f, "Accept-Encoding") || field_lists(f, "*")))
             varies = true;
     }
-    if (!type_ok)
+    if (!type_ok || types != 1) /* several Content-Types: which one is it? leave it alone */
         return;
     ac->add_vary = !varies;
     gw_encoding prefs[2];
@@ -630,6 +642,11 @@ static void pass_response_fields(gw_request *r, const upstream_response *resp, s
         if (gw_header_is_hop_by_hop(f->name, connection ? connection->value : NULL) ||
             field_is(f, "X-Request-Id", 12) || (!head && field_is(f, "Content-Length", 14)))
             continue;
+        /* Compressed here: an upstream "Content-Encoding: identity" would read
+         * as a coding list, and byte ranges of the identity body mean nothing. */
+        if (ac->enc != GW_ENC_IDENTITY &&
+            (field_is(f, "Content-Encoding", 16) || field_is(f, "Accept-Ranges", 13)))
+            continue;
         if (field_is(f, "Date", 4)) {
             evhttp_add_header(oh, "Date", f->value);
             continue;
@@ -637,8 +654,8 @@ static void pass_response_fields(gw_request *r, const upstream_response *resp, s
         keep[kept++] = i;
         len += f->name_len + 2 + f->value_len + 2 + 2; /* + 2: "W/" on a weakened ETag */
     }
-    /* Our own lines: "Vary: Accept-Encoding", "Content-Encoding: gzip". */
-    len += 2 + 24 + 2 + 22;
+    /* Our own lines: "\r\nVary: Accept-Encoding" (23), "\r\nContent-Encoding: gzip" (24). */
+    len += 23 + 24;
     /* With a body, the entry's key is Content-Length (so evhttp adds none) and
      * its value starts with the length; otherwise the first field leads. */
     bool with_length = !head && resp->status >= 200 && resp->status != 204 && resp->status != 304;
@@ -697,7 +714,11 @@ static void pass_response_fields(gw_request *r, const upstream_response *resp, s
             memcpy(w, "\r\n", 2);
             w += 2;
         }
-        w += sprintf(w, "Content-Encoding: %s", gw_encoding_name(ac->enc));
+        const char *name = gw_encoding_name(ac->enc); /* "gzip" or "br" */
+        size_t n = strlen(name);
+        memcpy(w, "Content-Encoding: ", 18);
+        memcpy(w + 18, name, n);
+        w += 18 + n;
     }
     if (w != value) {
         memcpy(w, "\r\nX-Request-Id: ", 16);
@@ -784,6 +805,8 @@ static void proxy(gw_request *r, int upstream_index)
 
 /* ---- rate limiting ----------------------------------------------------------------- */
 
+static bool limit_client_line(const gw_runtime *rt, const char *xff, char *out, size_t size);
+
 /* The client's address for client_ip keys: the peer, or, when the peer is a
  * trusted proxy, the last X-Forwarded-For entry that is not one (walking from
  * the right: entries left of an untrusted hop could be forged). */
@@ -793,9 +816,32 @@ static void limit_client(gw_request *r, char *out, size_t size)
     snprintf(out, size, "%s", r->client);
     if (!rt->trusted_count || !gw_cidr_match(rt->trusted, rt->trusted_count, r->client))
         return;
-    const char *xff = evhttp_find_header(evhttp_request_get_input_headers(r->req), "X-Forwarded-For");
-    if (!xff)
-        return;
+    /* Every X-Forwarded-For line, as one list (RFC 9110 5.3): the proxy's
+     * own is usually the last line, so they are walked from the last. */
+    const char *lines[32];
+    size_t nlines = 0;
+    const struct evkeyval *h;
+    TAILQ_FOREACH(h, evhttp_request_get_input_headers(r->req), next)
+    {
+        if (strcasecmp(h->key, "X-Forwarded-For") == 0) {
+            if (nlines == sizeof lines / sizeof lines[0])
+                memmove(lines, lines + 1, sizeof lines - sizeof lines[0]); /* keep the last ones */
+            else
+                nlines++;
+            lines[nlines - 1] = h->value;
+        }
+    }
+    for (size_t li = nlines; li-- > 0;) {
+        if (!limit_client_line(rt, lines[li], out, size))
+            return;
+    }
+}
+
+/* One X-Forwarded-For line, from its right end: writes each hop into out;
+ * false at the first untrusted hop (out holds it) or a malformed one, true
+ * when every hop is trusted (the walk goes on to the line before). */
+static bool limit_client_line(const gw_runtime *rt, const char *xff, char *out, size_t size)
+{
     const char *end = xff + strlen(xff);
     while (end > xff) {
         const char *start = end;
@@ -809,14 +855,15 @@ static void limit_client(gw_request *r, char *out, size_t size)
         char hop[INET6_ADDRSTRLEN + 1];
         size_t n = (size_t)(b - a);
         if (n == 0 || n >= sizeof hop)
-            return; /* malformed: keep what we have */
+            return false; /* malformed: keep what we have */
         memcpy(hop, a, n);
         hop[n] = '\0';
         snprintf(out, size, "%s", hop);
         if (!gw_cidr_match(rt->trusted, rt->trusted_count, hop))
-            return;
+            return false;
         end = start > xff ? start - 1 : xff;
     }
+    return true;
 }
 
 /* The policy's key material: its name and each part of `key` (client_ip,

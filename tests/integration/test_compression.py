@@ -430,6 +430,42 @@ def test_content_encoding_identity_is_not_an_encoding(env):
     assert gunzip(ans.body) == body
 
 
+def test_content_encoding_identity_line_dropped_when_compressed(env):
+    """The upstream's "Content-Encoding: identity" line does not stay beside
+    ours (two lines would read as the list "identity, gzip")."""
+    ans = fetch(env.gw, respond(20 * KIB, headers=[("Content-Encoding", "identity")]), "gzip")
+    assert ans.headers.get_all("Content-Encoding") == ["gzip"], ans.headers.get_all("Content-Encoding")
+
+
+def test_accept_ranges_dropped_when_compressed(env):
+    """Byte ranges would refer to the identity body."""
+    ans = fetch(env.gw, respond(20 * KIB, headers=[("Accept-Ranges", "bytes")]), "gzip")
+    assert ans.codings == ["gzip"] and ans.headers.get("Accept-Ranges") is None, ans
+    plain = fetch(env.gw, respond(20 * KIB, headers=[("Accept-Ranges", "bytes")]), None)
+    assert plain.headers.get("Accept-Ranges") == "bytes", plain
+
+
+def test_long_refusal_line_is_not_cut_off(env):
+    """Several Accept-Encoding lines too long to join whole: a refusal may be in
+    the part left out, so nothing is compressed (review finding)."""
+    filler = ", ".join("x%d" % i for i in range(400))
+    ans = fetch(env.gw, respond(20 * KIB), ["gzip;q=0, br;q=0, " + filler, "gzip"])
+    assert ans.codings == [], "a client refusing gzip got %r" % ans.codings
+
+
+def test_no_transform_late_in_a_long_cache_control(env):
+    """no-transform after 500+ bytes of Cache-Control still counts."""
+    cc = "x=%s, no-transform" % ("a" * 600)
+    ans = fetch(env.gw, respond(20 * KIB, headers=[("Cache-Control", cc)]), "gzip")
+    assert ans.codings == [], ans
+
+
+def test_two_content_types_not_compressed(env):
+    """Which type is it? Left alone."""
+    ans = fetch(env.gw, respond(20 * KIB, ct="image/png", headers=[("Content-Type", "application/json")]), "gzip")
+    assert ans.codings == [], ans
+
+
 # ---------------------------------------------------------------------------
 # Clients that accept no coding
 
