@@ -105,12 +105,24 @@ void rl_local_take(rl_local *t, uint64_t key, uint64_t now, int64_t limit, int64
         rl_slot *s = &t->slots[(home + i) & t->mask];
         uint64_t k = atomic_load_explicit(&s->key, memory_order_acquire);
         uint64_t tat = atomic_load_explicit(&s->tat, memory_order_acquire);
+        if (k == key) { /* claimed for this key since the first pass looked */
+            if (take_in(s, key, now, limit, window_ms, d))
+                return;
+            continue;
+        }
         if (k != 0 && tat > now)
             continue;
         if (!atomic_compare_exchange_strong_explicit(&s->key, &k, key, memory_order_acq_rel,
-                                                     memory_order_acquire))
+                                                     memory_order_acquire)) {
+            /* Another thread claimed it first, perhaps for this same key: then
+             * count here rather than claim a second slot for it. */
+            if (k == key && take_in(s, key, now, limit, window_ms, d))
+                return;
             continue;
-        atomic_store_explicit(&s->tat, 0, memory_order_release);
+        }
+        /* No reset of the TAT: a free slot's is 0 and an expired one's is in
+         * the past, and GCRA treats both as a fresh key; a reset could wipe a
+         * request another thread has just counted here. */
         if (take_in(s, key, now, limit, window_ms, d))
             return;
     }

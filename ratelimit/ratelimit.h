@@ -6,9 +6,12 @@
  * next request. A policy of `limit` requests per `window` spaces requests
  * by period = window / limit and tolerates a burst of `limit`: a request at
  * `now` is allowed when max(TAT, now) + period - now <= window, and then TAT
- * becomes max(TAT, now) + period. Unlike a fixed window there is no edge
- * where two windows' worth pass in a moment: at most `limit` requests in any
- * window-long interval (plus one period's rounding).
+ * becomes max(TAT, now) + period. It is a leaky bucket of `limit` that drains
+ * at limit per window: a full burst of `limit`, then one request per period.
+ * Unlike a fixed window there is no edge where two bursts pass in a moment
+ * (10 at 0.99 s and 10 more at 1.01 s); over any span T the count is at most
+ * limit + T / period, so a window that starts with a full burst may see up to
+ * 2 * limit - 1.
  *
  * The local store (rl_local) is one table for the whole process, shared by
  * all workers without a lock: each slot is a key hash and a TAT, updated by
