@@ -807,6 +807,30 @@ static void proxy(gw_request *r, int upstream_index)
 
 static bool limit_client_line(const gw_runtime *rt, const char *xff, char *out, size_t size);
 
+/* An X-Forwarded-For hop as one spelling per address: "[v6]:port" and
+ * "v4:port" lose the port, and a parsable address is written back by
+ * inet_ntop (lower case, shortest IPv6). Otherwise left as it is. */
+static void canonical_address(char *hop)
+{
+    unsigned char bytes[16];
+    char tmp[INET6_ADDRSTRLEN + 1];
+    if (hop[0] == '[') {
+        char *close = strchr(hop, ']');
+        if (close) {
+            size_t n = (size_t)(close - hop - 1);
+            memmove(hop, hop + 1, n);
+            hop[n] = '\0';
+        }
+    } else {
+        char *colon = strchr(hop, ':');
+        if (colon && !strchr(colon + 1, ':'))
+            *colon = '\0'; /* one colon: IPv4 with a port */
+    }
+    int family = strchr(hop, ':') ? AF_INET6 : AF_INET;
+    if (inet_pton(family, hop, bytes) == 1 && inet_ntop(family, bytes, tmp, sizeof tmp))
+        memcpy(hop, tmp, strlen(tmp) + 1);
+}
+
 /* The client's address for client_ip keys: the peer, or, when the peer is a
  * trusted proxy, the last X-Forwarded-For entry that is not one (walking from
  * the right: entries left of an untrusted hop could be forged). */
@@ -858,6 +882,7 @@ static bool limit_client_line(const gw_runtime *rt, const char *xff, char *out, 
             return false; /* malformed: keep what we have */
         memcpy(hop, a, n);
         hop[n] = '\0';
+        canonical_address(hop);
         snprintf(out, size, "%s", hop);
         if (!gw_cidr_match(rt->trusted, rt->trusted_count, hop))
             return false;

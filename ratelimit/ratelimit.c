@@ -25,8 +25,10 @@ static uint64_t period_ns(int64_t limit, int64_t window_ms)
 
 uint64_t rl_gcra(uint64_t tat, uint64_t now, int64_t limit, int64_t window_ms, rl_decision *d)
 {
-    uint64_t window = (uint64_t)window_ms * 1000000ULL;
     uint64_t period = period_ns(limit, window_ms);
+    /* The bucket holds `limit` periods: with the period rounded down that is
+     * at most the window, and never lets limit + 1 through in a burst. */
+    uint64_t window = period * (uint64_t)(limit > 0 ? limit : 1);
     uint64_t base = tat > now ? tat : now;
     uint64_t next = base + period;
     d->limit = limit;
@@ -126,10 +128,34 @@ void rl_local_take(rl_local *t, uint64_t key, uint64_t now, int64_t limit, int64
         if (take_in(s, key, now, limit, window_ms, d))
             return;
     }
+    /* Every slot around the key holds a key still counting (the table is
+     * under pressure, perhaps from a client minting keys): take over the one
+     * that will be done soonest, as nginx's limit_req zone drops its oldest
+     * entries, so no one is waved through without a decision. */
+    rl_slot *victim = NULL;
+    uint64_t victim_tat = UINT64_MAX, victim_key = 0;
+    for (size_t i = 0; i < RL_PROBE; i++) {
+        rl_slot *s = &t->slots[(home + i) & t->mask];
+        uint64_t tat = atomic_load_explicit(&s->tat, memory_order_acquire);
+        if (tat < victim_tat) {
+            victim = s;
+            victim_tat = tat;
+            victim_key = atomic_load_explicit(&s->key, memory_order_acquire);
+        }
+    }
+    if (victim && victim_key != key &&
+        atomic_compare_exchange_strong_explicit(&victim->key, &victim_key, key, memory_order_acq_rel,
+                                                memory_order_acquire)) {
+        atomic_store_explicit(&victim->tat, 0, memory_order_release); /* the old key's state is not ours */
+        if (take_in(victim, key, now, limit, window_ms, d)) {
+            d->no_room = true; /* decided, but counted: the table is short of room */
+            return;
+        }
+    }
     d->allowed = true;
     d->no_room = true;
     d->limit = limit;
-    d->remaining = 0;
+    d->remaining = limit - 1;
     d->reset_ms = 0;
     d->retry_after_ms = 0;
 }

@@ -13,14 +13,15 @@
 #include <hiredis/hiredis.h>
 #include <openssl/sha.h>
 
-/* KEYS[1]: the key; ARGV[1]: period (us); ARGV[2]: window (us). Returns
+/* KEYS[1]: the key; ARGV[1]: period (us); ARGV[2]: limit (the bucket holds
+ * limit periods: never limit + 1 in a burst, whatever the rounding). Returns
  * {allowed, remaining, reset_us, retry_after_us}. Redis's clock, so every
  * gateway instance sees the same time. */
 static const char script[] =
     "local t = redis.call('TIME')\n"
     "local now = tonumber(t[1]) * 1000000 + tonumber(t[2])\n"
     "local period = tonumber(ARGV[1])\n"
-    "local window = tonumber(ARGV[2])\n"
+    "local window = period * tonumber(ARGV[2])\n"
     "local tat = tonumber(redis.call('GET', KEYS[1])) or 0\n"
     "local base = tat > now and tat or now\n"
     "local nxt = base + period\n"
@@ -101,7 +102,8 @@ rl_redis *rl_redis_create(struct event_base *base, rl_redis_log_fn log)
 
 static void schedule_retry(rl_redis *r)
 {
-    if (!r->configured)
+    /* A failed connect can report through both callbacks: once is enough. */
+    if (!r->configured || evtimer_pending(r->retry_timer, NULL))
         return;
     r->backoff_ms = r->backoff_ms ? r->backoff_ms * 2 : RLR_BACKOFF_MIN_MS;
     if (r->backoff_ms > RLR_BACKOFF_MAX_MS)
@@ -264,6 +266,7 @@ void rl_redis_free(rl_redis *r)
     if (!r)
         return;
     r->configured = false;
+    r->connected = false; /* a shutdown, not a lost connection */
     if (r->ac) {
         redisAsyncContext *ac = r->ac;
         r->ac = NULL;
@@ -385,7 +388,7 @@ rl_redis_call *rl_redis_take(rl_redis *r, const void *key, size_t key_len, int64
     uint64_t window_us = (uint64_t)window_ms * 1000ULL;
     uint64_t period_us = limit > 0 ? window_us / (uint64_t)limit : window_us;
     snprintf(call->period, sizeof call->period, "%llu", (unsigned long long)(period_us ? period_us : 1));
-    snprintf(call->window, sizeof call->window, "%llu", (unsigned long long)window_us);
+    snprintf(call->window, sizeof call->window, "%lld", (long long)(limit > 0 ? limit : 1));
     if (send_script(call) != 0) {
         event_free(call->timer);
         free(call);

@@ -314,6 +314,26 @@ static uint64_t home0_key(int i)
 /* More than RL_PROBE live keys around one home: the extra key is "no room"
  * (allowed, undecided); the keys that got a slot still count exactly; once
  * a slot's TAT has passed, it is taken over and the new key is decided. */
+/* A period rounded down must not let limit + 1 through in a burst (review:
+ * 70000 per 1 s let 70003 through). */
+static void test_gcra_burst_exact_when_period_rounds(void **state)
+{
+    (void)state;
+    static const int64_t limits[] = {3, 7, 1500, 7000, 70000, 999999};
+    for (size_t k = 0; k < sizeof limits / sizeof limits[0]; k++) {
+        uint64_t tat = 0;
+        int64_t allowed = 0;
+        rl_decision d;
+        for (int64_t i = 0; i < limits[k] + 10; i++) {
+            tat = rl_gcra(tat, T0, limits[k], 1000, &d);
+            allowed += d.allowed;
+            if (i == 0)
+                assert_int_equal(d.remaining, limits[k] - 1);
+        }
+        assert_int_equal(allowed, limits[k]);
+    }
+}
+
 static void test_local_table_full(void **state)
 {
     (void)state;
@@ -325,19 +345,17 @@ static void test_local_table_full(void **state)
         assert_true(d.allowed);
         assert_false(d.no_room);
     }
-    for (int n = 0; n < 5; n++) {
-        memset(&d, 0, sizeof d);
-        rl_local_take(t, home0_key(RL_PROBE), T0 + SEC, 1, 60000, &d);
-        assert_true(d.allowed);
-        assert_true(d.no_room);
-        assert_int_equal(d.limit, 1);
-    }
-    /* The resident keys are still decided, and refused. */
-    for (int i = 0; i < RL_PROBE; i++) {
-        rl_local_take(t, home0_key(i), T0 + SEC, 1, 60000, &d);
-        assert_false(d.allowed);
-        assert_false(d.no_room);
-    }
+    /* A full neighbourhood: the newcomer takes over the slot that is done
+     * soonest and is decided (no_room marks it for the fallback counter). */
+    memset(&d, 0, sizeof d);
+    rl_local_take(t, home0_key(RL_PROBE), T0 + SEC, 1, 60000, &d);
+    assert_true(d.allowed);
+    assert_true(d.no_room);
+    assert_int_equal(d.limit, 1);
+    /* Now resident, it is limited like any other key. */
+    rl_local_take(t, home0_key(RL_PROBE), T0 + SEC, 1, 60000, &d);
+    assert_false(d.allowed);
+    assert_false(d.no_room);
     /* A key with another home is unaffected (slot 32's neighbourhood is free). */
     rl_local_take(t, (uint64_t)32, T0 + SEC, 1, 60000, &d);
     assert_true(d.allowed);
@@ -523,6 +541,7 @@ int main(void)
         cmocka_unit_test(test_gcra_old_tat_is_fresh),
         cmocka_unit_test(test_local_basic_matches_gcra),
         cmocka_unit_test(test_local_keys_independent),
+        cmocka_unit_test(test_gcra_burst_exact_when_period_rounds),
         cmocka_unit_test(test_local_table_full),
         cmocka_unit_test(test_local_one_key_threads_exact),
         cmocka_unit_test(test_local_one_key_threads_first_take),
