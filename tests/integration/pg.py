@@ -38,6 +38,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from decimal import Decimal
 from pathlib import Path
@@ -596,3 +597,36 @@ def sample_connections(pg, stop_event, interval=0.05, user=APP_USER):
             samples.append((t, None))
         stop_event.wait(max(0.0, interval - (time.monotonic() - t)))
     return samples
+
+
+class Sampler:
+    """pg_stat_activity's count of `app` backends, every ~50 ms, on a thread."""
+
+    def __init__(self, pg, interval=0.05):
+        self.stop_event = threading.Event()
+        self.samples = []
+        self.thread = threading.Thread(target=self._run, args=(pg, interval), daemon=True)
+
+    def _run(self, pg, interval):
+        self.samples = sample_connections(pg, self.stop_event, interval)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop_event.set()
+        self.thread.join(30)
+
+    def counts(self):
+        return [c for _, c in self.samples if c is not None]
+
+    def peak(self):
+        return max(self.counts(), default=0)
+
+    def over(self, limit):
+        """Samples above limit: (seconds since the first sample, count)."""
+        t0 = self.samples[0][0] if self.samples else 0
+        return [(round(t - t0, 2), c) for t, c in self.samples if c is not None and c > limit]
+
+

@@ -35,7 +35,7 @@ import time
 import pytest
 
 from harness import fresh, gateway_config, route, upstream_config, wait_until
-from pg import postgres, postgres_section, sample_connections, sql_route, wait_no_connections  # noqa: F401
+from pg import Sampler, postgres, postgres_section, sample_connections, sql_route, wait_no_connections  # noqa: F401
 
 WRK = shutil.which("wrk") or "/usr/bin/wrk"
 
@@ -133,32 +133,6 @@ def run_wrk(url, connections, duration, threads=2):
     assert parsed["requests"] is not None, "could not parse wrk output:\n%s" % res.stdout
     parsed["output"] = res.stdout
     return parsed
-
-
-class Sampler:
-    """pg_stat_activity's count of `app` backends, every ~50 ms, on a thread."""
-
-    def __init__(self, pg, interval=0.05):
-        self.stop_event = threading.Event()
-        self.samples = []
-        self.thread = threading.Thread(target=self._run, args=(pg, interval), daemon=True)
-
-    def _run(self, pg, interval):
-        self.samples = sample_connections(pg, self.stop_event, interval)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop_event.set()
-        self.thread.join(30)
-
-    def counts(self):
-        return [c for _, c in self.samples if c is not None]
-
-    def peak(self):
-        return max(self.counts(), default=0)
 
 
 def pool_gauges(gw, database="main"):

@@ -37,7 +37,7 @@ import pytest
 
 import pg as pgmod
 from harness import fresh, gateway_config, wait_until
-from pg import (APP_USER, PG_BIN, PSQL, Postgres, load_schema, postgres_section, sample_connections,
+from pg import (Sampler, APP_USER, PG_BIN, PSQL, Postgres, load_schema, postgres_section, sample_connections,
                 sql_literal, sql_route, wait_no_connections)
 
 FAST = "/api/projects/%d"
@@ -133,37 +133,6 @@ def pool_gauges(gw, database="main"):
 def brief(results, n=5):
     """(status, seconds, body) of the first n results, for failure messages."""
     return [(r[0], None if r[3] is None else round(r[3], 3), r[2][:120]) for r in results[:n]]
-
-
-class Sampler:
-    """pg_stat_activity's count of `app` backends, every ~50 ms, on a thread."""
-
-    def __init__(self, pg, interval=0.05):
-        self.stop_event = threading.Event()
-        self.samples = []
-        self.thread = threading.Thread(target=self._run, args=(pg, interval), daemon=True)
-
-    def _run(self, pg, interval):
-        self.samples = sample_connections(pg, self.stop_event, interval)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop_event.set()
-        self.thread.join(30)
-
-    def counts(self):
-        return [c for _, c in self.samples if c is not None]
-
-    def peak(self):
-        return max(self.counts(), default=0)
-
-    def over(self, limit):
-        """Samples above limit: (seconds since the first sample, count)."""
-        t0 = self.samples[0][0] if self.samples else 0
-        return [(round(t - t0, 2), c) for t, c in self.samples if c is not None and c > limit]
 
 
 def concurrent_calls(gw, paths, timeout=15):
