@@ -219,7 +219,7 @@ static int send_json(struct evhttp_request *req, int status, struct evbuffer *bo
     if (status != 204)
         evhttp_add_header(oh, "Content-Type", "application/json");
     *bytes = evbuffer_get_length(body);
-    const char *reason = status == 429 ? "Too Many Requests" : status == 409 ? "Conflict" : NULL;
+    const char *reason = status == 409 ? "Conflict" : NULL;
     evhttp_send_reply(req, status, reason, status == 204 ? NULL : body);
     return status;
 }

@@ -1058,10 +1058,7 @@ static void limit_state_free(gw_request *r)
         return;
     for (size_t i = 0; i < st->n; i++)
         rl_redis_cancel(st->calls[i]);
-    free(st->dec);
-    free(st->calls);
-    free(st->waits);
-    free(st);
+    free(st); /* the arrays live in the same block */
     r->rl = NULL;
 }
 
@@ -1073,17 +1070,17 @@ static int rate_limit(gw_request *r)
     const config_route *route = &rt->cfg->routes[r->route_index];
     const config_ratelimit *rc = &rt->cfg->ratelimit;
     size_t n = route->ratelimit_count;
-    struct gw_rl_state *st = calloc(1, sizeof *st);
-    if (st) {
-        st->dec = calloc(n, sizeof *st->dec);
-        st->calls = calloc(n, sizeof *st->calls);
-        st->waits = calloc(n, sizeof *st->waits);
-    }
+    /* One allocation: the state and its three arrays after it. */
+    struct gw_rl_state *st =
+        calloc(1, sizeof *st + n * (sizeof *st->dec + sizeof *st->calls + sizeof *st->waits));
     r->rl = st;
-    if (!st || !st->dec || !st->calls || !st->waits) {
+    if (!st) {
         respond_error(r, 503, "out of memory");
         return 1;
     }
+    st->dec = (rl_decision *)(st + 1);
+    st->calls = (rl_redis_call **)(st->dec + n);
+    st->waits = (rl_wait *)(st->calls + n);
     st->n = n;
     uint64_t now = gw_now_ns();
     for (size_t i = 0; i < n; i++) {

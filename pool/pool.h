@@ -94,8 +94,8 @@ char *pool_show_databases_json(pool_shared *sh, const config_t *cfg);
 
 pool_t *pool_create(struct event_base *base, pool_shared *sh, int worker_id, metrics_shard_t *shard,
                     const pool_metric_families *fam);
-/* Apply a configuration (start-up and every reload). cfg must stay alive
- * until the next pool_configure() or pool_free(). */
+/* Apply a configuration (start-up and every reload). What the pool keeps of
+ * cfg is copied; the query texts of calls are the caller's (see pool_request). */
 void pool_configure(pool_t *p, const config_t *cfg);
 /* Close every connection and free the pool; calls still running are
  * answered with status 503 first. */
