@@ -40,6 +40,16 @@ typedef enum { CONFIG_LOG_JSON, CONFIG_LOG_TEXT } config_log_format;
 typedef enum { CONFIG_BALANCE_ROUND_ROBIN, CONFIG_BALANCE_LEAST_CONN } config_balance;
 typedef enum { CONFIG_POOL_TRANSACTION, CONFIG_POOL_SESSION } config_pool_mode;
 typedef enum { CONFIG_STORE_REDIS, CONFIG_STORE_MEMORY, CONFIG_STORE_LOCAL } config_store;
+typedef enum { CONFIG_COALESCE_WORKER, CONFIG_COALESCE_CLUSTER, CONFIG_COALESCE_OFF } config_coalesce;
+
+/* routes[].cache.statuses: the statuses a route may store, as bits. */
+#define CONFIG_CACHE_200 (1u << 0)
+#define CONFIG_CACHE_203 (1u << 1)
+#define CONFIG_CACHE_204 (1u << 2)
+#define CONFIG_CACHE_300 (1u << 3)
+#define CONFIG_CACHE_301 (1u << 4)
+#define CONFIG_CACHE_404 (1u << 5)
+#define CONFIG_CACHE_410 (1u << 6)
 typedef enum { CONFIG_ON_ERROR_LOCAL, CONFIG_ON_ERROR_ALLOW, CONFIG_ON_ERROR_DENY } config_on_store_error;
 typedef enum { CONFIG_RESULT_OBJECT, CONFIG_RESULT_ARRAY } config_sql_result;
 
@@ -127,6 +137,9 @@ typedef struct config_cache {
     int64_t memory_max_bytes;
     int64_t stale_while_revalidate_ms;
     int64_t stale_if_error_ms;
+    bool hot_tier;            /* store: redis: the in-process store in front of it */
+    config_coalesce coalesce; /* identical concurrent misses: one backend request per worker or cluster */
+    int64_t lock_timeout_ms;  /* how long a request waits for another's fetch of its key */
 } config_cache;
 
 typedef struct config_compression {
@@ -176,6 +189,7 @@ typedef struct config_route_cache {
     char *key;      /* NULL: the default key */
     config_kv *unless;
     size_t unless_count;
+    unsigned statuses; /* CONFIG_CACHE_* bits; 200 when not given */
 } config_route_cache;
 
 typedef struct config_route_sql {

@@ -620,23 +620,25 @@ static void check_route_sql(config_loader *ld, config_route *route, yaml_node_t 
     }
 }
 
-/* A cache key template: balanced {braces} around names we can fill in. */
-static void check_cache_key(config_loader *ld, config_route *route, yaml_node_t *node, const char *path)
+/* A cache key template or invalidate pattern: balanced {braces} around names
+ * we can fill in, no control characters (a key is sent as X-Cache-Key). */
+static void check_template(config_loader *ld, config_route *route, const char *text, yaml_node_t *written,
+                           const char *child)
 {
-    const char *key = route->cache.key;
-    yaml_node_t *written = config_node_value(ld, config_node_value(ld, node, "cache"), "key");
-    char child[CONFIG_MESSAGE_PATH_MAX], found[128];
-
-    if (!key)
-        return;
-    config_bprintf(child, sizeof child, "%s.cache.key", path);
-    for (const char *p = key; *p; p++) {
+    char found[128];
+    for (const char *p = text; *p; p++) {
         const char *close;
         char name[128];
         size_t n;
 
+        if ((unsigned char)*p < 0x20 || *p == 0x7f) {
+            config_quote(text, found, sizeof found);
+            config_error_at(ld, written, child, "expected a template without control characters, found %s",
+                            found);
+            return;
+        }
         if (*p == '}') {
-            config_quote(key, found, sizeof found);
+            config_quote(text, found, sizeof found);
             config_error_at(ld, written, child, "expected a template with balanced {braces}, found %s",
                             found);
             return;
@@ -646,7 +648,7 @@ static void check_cache_key(config_loader *ld, config_route *route, yaml_node_t 
         close = strchr(p, '}');
         n = close ? (size_t)(close - p - 1) : 0;
         if (!close || memchr(p + 1, '{', n)) {
-            config_quote(key, found, sizeof found);
+            config_quote(text, found, sizeof found);
             config_error_at(ld, written, child, "expected a template with balanced {braces}, found %s",
                             found);
             return;
@@ -663,6 +665,23 @@ static void check_cache_key(config_loader *ld, config_route *route, yaml_node_t 
             bad_path_param(ld, route, name, written, child);
         }
         p = close;
+    }
+}
+
+static void check_cache_templates(config_loader *ld, config_route *route, yaml_node_t *node, const char *path)
+{
+    char child[CONFIG_MESSAGE_PATH_MAX];
+    if (route->cache.enabled && route->cache.key) {
+        config_bprintf(child, sizeof child, "%s.cache.key", path);
+        check_template(ld, route, route->cache.key,
+                       config_node_value(ld, config_node_value(ld, node, "cache"), "key"), child);
+    }
+    yaml_node_t *list = config_node_value(ld, node, "invalidate");
+    for (size_t i = 0; i < route->invalidate_count; i++) {
+        size_t at;
+        yaml_node_t *item = item_written(ld, list, route->invalidate[i], &at);
+        element_path(child, path, "invalidate", at);
+        check_template(ld, route, route->invalidate[i], item, child);
     }
 }
 
@@ -714,8 +733,7 @@ void config_check_route(config_loader *ld, void *obj, yaml_node_t *node, const c
     }
     if (route->sql.enabled)
         check_route_sql(ld, route, node, path);
-    if (route->cache.enabled)
-        check_cache_key(ld, route, node, path);
+    check_cache_templates(ld, route, node, path);
 }
 
 const char *config_default_store_cache(config_loader *ld)

@@ -30,6 +30,14 @@ static const config_name pool_modes[] = {
     {"transaction", CONFIG_POOL_TRANSACTION}, {"session", CONFIG_POOL_SESSION}, {NULL, 0}};
 static const config_name cache_stores[] = {
     {"redis", CONFIG_STORE_REDIS}, {"memory", CONFIG_STORE_MEMORY}, {NULL, 0}};
+static const config_name coalesce_modes[] = {{"worker", CONFIG_COALESCE_WORKER},
+                                             {"cluster", CONFIG_COALESCE_CLUSTER},
+                                             {"off", CONFIG_COALESCE_OFF},
+                                             {NULL, 0}};
+static const config_name cache_statuses[] = {{"200", CONFIG_CACHE_200}, {"203", CONFIG_CACHE_203},
+                                             {"204", CONFIG_CACHE_204}, {"300", CONFIG_CACHE_300},
+                                             {"301", CONFIG_CACHE_301}, {"404", CONFIG_CACHE_404},
+                                             {"410", CONFIG_CACHE_410}, {NULL, 0}};
 static const config_name ratelimit_stores[] = {
     {"redis", CONFIG_STORE_REDIS}, {"local", CONFIG_STORE_LOCAL}, {NULL, 0}};
 static const config_name store_error_actions[] = {{"local", CONFIG_ON_ERROR_LOCAL},
@@ -440,6 +448,26 @@ static const config_key cache_keys[] = {
      .def = "0s",
      ANY_DURATION,
      .help = "Serve the old copy this long past its ttl when the backend fails."},
+    {.name = "hot_tier",
+     .type = CONFIG_TYPE_BOOL,
+     FIELD(config_cache, hot_tier),
+     .def = "true",
+     .help = "With store: redis, keep entries in process memory too (memory_max_bytes) and hear other "
+             "instances' invalidations over Redis pub/sub."},
+    {.name = "coalesce",
+     .type = CONFIG_TYPE_ENUM,
+     FIELD(config_cache, coalesce),
+     .def = "worker",
+     .names = coalesce_modes,
+     .help = "Identical concurrent misses make one backend request per worker (worker), per cluster through "
+             "a short Redis lock (cluster), or each their own (off)."},
+    {.name = "lock_timeout",
+     .type = CONFIG_TYPE_DURATION,
+     FIELD(config_cache, lock_timeout_ms),
+     .def = "5s",
+     POSITIVE_DURATION,
+     .help = "How long a miss waits for another request's fetch of the same key before going to the backend "
+             "itself."},
     {0},
 };
 
@@ -699,6 +727,15 @@ static const config_key route_cache_keys[] = {
      .valid = config_valid_unless_condition,
      .help =
          "Skip the cache when any condition holds: `query.X`, `header.X` or `method` equal to the value."},
+    {.name = "statuses",
+     .type = CONFIG_TYPE_FLAGS,
+     .flags = CONFIG_F_SCALAR_OK,
+     FIELD(config_route_cache, statuses),
+     .def = "200",
+     .min = 1,
+     .noun = "status",
+     .names = cache_statuses,
+     .help = "Statuses this route stores: 200 and any of 203, 204, 300, 301, 404, 410."},
     {0},
 };
 

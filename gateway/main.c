@@ -28,6 +28,7 @@
 #include <event2/keyvalq_struct.h>
 #include <openssl/crypto.h>
 
+#include "cache/rstore.h"
 #include "config/config.h"
 #include "gateway/httputil.h"
 #include "gateway/log.h"
@@ -50,7 +51,78 @@ typedef struct gw_main {
     struct event_base *base;
     struct evhttp *admin;
     struct event *sig_hup, *sig_term, *sig_int;
+    cache_rstore *cstore;     /* admin invalidations and INFO, on the main loop */
+    cache_rsub *csub;         /* other instances' invalidations, for the hot tier */
+    struct event *redis_tick; /* INFO memory every second */
+    cache_rstore_op *info_op; /* the INFO in flight */
 } gw_main;
+
+/* ---- the cache's process-wide half ------------------------------------------------ */
+
+/* The in-process store's size: the store itself, or the hot tier; 0 (kept
+ * only for its invalidation epochs) when Redis alone holds entries. */
+static size_t cache_memory_limit(const config_t *cfg)
+{
+    if (cfg->cache.store != CONFIG_STORE_REDIS || cfg->cache.hot_tier)
+        return (size_t)cfg->cache.memory_max_bytes;
+    return 0;
+}
+
+static void main_redis_log(config_log_level level, const char *message)
+{
+    gw_log(level, NULL, "%s", message);
+}
+
+/* cache_rstore_heard_fn: an invalidation published by some instance (or the
+ * subscription made again: whatever was missed, the hot tier forgets all). */
+static void heard_invalidation(void *arg, const char *pattern, size_t len)
+{
+    gw_server *srv = arg;
+    if (pattern)
+        cache_mem_delete_matching(srv->cache, pattern, len);
+    else
+        cache_mem_delete_matching(srv->cache, "*", 1);
+}
+
+static void set_redis_gauges(gw_server *srv, bool up, int64_t used)
+{
+    metrics_series_t *s = metrics_series(srv->main_shard, srv->metrics.redis_up, NULL);
+    if (s)
+        metrics_gauge_set(s, up ? 1 : 0);
+    if (up && (s = metrics_series(srv->main_shard, srv->metrics.redis_memory, NULL)))
+        metrics_gauge_set(s, (double)used);
+}
+
+/* cache_rstore_info_fn */
+static void info_done(void *arg, bool ok, int64_t used)
+{
+    gw_main *gm = arg;
+    gm->info_op = NULL;
+    set_redis_gauges(&gm->srv, ok, used);
+}
+
+static void redis_tick_cb(evutil_socket_t fd, short what, void *arg)
+{
+    gw_main *gm = arg;
+    if (gm->info_op) /* the last one has not answered (it will, by redis.timeout) */
+        return;
+    if (!gm->srv.current->cfg->redis.enabled) {
+        set_redis_gauges(&gm->srv, false, 0);
+        return;
+    }
+    gm->info_op = cache_rstore_info(gm->cstore, info_done, gm);
+    if (!gm->info_op)
+        set_redis_gauges(&gm->srv, false, 0);
+}
+
+static void configure_cache(gw_main *gm, const config_t *cfg)
+{
+    cache_mem_set_limit(gm->srv.cache, cache_memory_limit(cfg));
+    if (gm->cstore)
+        cache_rstore_configure(gm->cstore, cfg);
+    if (gm->csub)
+        cache_rsub_configure(gm->csub, cfg);
+}
 
 static void usage(FILE *out)
 {
@@ -124,6 +196,21 @@ int gw_metrics_register(gw_metrics *m, const double *buckets, size_t bucket_coun
         m->reg, "gateway_ratelimit_store_fallbacks_total",
         "Rate-limit decisions made by ratelimit.on_store_error because the store could not decide.",
         METRICS_COUNTER, METRICS_MERGE_SUM, 0, NULL, NULL, 0);
+    static const char *const route_result[] = {"route", "result"};
+    m->cache_requests =
+        metrics_family_register(m->reg, "gateway_cache_requests_total",
+                                "Cache lookups by route and result (hit, miss, bypass, stale).",
+                                METRICS_COUNTER, METRICS_MERGE_SUM, 2, route_result, NULL, 0);
+    m->cache_store_errors = metrics_family_register(
+        m->reg, "gateway_cache_store_errors_total",
+        "Cache store commands that failed or timed out (the request went on without the store).",
+        METRICS_COUNTER, METRICS_MERGE_SUM, 0, NULL, NULL, 0);
+    m->redis_up = metrics_family_register(m->reg, "gateway_redis_up",
+                                          "1 when Redis answered the last INFO within redis.timeout, else 0.",
+                                          METRICS_GAUGE, METRICS_MERGE_MAX, 0, NULL, NULL, 0);
+    m->redis_memory = metrics_family_register(m->reg, "redis_memory_used_bytes",
+                                              "Redis's used_memory, read from INFO memory every second.",
+                                              METRICS_GAUGE, METRICS_MERGE_MAX, 0, NULL, NULL, 0);
     m->build_info = metrics_family_register(m->reg, "gateway_build_info", "Always 1; the version is a label.",
                                             METRICS_GAUGE, METRICS_MERGE_MAX, 1, version, NULL, 0);
     m->config_reloads = metrics_family_register(m->reg, "gateway_config_reloads_total",
@@ -264,6 +351,7 @@ static int reload(gw_main *gm, char **why)
         gw_warn("reload: server.tls: the listeners speak plain HTTP; adding TLS needs a restart");
     free(fixed);
     gw_log_configure(rt->cfg->log.level, rt->cfg->log.format);
+    configure_cache(gm, rt->cfg);
     for (int i = 0; i < srv->worker_count; i++)
         gw_worker_post_runtime(srv->workers[i], rt);
     gw_runtime_unref(srv->current);
@@ -286,6 +374,127 @@ static bool admin_authorized(gw_server *srv, struct evhttp_request *req)
     /* Compare in constant time over the token's length; the length itself is
      * not secret enough to hide. */
     return a == b && CRYPTO_memcmp(given, token, b) == 0;
+}
+
+/* An admin invalidation waiting for Redis. */
+typedef struct admin_inval {
+    struct evhttp_request *req; /* NULL once its connection closed */
+    size_t memory_deleted;
+    char *pattern;
+} admin_inval;
+
+static void admin_send_json(struct evhttp_request *req, int status, struct evbuffer *b)
+{
+    evhttp_add_header(evhttp_request_get_output_headers(req), "Content-Type", "application/json");
+    evhttp_send_reply(req, status, NULL, b);
+}
+
+static void admin_inval_answer(struct evhttp_request *req, const char *pattern, bool ok, bool redis,
+                               size_t deleted, size_t memory_deleted)
+{
+    struct evbuffer *b = evbuffer_new();
+    if (!b) {
+        gw_send_json_error(req, 500, "out of memory", "");
+        return;
+    }
+    evbuffer_add_printf(b, "{\"pattern\":\"");
+    gw_json_escape(b, pattern);
+    if (!ok)
+        evbuffer_add_printf(b,
+                            "\",\"error\":\"redis unavailable or failed part way\",\"deleted\":%zu,"
+                            "\"memory_deleted\":%zu}\n",
+                            deleted, memory_deleted);
+    else if (redis)
+        evbuffer_add_printf(b, "\",\"deleted\":%zu,\"memory_deleted\":%zu}\n", deleted, memory_deleted);
+    else
+        evbuffer_add_printf(b, "\",\"deleted\":%zu}\n", memory_deleted);
+    admin_send_json(req, ok ? 200 : 503, b);
+    evbuffer_free(b);
+}
+
+static void admin_inval_gone(struct evhttp_connection *evcon, void *arg)
+{
+    admin_inval *ai = arg;
+    ai->req = NULL;
+}
+
+/* cache_rstore_count_fn */
+static void admin_inval_done(void *arg, bool ok, size_t deleted)
+{
+    admin_inval *ai = arg;
+    if (ai->req) {
+        evhttp_connection_set_closecb(evhttp_request_get_connection(ai->req), NULL, NULL);
+        admin_inval_answer(ai->req, ai->pattern, ok, true, deleted, ai->memory_deleted);
+    }
+    free(ai->pattern);
+    free(ai);
+}
+
+/* POST /admin/cache/invalidate?pattern=GLOB, POST /admin/cache/clear (every
+ * key under cache.key_prefix): the in-process store at once, Redis by SCAN
+ * and UNLINK (then published to every instance's hot tier); the answer says
+ * how many keys went. */
+static void admin_cache(gw_main *gm, struct evhttp_request *req, bool clear)
+{
+    gw_server *srv = &gm->srv;
+    const config_t *cfg = srv->current->cfg;
+    if (evhttp_request_get_command(req) != EVHTTP_REQ_POST) {
+        evhttp_add_header(evhttp_request_get_output_headers(req), "Allow", "POST");
+        gw_send_json_error(req, 405, "method not allowed", "");
+        return;
+    }
+    char *pattern = NULL;
+    if (clear) {
+        const char *prefix = cfg->cache.key_prefix ? cfg->cache.key_prefix : "";
+        pattern = malloc(2 * strlen(prefix) + 2);
+        if (pattern) {
+            char *w = pattern;
+            for (const char *p = prefix; *p; p++) {
+                if (strchr("*?[]\\", *p))
+                    *w++ = '\\';
+                *w++ = *p;
+            }
+            strcpy(w, "*");
+        }
+    } else {
+        struct evkeyvalq q;
+        TAILQ_INIT(&q);
+        const struct evhttp_uri *uri = evhttp_request_get_evhttp_uri(req);
+        const char *query = uri ? evhttp_uri_get_query(uri) : NULL;
+        if (query)
+            evhttp_parse_query_str(query, &q);
+        const char *given = evhttp_find_header(&q, "pattern");
+        if (given && *given)
+            pattern = strdup(given);
+        evhttp_clear_headers(&q);
+        if (!pattern) {
+            gw_send_json_error(req, 400, "pattern query parameter required", "");
+            return;
+        }
+    }
+    if (!pattern) {
+        gw_send_json_error(req, 500, "out of memory", "");
+        return;
+    }
+    size_t len = strlen(pattern);
+    size_t memory_deleted = cache_mem_delete_matching(srv->cache, pattern, len);
+    if (cfg->cache.store != CONFIG_STORE_REDIS) {
+        admin_inval_answer(req, pattern, true, false, 0, memory_deleted);
+        free(pattern);
+        return;
+    }
+    admin_inval *ai = calloc(1, sizeof *ai);
+    cache_rstore_op *op = ai ? cache_rstore_invalidate(gm->cstore, pattern, len, admin_inval_done, ai) : NULL;
+    if (!op) {
+        free(ai);
+        admin_inval_answer(req, pattern, false, true, 0, memory_deleted);
+        free(pattern);
+        return;
+    }
+    ai->req = req;
+    ai->pattern = pattern;
+    ai->memory_deleted = memory_deleted;
+    evhttp_connection_set_closecb(evhttp_request_get_connection(req), admin_inval_gone, ai);
 }
 
 static void admin_request(struct evhttp_request *req, void *arg)
@@ -327,6 +536,10 @@ static void admin_request(struct evhttp_request *req, void *arg)
         evhttp_add_header(evhttp_request_get_output_headers(req), "Content-Type", "application/json");
         evhttp_send_reply(req, rc == 0 ? 200 : 422, NULL, b);
         evbuffer_free(b);
+        return;
+    }
+    if (strcmp(path, "/admin/cache/invalidate") == 0 || strcmp(path, "/admin/cache/clear") == 0) {
+        admin_cache(gm, req, strcmp(path, "/admin/cache/clear") == 0);
         return;
     }
     char *(*show)(pool_shared *, const config_t *) = NULL;
@@ -483,6 +696,18 @@ static int run(const char *path)
     gm.base = event_base_new();
     if (!gm.base)
         goto out;
+    srv->cache = cache_mem_new(cache_memory_limit(cfg));
+    gm.cstore = cache_rstore_create(gm.base, main_redis_log);
+    gm.csub = cache_rsub_create(gm.base, main_redis_log, heard_invalidation, srv);
+    gm.redis_tick = event_new(gm.base, -1, EV_PERSIST, redis_tick_cb, &gm);
+    if (!srv->cache || !gm.cstore || !gm.csub || !gm.redis_tick)
+        goto out;
+    configure_cache(&gm, cfg);
+    {
+        struct timeval second = {1, 0};
+        event_add(gm.redis_tick, &second);
+        set_redis_gauges(srv, false, 0);
+    }
 
     srv->workers = calloc((size_t)srv->worker_count, sizeof *srv->workers);
     if (!srv->workers)
@@ -550,9 +775,15 @@ out:
         event_free(gm.sig_term);
     if (gm.sig_int)
         event_free(gm.sig_int);
+    if (gm.redis_tick)
+        event_free(gm.redis_tick);
+    cache_rstore_cancel(gm.info_op);
+    cache_rstore_free(gm.cstore);
+    cache_rsub_free(gm.csub);
     if (gm.base)
         event_base_free(gm.base);
     gw_runtime_unref(srv->current);
+    cache_mem_free(srv->cache);
     metrics_registry_free(srv->metrics.reg);
     pool_shared_free(srv->pool);
     rl_local_free(srv->rl);

@@ -14,6 +14,7 @@
 #include <stdatomic.h>
 #include <stdbool.h>
 
+#include "cache/memstore.h"
 #include "gateway/runtime.h"
 #include "metrics/metrics.h"
 #include "pool/pool.h"
@@ -34,6 +35,10 @@ typedef struct gw_metrics {
     pool_metric_families pool;           /* gateway_pool_* */
     metrics_family_t *ratelimit;         /* {policy,decision} */
     metrics_family_t *ratelimit_fallbacks;
+    metrics_family_t *cache_requests;     /* {route,result} */
+    metrics_family_t *cache_store_errors; /* no labels */
+    metrics_family_t *redis_up;           /* no labels; main thread */
+    metrics_family_t *redis_memory;       /* no labels; main thread */
 } gw_metrics;
 
 typedef struct gw_server {
@@ -50,6 +55,7 @@ typedef struct gw_server {
     pool_shared *pool; /* the PostgreSQL pool's process-wide half */
     rl_local *rl;      /* the rate limiter's per-process store, shared by the workers */
     uint64_t rl_seed;  /* of the rate-limit key hash */
+    cache_mem *cache;  /* the in-process cache store or hot tier, shared by the workers; NULL: none */
 
     atomic_long connections;   /* open client connections, all workers */
     long max_connections;      /* fixed at start (not reloadable) */

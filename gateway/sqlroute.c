@@ -213,26 +213,17 @@ static void json_field(struct evbuffer *b, const char *key, const char *value)
     pool_json_string(b, value, strlen(value));
 }
 
-static int send_json(struct evhttp_request *req, int status, struct evbuffer *body, size_t *bytes)
+static int answer_json(struct evhttp_request *req, int status)
 {
-    struct evkeyvalq *oh = evhttp_request_get_output_headers(req);
     if (status != 204)
-        evhttp_add_header(oh, "Content-Type", "application/json");
-    *bytes = evbuffer_get_length(body);
-    const char *reason = status == 409 ? "Conflict" : NULL;
-    evhttp_send_reply(req, status, reason, status == 204 ? NULL : body);
+        evhttp_add_header(evhttp_request_get_output_headers(req), "Content-Type", "application/json");
     return status;
 }
 
-static int send_error(struct evhttp_request *req, int status, const char *text, const PGresult *res,
-                      const char *request_id, size_t *bytes)
+static int answer_error(struct evhttp_request *req, int status, const char *text, const PGresult *res,
+                        const char *request_id, struct evbuffer *b)
 {
-    struct evbuffer *b = evbuffer_new();
-    if (!b) {
-        evhttp_send_error(req, 503, NULL);
-        *bytes = 0;
-        return 503;
-    }
+    evbuffer_drain(b, evbuffer_get_length(b));
     evbuffer_add_printf(b, "{\"error\":");
     pool_json_string(b, text, strlen(text));
     evbuffer_add_printf(b, ",\"status\":%d", status);
@@ -249,9 +240,7 @@ static int send_error(struct evhttp_request *req, int status, const char *text, 
         snprintf(secs, sizeof secs, "%d", POOL_RETRY_AFTER_SECONDS);
         evhttp_add_header(evhttp_request_get_output_headers(req), "Retry-After", secs);
     }
-    int sent = send_json(req, status, b, bytes);
-    evbuffer_free(b);
-    return sent;
+    return answer_json(req, status);
 }
 
 /* Link: rel="next" for the page after this one: the request's own path and
@@ -286,11 +275,9 @@ static void add_next_link(struct evhttp_request *req, const sqlroute_params *p)
     evbuffer_free(b);
 }
 
-int sqlroute_answer(struct evhttp_request *req, const config_route_sql *sql, const sqlroute_params *p,
-                    const pool_result *result, const char *request_id, gw_compressor *comp,
-                    const config_compression *cc, size_t *bytes)
+int sqlroute_build(struct evhttp_request *req, const config_route_sql *sql, const sqlroute_params *p,
+                   const pool_result *result, const char *request_id, struct evbuffer *body)
 {
-    *bytes = 0;
     if (result->status != 200) {
         const char *text = result->error ? result->error : "query failed";
         if (result->res) {
@@ -311,46 +298,26 @@ int sqlroute_answer(struct evhttp_request *req, const config_route_sql *sql, con
                 text = "query failed";
             }
         }
-        return send_error(req, result->status, text, result->res, request_id, bytes);
+        return answer_error(req, result->status, text, result->res, request_id, body);
     }
     const PGresult *res = result->res;
-    if (PQresultStatus(res) == PGRES_COMMAND_OK) {
-        struct evbuffer *empty = evbuffer_new();
-        int s = empty ? send_json(req, 204, empty, bytes) : 503;
-        if (empty)
-            evbuffer_free(empty);
-        return s;
-    }
-    struct evbuffer *b = evbuffer_new();
-    if (!b)
-        return send_error(req, 503, "out of memory", NULL, request_id, bytes);
+    if (PQresultStatus(res) == PGRES_COMMAND_OK)
+        return answer_json(req, 204);
     int rows = PQntuples(res);
     if (sql->result == CONFIG_RESULT_OBJECT) {
-        if (rows == 0) {
-            evbuffer_free(b);
-            return send_error(req, 404, "not found", NULL, request_id, bytes);
-        }
-        pool_json_row(b, res, 0);
-        evbuffer_add(b, "\n", 1);
+        if (rows == 0)
+            return answer_error(req, 404, "not found", NULL, request_id, body);
+        pool_json_row(body, res, 0);
+        evbuffer_add(body, "\n", 1);
     } else {
         int64_t shown = rows > p->limit ? p->limit : rows;
-        pool_json_rows(b, res, (int)shown);
-        evbuffer_add(b, "\n", 1);
+        pool_json_rows(body, res, (int)shown);
+        evbuffer_add(body, "\n", 1);
         char range[64];
         pool_page_content_range(range, sizeof range, p->offset, shown);
         evhttp_add_header(evhttp_request_get_output_headers(req), "Content-Range", range);
         if (rows > p->limit && p->limit > 0) /* limit=0 would point at itself */
             add_next_link(req, p);
     }
-    struct evbuffer *packed = NULL;
-    char joined[1024];
-    const char *ae = gw_accept_encoding_of(evhttp_request_get_input_headers(req), joined, sizeof joined);
-    struct evbuffer *out =
-        gw_compress_own(comp, cc, ae, evhttp_request_get_command(req) == EVHTTP_REQ_HEAD, 200,
-                        "application/json", b, evhttp_request_get_output_headers(req), &packed);
-    int s = send_json(req, 200, out, bytes);
-    if (packed)
-        evbuffer_free(packed);
-    evbuffer_free(b);
-    return s;
+    return answer_json(req, 200);
 }

@@ -26,7 +26,6 @@
 #include <event2/http.h>
 
 #include "config/config.h"
-#include "gateway/compress.h"
 #include "gateway/router.h"
 #include "gateway/runtime.h"
 #include "pool/pool.h"
@@ -45,11 +44,11 @@ int sqlroute_params_build(const config_route_sql *sql, const gw_sql_plan *plan, 
                           struct evhttp_request *req, sqlroute_params *p, const char **why);
 void sqlroute_params_free(sqlroute_params *p);
 
-/* Send the answer for result on req (X-Request-Id and the like are the
- * caller's), compressed by compress.h's rules when cc says so. Returns the
- * status sent; *bytes gets the body length sent. */
-int sqlroute_answer(struct evhttp_request *req, const config_route_sql *sql, const sqlroute_params *p,
-                    const pool_result *result, const char *request_id, gw_compressor *comp,
-                    const config_compression *cc, size_t *bytes);
+/* Make the answer for result without sending it: returns its status, adds
+ * its header fields (Content-Type, Content-Range, Link, Retry-After) to req's
+ * output headers and writes its identity body into body (nothing for 204).
+ * X-Request-Id, compression and sending are the caller's. */
+int sqlroute_build(struct evhttp_request *req, const config_route_sql *sql, const sqlroute_params *p,
+                   const pool_result *result, const char *request_id, struct evbuffer *body);
 
 #endif

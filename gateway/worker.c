@@ -33,6 +33,8 @@
 #include <event2/keyvalq_struct.h>
 #include <event2/listener.h>
 
+#include "cache/key.h"
+#include "cache/rstore.h"
 #include "gateway/compress.h"
 #include "gateway/httputil.h"
 #include "gateway/log.h"
@@ -148,6 +150,11 @@ static void conn_remove(conn_table *t, const gw_conn *c)
     }
 }
 
+#define FLIGHT_BUCKETS 256
+#define INVAL_RETRY_MAX 64
+#define INVAL_RETRY_MIN_MS 100
+#define INVAL_RETRY_MAX_MS 2000
+
 struct gw_worker {
     int id;
     gw_server *srv;
@@ -166,8 +173,15 @@ struct gw_worker {
     atomic_uint mailbox_bits;
 
     worker_gen *gen;
-    pool_t *pool;  /* PostgreSQL connections: outlive generations */
-    rl_redis *rlr; /* the rate limiter's Redis client */
+    pool_t *pool;                           /* PostgreSQL connections: outlive generations */
+    rl_redis *rlr;                          /* the rate limiter's Redis client */
+    cache_rstore *cstore;                   /* the response cache's Redis client */
+    uint64_t cstore_errors_seen;            /* of cache_rstore_errors(), already counted */
+    struct flight *flights[FLIGHT_BUCKETS]; /* cache misses being fetched, by key */
+    char *inval_retry[INVAL_RETRY_MAX];     /* patterns Redis could not delete yet */
+    size_t inval_retry_count;
+    struct event *inval_retry_timer;
+    int inval_retry_ms; /* backoff */
     gw_compressor *comp;
     metrics_shard_t *shard;
     metrics_series_t *in_flight_gauge;
@@ -198,6 +212,27 @@ struct gw_worker {
     struct event *drain_timer;
 };
 
+/* Identical concurrent cache misses on one worker: the first (the leader)
+ * fetches, the others (followers) wait for its entry, at most
+ * cache.lock_timeout. */
+typedef struct flight {
+    struct flight *next; /* in its bucket */
+    gw_request *leader;
+    gw_request *followers; /* linked by wait_next */
+    struct event *timer;   /* lock_timeout: the followers stop waiting */
+    bool listed;           /* in w->flights (new requests join it) */
+    uint64_t hash;
+    size_t key_len;
+    char key[];
+} flight;
+
+/* One of a write's invalidations in Redis. */
+typedef struct inval_wait {
+    gw_request *r;
+    cache_rstore_op *op;
+    char *pattern; /* as sent, for a retry */
+} inval_wait;
+
 struct gw_request {
     gw_request *prev, *next;
     gw_worker *w;
@@ -218,12 +253,35 @@ struct gw_request {
     size_t bytes;
     bool retry_body; /* body may be sent twice: reference, don't move */
     char *uri_owned; /* the upstream request-target when it had to be built */
+    /* response cache */
+    char *cache_key; /* a GET/HEAD the cache applies to; NULL otherwise */
+    size_t cache_key_len;
+    const char *cache_bypass;     /* why the cache was skipped (Cache-Status detail), or NULL */
+    cache_entry *stale;           /* an expired entry to serve if the backend fails (stale_if_error) */
+    cache_rstore_op *cache_op;    /* the Redis lookup in flight */
+    flight *flight;               /* the flight this request leads */
+    flight *waiting;              /* the flight this request follows */
+    gw_request *wait_next;        /* next follower of the same flight */
+    uint64_t cache_epoch;         /* the memory store's invalidation epoch when the miss began */
+    bool cache_refresh;           /* fetching for an expired entry (served stale to others) */
+    bool cache_counted;           /* in gateway_cache_requests_total already */
+    bool cluster_lock;            /* holds the key's cluster-wide fill lock (coalesce: cluster) */
+    struct event *cache_poll;     /* coalesce: cluster: the next look for another instance's entry */
+    int cache_poll_ms;            /* its backoff */
+    uint64_t cache_poll_until_ns; /* lock_timeout: then fetch anyway */
+    struct inval_wait *inval;     /* a write's invalidations in Redis, while its answer waits */
+    size_t inval_count, inval_pending;
+    struct evbuffer *held_body; /* the answer that waits for them */
+    int held_status;
+    char *held_reason;
     char request_id[GW_REQUEST_ID_MAX + 1];
     char traceparent[GW_TRACEPARENT_LEN + 1];
     char client[INET6_ADDRSTRLEN];
 };
 
 static void limit_state_free(gw_request *r);
+static void cache_request_end(gw_request *r);
+static void cache_request_drop(gw_request *r);
 
 /* ---- generations ------------------------------------------------------------ */
 
@@ -314,6 +372,10 @@ static void configure_redis(gw_worker *w, const config_t *cfg)
     config_redis off = {0};
     bool used = cfg->ratelimit.store == CONFIG_STORE_REDIS && cfg->ratelimit.policy_count > 0;
     rl_redis_configure(w->rlr, used ? &cfg->redis : &off);
+    config_t cached = *cfg;
+    if (cfg->cache.store != CONFIG_STORE_REDIS)
+        cached.redis = off;
+    cache_rstore_configure(w->cstore, &cached);
 }
 
 static void install_runtime(gw_worker *w, gw_runtime *rt)
@@ -394,6 +456,7 @@ static void request_end(gw_request *r)
     w->in_flight--;
     gen_unref(w, r->gen, true);
     limit_state_free(r);
+    cache_request_end(r);
     sqlroute_params_free(&r->sql);
     free(r->uri_owned);
     free(r->log_path);
@@ -437,6 +500,941 @@ static void respond_error_close(gw_request *r, int status, const char *text, boo
 static void respond_error(gw_request *r, int status, const char *text)
 {
     respond_error_close(r, status, text, status == 413 || status == 431 || status == 400);
+}
+
+/* ---- response cache --------------------------------------------------------------- */
+
+#define CACHE_KEY_MAX 2048
+
+static void fetch(gw_request *r);
+
+/* How an entry is served, for X-Cache, Cache-Status and the metrics. */
+typedef enum serve_kind {
+    SERVE_HIT,       /* fresh, found */
+    SERVE_COLLAPSED, /* fresh, fetched by the request this one waited for */
+    SERVE_STALE_SWR, /* expired, within stale_while_revalidate, while another request refreshes it */
+    SERVE_STALE_ERR, /* expired, within stale_if_error, the backend failed */
+    SERVE_MISS,      /* fetched now and stored */
+    SERVE_REFRESH,   /* fetched now for an expired entry, and stored */
+} serve_kind;
+
+static int64_t wall_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void count_cache(gw_request *r, const char *result)
+{
+    const char *labels[2] = {r->gen->rt->cfg->routes[r->route_index].name, result};
+    metrics_series_t *s = metrics_series(r->w->shard, r->w->srv->metrics.cache_requests, labels);
+    if (s)
+        metrics_counter_add(s, 1);
+}
+
+/* gateway_cache_store_errors_total follows the Redis client's own count. */
+static void sync_store_errors(gw_worker *w)
+{
+    uint64_t n = cache_rstore_errors(w->cstore);
+    if (n == w->cstore_errors_seen)
+        return;
+    metrics_series_t *s = metrics_series(w->shard, w->srv->metrics.cache_store_errors, NULL);
+    if (s)
+        metrics_counter_add(s, (double)(n - w->cstore_errors_seen));
+    w->cstore_errors_seen = n;
+}
+
+static const char *key_path_param(void *arg, const char *name, size_t name_len, size_t *value_len)
+{
+    gw_request *r = arg;
+    for (size_t i = 0; i < r->match.param_count; i++) {
+        const router_param *p = &r->match.params[i];
+        if (p->name_len == name_len && memcmp(p->name, name, name_len) == 0) {
+            *value_len = p->value_len;
+            return p->value;
+        }
+    }
+    return NULL;
+}
+
+static const char *key_header(void *arg, const char *name)
+{
+    gw_request *r = arg;
+    return evhttp_find_header(evhttp_request_get_input_headers(r->req), name);
+}
+
+static void key_source(gw_request *r, cache_key_source *src)
+{
+    const struct evhttp_uri *u = evhttp_request_get_evhttp_uri(r->req);
+    const char *path = u ? evhttp_uri_get_path(u) : NULL;
+    src->method = gw_method_name(r->method);
+    src->path = path && *path ? path : "/";
+    src->query = u ? evhttp_uri_get_query(u) : NULL;
+    src->path_param = key_path_param;
+    src->header = key_header;
+    src->arg = r;
+}
+
+/* Does one of the route's `unless:` conditions hold? */
+static bool cache_unless(gw_request *r, const config_route_cache *rc)
+{
+    struct evkeyvalq query;
+    bool parsed = false, hit = false;
+    TAILQ_INIT(&query);
+    for (size_t i = 0; i < rc->unless_count && !hit; i++) {
+        const config_kv *kv = &rc->unless[i];
+        const char *have = NULL;
+        if (strcmp(kv->key, "method") == 0) {
+            hit = strcasecmp(kv->value, gw_method_name(r->method)) == 0;
+            continue;
+        }
+        if (strncmp(kv->key, "header.", 7) == 0) {
+            have = evhttp_find_header(evhttp_request_get_input_headers(r->req), kv->key + 7);
+        } else if (strncmp(kv->key, "query.", 6) == 0) {
+            if (!parsed) {
+                const struct evhttp_uri *u = evhttp_request_get_evhttp_uri(r->req);
+                const char *q = u ? evhttp_uri_get_query(u) : NULL;
+                parsed = true;
+                if (q)
+                    evhttp_parse_query_str(q, &query);
+            }
+            have = evhttp_find_header(&query, kv->key + 6);
+        }
+        hit = have && strcmp(have, kv->value) == 0;
+    }
+    evhttp_clear_headers(&query);
+    return hit;
+}
+
+/* A key goes into the X-Cache-Key header: no control bytes. */
+static bool header_safe(const char *s, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if ((unsigned char)s[i] < 0x20 || s[i] == 0x7f)
+            return false;
+    return true;
+}
+
+static void entry_body_cleanup(const void *data, size_t len, void *arg)
+{
+    cache_entry_unref(arg);
+}
+
+/* Append "Name: value" to a header block being built (lines joined by CRLF). */
+static void block_line(struct evbuffer *b, const char *name, const char *value, size_t value_len)
+{
+    if (evbuffer_get_length(b))
+        evbuffer_add(b, "\r\n", 2);
+    evbuffer_add_printf(b, "%s: ", name);
+    evbuffer_add(b, value, value_len);
+}
+
+/* The block becomes ONE output entry, its first line's name the key (see
+ * pass_response_fields for why). */
+static void block_install(gw_request *r, struct evbuffer *b)
+{
+    struct evkeyvalq *oh = evhttp_request_get_output_headers(r->req);
+    evbuffer_add(b, "", 1);
+    char *all = (char *)evbuffer_pullup(b, -1);
+    char *colon = all ? strchr(all, ':') : NULL;
+    struct evkeyval *kv = colon ? calloc(1, sizeof *kv) : NULL;
+    if (kv) {
+        kv->key = strndup(all, (size_t)(colon - all));
+        kv->value = strdup(colon + 2);
+    }
+    if (!kv || !kv->key || !kv->value) {
+        if (kv) {
+            free(kv->key);
+            free(kv->value);
+            free(kv);
+        }
+        evhttp_add_header(oh, "X-Request-Id", r->request_id);
+        return;
+    }
+    TAILQ_INSERT_TAIL(oh, kv, next);
+}
+
+/* X-Cache, X-Cache-Key and Cache-Status of an answer that was not served
+ * from an entry (a miss not stored, a bypass). */
+static void cache_headers_plain(gw_request *r, struct evbuffer *b)
+{
+    const char *x = r->cache_bypass ? "BYPASS" : "MISS";
+    block_line(b, "X-Cache", x, strlen(x));
+    if (r->cache_key)
+        block_line(b, "X-Cache-Key", r->cache_key, r->cache_key_len);
+    char status[96];
+    int n = r->cache_bypass
+                ? snprintf(status, sizeof status, "gateway; fwd=bypass; detail=%s", r->cache_bypass)
+                : snprintf(status, sizeof status, "gateway; fwd=%s", r->stale ? "stale" : "uri-miss");
+    block_line(b, "Cache-Status", status, (size_t)n);
+}
+
+/* The variant of e this client takes. */
+static cache_variant entry_variant(gw_request *r, const cache_entry *e)
+{
+    const config_compression *cc = &r->gen->rt->cfg->compression;
+    if (!(e->flags & CACHE_ENTRY_VARY_AE) || !cc->enabled)
+        return CACHE_IDENTITY;
+    gw_encoding prefs[2], have[2];
+    size_t n = gw_compress_prefs(cc, prefs), k = 0;
+    for (size_t i = 0; i < n; i++)
+        if (e->body[prefs[i]])
+            have[k++] = prefs[i];
+    if (!k)
+        return CACHE_IDENTITY;
+    char joined[1024];
+    const char *ae = gw_accept_encoding_of(evhttp_request_get_input_headers(r->req), joined, sizeof joined);
+    return (cache_variant)gw_encoding_choose(ae, have, k, NULL);
+}
+
+/* Answer r from e (e keeps its reference; the body is lent to evhttp with one
+ * of its own) and end r. */
+static void serve_entry(gw_request *r, cache_entry *e, serve_kind kind)
+{
+    cache_variant v = entry_variant(r, e);
+    bool head = r->method == CONFIG_METHOD_HEAD;
+    int64_t now = wall_ms();
+    int64_t age_ms = now > e->stored_ms ? now - e->stored_ms : 0;
+    struct evbuffer *b = evbuffer_new(), *body = evbuffer_new();
+    if (!b || !body) {
+        if (b)
+            evbuffer_free(b);
+        if (body)
+            evbuffer_free(body);
+        respond_error(r, 503, "out of memory");
+        return;
+    }
+    char num[32];
+    if (e->status != 204) {
+        int n = snprintf(num, sizeof num, "%zu", e->body_len[v]);
+        block_line(b, "Content-Length", num, (size_t)n);
+    }
+    /* The stored fields, a line at a time: a compressed variant weakens a
+     * strong ETag and has no byte ranges of its own. */
+    for (const char *p = e->fields, *end = e->fields + e->fields_len; p < end;) {
+        const char *eol = memchr(p, '\r', (size_t)(end - p));
+        if (!eol)
+            break;
+        const char *colon = memchr(p, ':', (size_t)(eol - p));
+        if (colon && colon + 2 <= eol) {
+            size_t name_len = (size_t)(colon - p);
+            const char *value = colon + 2;
+            bool skip = v != CACHE_IDENTITY && name_len == 13 && strncasecmp(p, "Accept-Ranges", 13) == 0;
+            if (!skip) {
+                if (evbuffer_get_length(b))
+                    evbuffer_add(b, "\r\n", 2);
+                evbuffer_add(b, p, name_len);
+                evbuffer_add(b, ": ", 2);
+                if (v != CACHE_IDENTITY && name_len == 4 && strncasecmp(p, "ETag", 4) == 0 && value < eol &&
+                    *value == '"')
+                    evbuffer_add(b, "W/", 2);
+                evbuffer_add(b, value, (size_t)(eol - value));
+            }
+        }
+        p = eol + 2;
+    }
+    if (e->flags & CACHE_ENTRY_VARY_AE)
+        block_line(b, "Vary", "Accept-Encoding", 15);
+    if (v != CACHE_IDENTITY) {
+        const char *name = gw_encoding_name((gw_encoding)v);
+        block_line(b, "Content-Encoding", name, strlen(name));
+    }
+    int n = snprintf(num, sizeof num, "%lld", (long long)(age_ms / 1000));
+    block_line(b, "Age", num, (size_t)n);
+    static const char *const xcache[] = {"HIT", "HIT", "STALE", "STALE", "MISS", "MISS"};
+    block_line(b, "X-Cache", xcache[kind], strlen(xcache[kind]));
+    block_line(b, "X-Cache-Key", r->cache_key, r->cache_key_len);
+    char status[128];
+    long long ttl = (long long)((e->fresh_ms - age_ms) / 1000);
+    switch (kind) {
+    case SERVE_HIT:
+        n = snprintf(status, sizeof status, "gateway; hit; ttl=%lld", ttl);
+        break;
+    case SERVE_COLLAPSED:
+        n = snprintf(status, sizeof status, "gateway; hit; ttl=%lld; collapsed", ttl);
+        break;
+    case SERVE_STALE_SWR:
+        n = snprintf(status, sizeof status, "gateway; hit; ttl=%lld; detail=stale-while-revalidate", ttl);
+        break;
+    case SERVE_STALE_ERR:
+        n = snprintf(status, sizeof status, "gateway; fwd=stale; ttl=%lld; detail=stale-if-error", ttl);
+        break;
+    case SERVE_MISS:
+        n = snprintf(status, sizeof status, "gateway; fwd=uri-miss; stored");
+        break;
+    default:
+        n = snprintf(status, sizeof status, "gateway; fwd=stale; stored");
+    }
+    block_line(b, "Cache-Status", status, (size_t)n);
+    block_line(b, "X-Request-Id", r->request_id, strlen(r->request_id));
+    block_install(r, b);
+    evbuffer_free(b);
+    add_drain_header(r);
+    if (!head && e->body_len[v] > 0) {
+        cache_entry_ref(e);
+        if (evbuffer_add_reference(body, e->body[v], e->body_len[v], entry_body_cleanup, e) != 0)
+            cache_entry_unref(e);
+    }
+    static const char *const result[] = {"hit", "hit", "stale", "stale", "miss", "miss"};
+    count_cache(r, result[kind]);
+    r->cache_counted = true;
+    r->status = e->status;
+    r->bytes = head ? 0 : e->body_len[v];
+    evhttp_send_reply(r->req, e->status, NULL, e->status == 204 ? NULL : body);
+    evbuffer_free(body);
+    request_end(r);
+}
+
+/* ---- flights: one fetch per key per worker ---- */
+
+static uint64_t key_hash(const char *k, size_t n)
+{
+    uint64_t h = 1469598103934665603ULL;
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ (unsigned char)k[i]) * 1099511628211ULL;
+    return h;
+}
+
+static flight *flight_find(gw_worker *w, const char *key, size_t len)
+{
+    uint64_t h = key_hash(key, len);
+    for (flight *f = w->flights[h % FLIGHT_BUCKETS]; f; f = f->next)
+        if (f->hash == h && f->key_len == len && memcmp(f->key, key, len) == 0)
+            return f;
+    return NULL;
+}
+
+static void flight_unlist(gw_worker *w, flight *f)
+{
+    if (!f->listed)
+        return;
+    f->listed = false;
+    for (flight **pp = &w->flights[f->hash % FLIGHT_BUCKETS]; *pp; pp = &(*pp)->next)
+        if (*pp == f) {
+            *pp = f->next;
+            break;
+        }
+}
+
+/* Followers stop waiting: each fetches on its own. */
+static void flight_release(flight *f)
+{
+    gw_request *q = f->followers;
+    f->followers = NULL;
+    while (q) {
+        gw_request *next = q->wait_next;
+        q->waiting = NULL;
+        q->wait_next = NULL;
+        fetch(q);
+        q = next;
+    }
+}
+
+static void flight_timeout_cb(evutil_socket_t fd, short what, void *arg)
+{
+    flight *f = arg;
+    flight_unlist(f->leader->w, f);
+    flight_release(f);
+}
+
+/* r leads a new flight for its key (no flight when out of memory). */
+static void flight_start(gw_request *r)
+{
+    gw_worker *w = r->w;
+    flight *f = calloc(1, sizeof *f + r->cache_key_len);
+    if (!f)
+        return;
+    f->timer = evtimer_new(w->base, flight_timeout_cb, f);
+    if (!f->timer) {
+        free(f);
+        return;
+    }
+    f->leader = r;
+    f->hash = key_hash(r->cache_key, r->cache_key_len);
+    f->key_len = r->cache_key_len;
+    memcpy(f->key, r->cache_key, r->cache_key_len);
+    f->next = w->flights[f->hash % FLIGHT_BUCKETS];
+    w->flights[f->hash % FLIGHT_BUCKETS] = f;
+    f->listed = true;
+    int64_t ms = r->gen->rt->cfg->cache.lock_timeout_ms;
+    struct timeval tv = {(time_t)(ms / 1000), (suseconds_t)(ms % 1000) * 1000};
+    evtimer_add(f->timer, &tv);
+    r->flight = f;
+}
+
+static void flight_join(gw_request *r, flight *f)
+{
+    r->waiting = f;
+    r->wait_next = f->followers;
+    f->followers = r;
+}
+
+/* Serve every follower from e (kind), keeping the flight. */
+static void flight_serve(flight *f, cache_entry *e, serve_kind kind)
+{
+    gw_request *q = f->followers;
+    f->followers = NULL;
+    while (q) {
+        gw_request *next = q->wait_next;
+        q->waiting = NULL;
+        q->wait_next = NULL;
+        serve_entry(q, e, kind);
+        q = next;
+    }
+}
+
+/* The leader is done with its flight: followers get e (kind) when there is
+ * one, else fetch on their own. */
+static void flight_end(gw_request *r, cache_entry *e, serve_kind kind)
+{
+    flight *f = r->flight;
+    if (!f)
+        return;
+    r->flight = NULL;
+    flight_unlist(r->w, f);
+    evtimer_del(f->timer);
+    if (e)
+        flight_serve(f, e, kind);
+    else
+        flight_release(f);
+    event_free(f->timer);
+    free(f);
+}
+
+/* ---- lookup ---- */
+
+/* Not found (or only an expired copy kept for stale_if_error): fetch, alone
+ * or as the leader of this key's flight, or wait for the leader there is. */
+static void cache_miss(gw_request *r)
+{
+    const config_cache *cc = &r->gen->rt->cfg->cache;
+    if (!r->flight && cc->coalesce != CONFIG_COALESCE_OFF) {
+        flight *f = flight_find(r->w, r->cache_key, r->cache_key_len);
+        if (f && f->leader != r) {
+            flight_join(r, f);
+            return;
+        }
+        flight_start(r);
+    }
+    fetch(r);
+}
+
+/* An entry was found (e: a reference the request now owns). */
+static void cache_consider(gw_request *r, cache_entry *e)
+{
+    const config_cache *cc = &r->gen->rt->cfg->cache;
+    int64_t age = wall_ms() - e->stored_ms;
+    if (age < 0)
+        age = 0;
+    if (age < e->fresh_ms) {
+        flight_end(r, e, SERVE_COLLAPSED);
+        serve_entry(r, e, SERVE_HIT);
+        cache_entry_unref(e);
+        return;
+    }
+    if (age < e->fresh_ms + cc->stale_while_revalidate_ms && age < e->keep_ms) {
+        flight *f = r->flight ? r->flight : flight_find(r->w, r->cache_key, r->cache_key_len);
+        if (f && f->leader != r) { /* being refreshed: the old copy meanwhile */
+            serve_entry(r, e, SERVE_STALE_SWR);
+            cache_entry_unref(e);
+            return;
+        }
+        if (f)
+            flight_serve(f, e, SERVE_STALE_SWR); /* those waiting on our lookup need not wait more */
+        else
+            flight_start(r);
+        r->cache_refresh = true;
+        r->stale = e;
+        fetch(r);
+        return;
+    }
+    if (age < e->fresh_ms + cc->stale_if_error_ms && age < e->keep_ms) {
+        r->cache_refresh = true;
+        r->stale = e;
+    } else {
+        cache_entry_unref(e);
+    }
+    cache_miss(r);
+}
+
+/* ---- coalesce: cluster ---- */
+
+static void cache_redis_got(void *arg, cache_r_status st, cache_entry *e);
+
+/* The next look at Redis for the entry another instance is fetching. */
+static void cluster_poll_cb(evutil_socket_t fd, short what, void *arg)
+{
+    gw_request *r = arg;
+    if (gw_now_ns() >= r->cache_poll_until_ns) { /* waited lock_timeout: fetch ourselves */
+        fetch(r);
+        return;
+    }
+    r->cache_op = cache_rstore_get(r->w->cstore, r->cache_key, r->cache_key_len, cache_redis_got, r);
+    if (!r->cache_op)
+        fetch(r);
+}
+
+static void cluster_wait(gw_request *r)
+{
+    if (!r->cache_poll && !(r->cache_poll = evtimer_new(r->w->base, cluster_poll_cb, r))) {
+        fetch(r);
+        return;
+    }
+    r->cache_poll_ms = r->cache_poll_ms ? r->cache_poll_ms * 2 : 10;
+    if (r->cache_poll_ms > 200)
+        r->cache_poll_ms = 200;
+    struct timeval tv = {0, r->cache_poll_ms * 1000};
+    evtimer_add(r->cache_poll, &tv);
+}
+
+/* cache_rstore_lock_fn */
+static void cluster_locked(void *arg, bool ok, bool acquired)
+{
+    gw_request *r = arg;
+    r->cache_op = NULL;
+    sync_store_errors(r->w);
+    if (!ok || acquired) {
+        r->cluster_lock = acquired;
+        fetch(r);
+        return;
+    }
+    cluster_wait(r); /* another instance fetches: look for its entry */
+}
+
+/* A miss in Redis with coalesce: cluster: take "<key>:lock" (for
+ * lock_timeout) and fetch, or, when another instance holds it, look for its
+ * entry with backoff (10 ms doubling to 200 ms) until lock_timeout. */
+static void cluster_lock(gw_request *r)
+{
+    int64_t ms = r->gen->rt->cfg->cache.lock_timeout_ms;
+    r->cache_poll_until_ns = gw_now_ns() + (uint64_t)ms * 1000000ULL;
+    r->cache_op = cache_rstore_lock(r->w->cstore, r->cache_key, r->cache_key_len, ms, cluster_locked, r);
+    if (!r->cache_op)
+        fetch(r);
+}
+
+/* cache_rstore_get_fn */
+static void cache_redis_got(void *arg, cache_r_status st, cache_entry *e)
+{
+    gw_request *r = arg;
+    r->cache_op = NULL;
+    sync_store_errors(r->w);
+    if (st == CACHE_R_FOUND) {
+        if (r->gen->rt->cfg->cache.hot_tier)
+            cache_mem_put(r->w->srv->cache, r->cache_key, r->cache_key_len, e);
+        cache_consider(r, e);
+        return;
+    }
+    if (st == CACHE_R_ERROR) {
+        r->cache_bypass = "store-unavailable";
+        flight_end(r, NULL, SERVE_MISS);
+        fetch(r);
+        return;
+    }
+    if (r->gen->rt->cfg->cache.coalesce == CONFIG_COALESCE_CLUSTER) {
+        if (!r->cache_poll_until_ns)
+            cluster_lock(r);
+        else
+            cluster_wait(r);
+        return;
+    }
+    fetch(r);
+}
+
+/* A GET or HEAD on a route with cache: (after rate limiting). */
+static void cache_lookup(gw_request *r)
+{
+    gw_worker *w = r->w;
+    const config_t *cfg = r->gen->rt->cfg;
+    const config_route *route = &cfg->routes[r->route_index];
+    if (cache_unless(r, &route->cache)) {
+        r->cache_bypass = "unless";
+        fetch(r);
+        return;
+    }
+    if (evhttp_find_header(evhttp_request_get_input_headers(r->req), "Authorization") &&
+        !cache_key_names_authorization(route->cache.key)) {
+        r->cache_bypass = "authorization";
+        fetch(r);
+        return;
+    }
+    char key[CACHE_KEY_MAX];
+    cache_key_source src;
+    key_source(r, &src);
+    size_t n = cache_key_build(cfg->cache.key_prefix ? cfg->cache.key_prefix : "", route->cache.key, &src,
+                               key, sizeof key);
+    if (!n || !header_safe(key, n) || !(r->cache_key = malloc(n + 1))) {
+        r->cache_bypass = "key";
+        fetch(r);
+        return;
+    }
+    memcpy(r->cache_key, key, n + 1);
+    r->cache_key_len = n;
+    r->cache_epoch = cache_mem_epoch(w->srv->cache);
+    cache_entry *e = cache_mem_get(w->srv->cache, key, n, wall_ms());
+    if (e) {
+        cache_consider(r, e);
+        return;
+    }
+    if (cfg->cache.store != CONFIG_STORE_REDIS) {
+        cache_miss(r);
+        return;
+    }
+    if (!cache_rstore_up(w->cstore)) {
+        r->cache_bypass = "store-unavailable";
+        fetch(r);
+        return;
+    }
+    if (cfg->cache.coalesce != CONFIG_COALESCE_OFF) {
+        flight *f = flight_find(w, key, n);
+        if (f) {
+            flight_join(r, f);
+            return;
+        }
+        flight_start(r);
+    }
+    r->cache_op = cache_rstore_get(w->cstore, key, n, cache_redis_got, r);
+    if (!r->cache_op) {
+        r->cache_bypass = "store-unavailable";
+        flight_end(r, NULL, SERVE_MISS);
+        fetch(r);
+    }
+}
+
+/* ---- storing ---- */
+
+/* r's expired copy is still within stale_if_error. */
+static bool cache_stale_usable(gw_request *r)
+{
+    const cache_entry *e = r->stale;
+    int64_t age = e ? wall_ms() - e->stored_ms : 0;
+    return e && age < e->fresh_ms + r->gen->rt->cfg->cache.stale_if_error_ms && age < e->keep_ms;
+}
+
+/* The backend failed (status) and an expired copy is within stale_if_error:
+ * serve it. */
+static bool cache_stale_on_error(gw_request *r, int status)
+{
+    if (!(status == 500 || status == 502 || status == 503 || status == 504) || !cache_stale_usable(r))
+        return false;
+    cache_entry *e = r->stale;
+    r->stale = NULL;
+    flight_end(r, e, SERVE_STALE_ERR);
+    serve_entry(r, e, SERVE_STALE_ERR);
+    cache_entry_unref(e);
+    return true;
+}
+
+/* The route stores this status? */
+static bool status_storable(const config_route_cache *rc, int status)
+{
+    static const int codes[] = {200, 203, 204, 300, 301, 404, 410};
+    for (size_t i = 0; i < sizeof codes / sizeof codes[0]; i++)
+        if (codes[i] == status)
+            return (rc->statuses & (1u << i)) != 0;
+    return false;
+}
+
+/* An entry from an answer (status, its fields as "Name: value\r\n" lines,
+ * its identity body), with each compressed variant when it qualifies. */
+static cache_entry *entry_make(gw_request *r, int status, const char *lines, size_t lines_len,
+                               struct evbuffer *body, bool compressible, int64_t fresh_ms)
+{
+    const config_t *cfg = r->gen->rt->cfg;
+    const config_compression *cc = &cfg->compression;
+    struct evbuffer *packed[CACHE_VARIANTS] = {NULL, NULL, NULL};
+    const void *bodies[CACHE_VARIANTS] = {NULL, NULL, NULL};
+    size_t lens[CACHE_VARIANTS] = {0, 0, 0};
+    size_t len = evbuffer_get_length(body);
+    bodies[CACHE_IDENTITY] = len ? evbuffer_pullup(body, -1) : NULL;
+    lens[CACHE_IDENTITY] = len;
+    unsigned flags = 0;
+    if (compressible && cc->enabled && len >= (size_t)cc->min_bytes) {
+        flags |= CACHE_ENTRY_VARY_AE;
+        gw_encoding prefs[2];
+        size_t n = gw_compress_prefs(cc, prefs);
+        for (size_t i = 0; i < n; i++) {
+            struct evbuffer *out = evbuffer_new();
+            if (out && gw_compress(r->w->comp, cc, prefs[i], body, out) == 0 &&
+                evbuffer_get_length(out) < len) {
+                packed[prefs[i]] = out;
+                lens[prefs[i]] = evbuffer_get_length(out);
+                bodies[prefs[i]] = evbuffer_pullup(out, -1);
+            } else if (out) {
+                evbuffer_free(out);
+            }
+        }
+    }
+    int64_t stale = cfg->cache.stale_while_revalidate_ms > cfg->cache.stale_if_error_ms
+                        ? cfg->cache.stale_while_revalidate_ms
+                        : cfg->cache.stale_if_error_ms;
+    cache_entry *e = cache_entry_make(status, flags, wall_ms(), fresh_ms, fresh_ms + stale, lines, lines_len,
+                                      bodies, lens);
+    for (size_t i = 0; i < CACHE_VARIANTS; i++)
+        if (packed[i])
+            evbuffer_free(packed[i]);
+    return e;
+}
+
+/* Store e (unless an invalidation that matches its key came while it was
+ * fetched), serve r and its followers from it, and drop r's reference. */
+static void cache_store_serve(gw_request *r, cache_entry *e)
+{
+    gw_worker *w = r->w;
+    const config_cache *cc = &r->gen->rt->cfg->cache;
+    if (!cache_mem_invalidated_since(w->srv->cache, r->cache_epoch, r->cache_key, r->cache_key_len)) {
+        if (cc->store != CONFIG_STORE_REDIS || cc->hot_tier)
+            cache_mem_put(w->srv->cache, r->cache_key, r->cache_key_len, e);
+        if (cc->store == CONFIG_STORE_REDIS) {
+            cache_rstore_put(w->cstore, r->cache_key, r->cache_key_len, e);
+            sync_store_errors(w);
+        }
+    }
+    if (r->cluster_lock) {
+        cache_rstore_unlock(w->cstore, r->cache_key, r->cache_key_len);
+        r->cluster_lock = false;
+    }
+    flight_end(r, e, SERVE_COLLAPSED);
+    serve_entry(r, e, r->cache_refresh ? SERVE_REFRESH : SERVE_MISS);
+    cache_entry_unref(e);
+}
+
+/* ---- invalidation after writes ---- */
+
+static void invalidation_done(gw_request *r)
+{
+    if (--r->inval_pending > 0)
+        return;
+    struct evbuffer *body = r->held_body;
+    r->held_body = NULL;
+    evhttp_send_reply(r->req, r->held_status, r->held_reason, body);
+    if (body)
+        evbuffer_free(body);
+    request_end(r);
+}
+
+/* ---- invalidations Redis missed ---- */
+
+/* An invalidation Redis did not do (down, slow, failed part way) is done
+ * again once it answers, so entries written before the write do not come
+ * back with Redis. At most INVAL_RETRY_MAX patterns wait; past that, one
+ * "<key_prefix>*" replaces them all (too much deleted beats stale answers). */
+static void inval_retry_arm(gw_worker *w);
+
+static void inval_retry_add(gw_worker *w, const char *pattern, size_t len)
+{
+    for (size_t i = 0; i < w->inval_retry_count; i++)
+        if (strlen(w->inval_retry[i]) == len && memcmp(w->inval_retry[i], pattern, len) == 0)
+            return;
+    if (w->inval_retry_count == INVAL_RETRY_MAX) {
+        const char *prefix = w->gen->rt->cfg->cache.key_prefix ? w->gen->rt->cfg->cache.key_prefix : "";
+        char *all = malloc(2 * strlen(prefix) + 2), *o = all;
+        if (!all)
+            return;
+        for (const char *p = prefix; *p; p++) {
+            if (strchr("*?[]\\", *p))
+                *o++ = '\\';
+            *o++ = *p;
+        }
+        strcpy(o, "*");
+        for (size_t i = 0; i < w->inval_retry_count; i++)
+            free(w->inval_retry[i]);
+        w->inval_retry[0] = all;
+        w->inval_retry_count = 1;
+        gw_warn("worker %d: more than %d invalidations waiting for Redis: all of %s* will go", w->id,
+                INVAL_RETRY_MAX, prefix);
+    } else {
+        char *copy = strndup(pattern, len);
+        if (!copy)
+            return;
+        w->inval_retry[w->inval_retry_count++] = copy;
+    }
+    inval_retry_arm(w);
+}
+
+/* cache_rstore_count_fn of a retried invalidation (arg: the worker). */
+static void inval_retried(void *arg, bool ok, size_t deleted);
+
+typedef struct inval_again {
+    gw_worker *w;
+    char *pattern;
+} inval_again;
+
+static void inval_retried(void *arg, bool ok, size_t deleted)
+{
+    inval_again *ia = arg;
+    sync_store_errors(ia->w);
+    if (!ok)
+        inval_retry_add(ia->w, ia->pattern, strlen(ia->pattern));
+    else
+        gw_info("worker %d: invalidation of %s done in Redis after all (%zu keys)", ia->w->id, ia->pattern,
+                deleted);
+    free(ia->pattern);
+    free(ia);
+}
+
+static void inval_retry_cb(evutil_socket_t fd, short what, void *arg)
+{
+    gw_worker *w = arg;
+    if (!cache_rstore_up(w->cstore)) {
+        inval_retry_arm(w);
+        return;
+    }
+    size_t n = w->inval_retry_count;
+    w->inval_retry_count = 0;
+    w->inval_retry_ms = 0;
+    for (size_t i = 0; i < n; i++) {
+        inval_again *ia = malloc(sizeof *ia);
+        char *pattern = w->inval_retry[i];
+        if (ia) {
+            ia->w = w;
+            ia->pattern = pattern;
+            if (cache_rstore_invalidate(w->cstore, pattern, strlen(pattern), inval_retried, ia))
+                continue;
+            free(ia);
+        }
+        inval_retry_add(w, pattern, strlen(pattern));
+        free(pattern);
+    }
+}
+
+static void inval_retry_arm(gw_worker *w)
+{
+    if (!w->inval_retry_timer && !(w->inval_retry_timer = evtimer_new(w->base, inval_retry_cb, w)))
+        return;
+    if (evtimer_pending(w->inval_retry_timer, NULL))
+        return;
+    w->inval_retry_ms = w->inval_retry_ms ? w->inval_retry_ms * 2 : INVAL_RETRY_MIN_MS;
+    if (w->inval_retry_ms > INVAL_RETRY_MAX_MS)
+        w->inval_retry_ms = INVAL_RETRY_MAX_MS;
+    struct timeval tv = {w->inval_retry_ms / 1000, (w->inval_retry_ms % 1000) * 1000};
+    evtimer_add(w->inval_retry_timer, &tv);
+}
+
+/* cache_rstore_count_fn */
+static void invalidated_in_redis(void *arg, bool ok, size_t deleted)
+{
+    inval_wait *iw = arg;
+    gw_request *r = iw->r;
+    iw->op = NULL;
+    sync_store_errors(r->w);
+    if (!ok) {
+        gw_log(CONFIG_LOG_WARN, r->request_id,
+               "route %s: invalidation %s in Redis failed after %zu keys; retried later",
+               r->gen->rt->cfg->routes[r->route_index].name, iw->pattern, deleted);
+        inval_retry_add(r->w, iw->pattern, strlen(iw->pattern));
+    }
+    invalidation_done(r);
+}
+
+/* After a 2xx answer to a write on a route with invalidate: delete the
+ * matching keys here (the in-process store, at once) and in Redis. The answer
+ * waits for Redis (each command within redis.timeout), so a client that reads
+ * after its write never gets the old entry. Returns how many Redis deletions
+ * are pending (0: send now). */
+static size_t invalidate_start(gw_request *r)
+{
+    const config_t *cfg = r->gen->rt->cfg;
+    const config_route *route = &cfg->routes[r->route_index];
+    cache_key_source src;
+    key_source(r, &src);
+    bool redis = cfg->cache.store == CONFIG_STORE_REDIS && cfg->redis.enabled;
+    if (redis && !(r->inval = calloc(route->invalidate_count, sizeof *r->inval)))
+        redis = false;
+    r->inval_count = redis ? route->invalidate_count : 0;
+    for (size_t i = 0; i < route->invalidate_count; i++) {
+        char pattern[CACHE_KEY_MAX];
+        size_t n = cache_pattern_build(route->invalidate[i], &src, pattern, sizeof pattern);
+        if (!n) {
+            gw_log(CONFIG_LOG_WARN, r->request_id, "route %s: invalidate pattern %zu too long; skipped",
+                   route->name, i);
+            continue;
+        }
+        cache_mem_delete_matching(r->w->srv->cache, pattern, n);
+        if (!redis)
+            continue;
+        r->inval[i].r = r;
+        r->inval[i].pattern = strndup(pattern, n);
+        r->inval[i].op = r->inval[i].pattern ? cache_rstore_invalidate(r->w->cstore, pattern, n,
+                                                                       invalidated_in_redis, &r->inval[i])
+                                             : NULL;
+        if (r->inval[i].op) {
+            r->inval_pending++;
+        } else {
+            gw_log(CONFIG_LOG_WARN, r->request_id, "route %s: Redis unavailable; %s invalidated there later",
+                   route->name, pattern);
+            inval_retry_add(r->w, pattern, n);
+            metrics_series_t *s = metrics_series(r->w->shard, r->w->srv->metrics.cache_store_errors, NULL);
+            if (s)
+                metrics_counter_add(s, 1);
+        }
+    }
+    return r->inval_pending;
+}
+
+/* Send the answer, or hold it while the write's invalidations run; end r. */
+static void finish_reply(gw_request *r, int status, const char *reason, struct evbuffer *body)
+{
+    const config_route *route = &r->gen->rt->cfg->routes[r->route_index];
+    if (route->invalidate_count && status >= 200 && status < 300 && r->method != CONFIG_METHOD_GET &&
+        r->method != CONFIG_METHOD_HEAD && invalidate_start(r) > 0) {
+        r->held_body = body ? evbuffer_new() : NULL;
+        if (r->held_body)
+            evbuffer_add_buffer(r->held_body, body);
+        r->held_status = status;
+        r->held_reason = reason ? strdup(reason) : NULL;
+        return;
+    }
+    evhttp_send_reply(r->req, status, reason, body);
+    request_end(r);
+}
+
+/* The cache's hold on r, let go without answering anyone (a forced stop
+ * frees every request, followers included). */
+static void cache_request_drop(gw_request *r)
+{
+    r->waiting = NULL;
+    if (r->flight) {
+        r->flight->followers = NULL;
+        flight_end(r, NULL, SERVE_MISS);
+    }
+    r->cluster_lock = false;
+    r->inval_pending = 0;
+    cache_request_end(r);
+}
+
+/* What request_end undoes for the cache. */
+static void cache_request_end(gw_request *r)
+{
+    if ((r->cache_key || r->cache_bypass) && !r->cache_counted && r->route_index >= 0)
+        count_cache(r, r->cache_bypass ? "bypass" : "miss");
+    if (r->waiting) {
+        for (gw_request **pp = &r->waiting->followers; *pp; pp = &(*pp)->wait_next)
+            if (*pp == r) {
+                *pp = r->wait_next;
+                break;
+            }
+        r->waiting = NULL;
+    }
+    flight_end(r, NULL, SERVE_MISS);
+    cache_rstore_cancel(r->cache_op);
+    r->cache_op = NULL;
+    if (r->cache_poll)
+        event_free(r->cache_poll);
+    if (r->cluster_lock) /* fetched, not stored: let the others go on */
+        cache_rstore_unlock(r->w->cstore, r->cache_key, r->cache_key_len);
+    for (size_t i = 0; i < r->inval_count; i++) {
+        cache_rstore_cancel(r->inval[i].op);
+        free(r->inval[i].pattern);
+    }
+    free(r->inval);
+    r->inval = NULL;
+    if (r->held_body)
+        evbuffer_free(r->held_body);
+    free(r->held_reason);
+    cache_entry_unref(r->stale);
+    free(r->cache_key);
 }
 
 /* ---- proxying --------------------------------------------------------------- */
@@ -589,34 +1587,44 @@ static bool field_lists(const http1_field *f, const char *token)
     return false;
 }
 
-/* compress.h's rules for an upstream answer; the client's choice in ac. */
-static void choose_coding(gw_request *r, const upstream_response *resp, answer_coding *ac)
+/* compress.h's rules for an upstream answer, whoever asks: does it qualify?
+ * *varies: its Vary names Accept-Encoding (or *) already. */
+static bool upstream_compressible(const config_compression *cc, const upstream_response *resp, bool *varies)
 {
-    const config_compression *cc = &r->gen->rt->cfg->compression;
-    ac->enc = GW_ENC_IDENTITY;
-    ac->add_vary = false;
-    if (!cc->enabled || r->method == CONFIG_METHOD_HEAD || resp->status < 200 || resp->status == 204 ||
-        resp->status == 206 || resp->status == 304 || evbuffer_get_length(resp->body) < (size_t)cc->min_bytes)
-        return;
-    bool type_ok = false, varies = false;
+    *varies = false;
+    if (!cc->enabled || resp->status < 200 || resp->status == 204 || resp->status == 206 ||
+        resp->status == 304)
+        return false;
+    bool type_ok = false;
     int types = 0;
     for (size_t i = 0; i < resp->field_count; i++) {
         const http1_field *f = &resp->fields[i];
         if (field_is(f, "Content-Encoding", 16) &&
             !(f->value_len == 8 && strncasecmp(f->value, "identity", 8) == 0))
-            return; /* encoded already: passed as it is */
+            return false; /* encoded already: passed as it is */
         if (field_is(f, "Content-Range", 13))
-            return;
+            return false;
         if (field_is(f, "Cache-Control", 13) && field_lists(f, "no-transform"))
-            return;
+            return false;
         if (field_is(f, "Content-Type", 12)) {
             type_ok = gw_compress_type_ok(cc, f->value, f->value_len);
             types++;
         }
         if (field_is(f, "Vary", 4) && (field_lists(f, "Accept-Encoding") || field_lists(f, "*")))
-            varies = true;
+            *varies = true;
     }
-    if (!type_ok || types != 1) /* several Content-Types: which one is it? leave it alone */
+    return type_ok && types == 1; /* several Content-Types: which one is it? leave it alone */
+}
+
+/* The client's choice for an upstream answer in ac. */
+static void choose_coding(gw_request *r, const upstream_response *resp, answer_coding *ac)
+{
+    const config_compression *cc = &r->gen->rt->cfg->compression;
+    bool varies;
+    ac->enc = GW_ENC_IDENTITY;
+    ac->add_vary = false;
+    if (r->method == CONFIG_METHOD_HEAD || evbuffer_get_length(resp->body) < (size_t)cc->min_bytes ||
+        !upstream_compressible(cc, resp, &varies))
         return;
     ac->add_vary = !varies;
     gw_encoding prefs[2];
@@ -627,7 +1635,7 @@ static void choose_coding(gw_request *r, const upstream_response *resp, answer_c
 }
 
 static void pass_response_fields(gw_request *r, const upstream_response *resp, struct evbuffer *body,
-                                 const answer_coding *ac)
+                                 const answer_coding *ac, const char *extra, size_t extra_len)
 {
     struct evkeyvalq *oh = evhttp_request_get_output_headers(r->req);
     const http1_field *connection = NULL;
@@ -655,7 +1663,7 @@ static void pass_response_fields(gw_request *r, const upstream_response *resp, s
         len += f->name_len + 2 + f->value_len + 2 + 2; /* + 2: "W/" on a weakened ETag */
     }
     /* Our own lines: "\r\nVary: Accept-Encoding" (23), "\r\nContent-Encoding: gzip" (24). */
-    len += 23 + 24;
+    len += 23 + 24 + 2 + extra_len;
     /* With a body, the entry's key is Content-Length (so evhttp adds none) and
      * its value starts with the length; otherwise the first field leads. */
     bool with_length = !head && resp->status >= 200 && resp->status != 204 && resp->status != 304;
@@ -725,10 +1733,121 @@ static void pass_response_fields(gw_request *r, const upstream_response *resp, s
         w += 16;
     }
     memcpy(w, r->request_id, id_len);
-    w[id_len] = '\0';
+    w += id_len;
+    if (extra_len) { /* after the id, which may be the entry's own key */
+        memcpy(w, "\r\n", 2);
+        memcpy(w + 2, extra, extra_len);
+        w += 2 + extra_len;
+    }
+    *w = '\0';
     kv->key = k;
     kv->value = value;
     TAILQ_INSERT_TAIL(oh, kv, next);
+}
+
+/* The seconds of a Cache-Control directive (max-age=N), or -1. */
+static int64_t directive_seconds(const http1_field *f, const char *name)
+{
+    size_t nlen = strlen(name);
+    const char *p = f->value, *end = f->value + f->value_len;
+    while (p < end) {
+        while (p < end && (*p == ' ' || *p == '\t' || *p == ','))
+            p++;
+        if ((size_t)(end - p) > nlen && strncasecmp(p, name, nlen) == 0 && p[nlen] == '=') {
+            p += nlen + 1;
+            if (p < end && *p == '"')
+                p++;
+            int64_t v = 0;
+            bool digits = false;
+            while (p < end && *p >= '0' && *p <= '9') {
+                digits = true;
+                v = v < INT64_C(100000000000) ? v * 10 + (*p - '0') : v;
+                p++;
+            }
+            return digits ? v : -1;
+        }
+        while (p < end && *p != ',')
+            p++;
+    }
+    return -1;
+}
+
+/* An entry for the upstream's answer, or NULL when it is not to be stored:
+ * a status the route does not store, Set-Cookie, Cache-Control no-store,
+ * private or no-cache (or max-age=0), a Vary on anything but
+ * Accept-Encoding (the key does not hold those headers), an encoded or
+ * partial body, or a body over max_object_bytes. The upstream's s-maxage,
+ * else max-age, sets the lifetime (as nginx's proxy_cache_valid yields to
+ * them); else the route's ttl. */
+static cache_entry *upstream_entry(gw_request *r, const upstream_response *resp)
+{
+    const config_t *cfg = r->gen->rt->cfg;
+    const config_route *route = &cfg->routes[r->route_index];
+    if (!status_storable(&route->cache, resp->status) ||
+        evbuffer_get_length(resp->body) > (size_t)cfg->cache.max_object_bytes)
+        return NULL;
+    int64_t max_age = -1, s_maxage = -1;
+    const http1_field *connection = NULL;
+    for (size_t i = 0; i < resp->field_count; i++) {
+        const http1_field *f = &resp->fields[i];
+        if (field_is(f, "Set-Cookie", 10) || field_is(f, "Content-Range", 13))
+            return NULL;
+        if (field_is(f, "Content-Encoding", 16) &&
+            !(f->value_len == 8 && strncasecmp(f->value, "identity", 8) == 0))
+            return NULL;
+        if (field_is(f, "Vary", 4)) {
+            for (const char *p = f->value, *end = f->value + f->value_len; p < end;) {
+                while (p < end && (*p == ' ' || *p == '\t' || *p == ','))
+                    p++;
+                const char *tok = p;
+                while (p < end && *p != ',' && *p != ' ' && *p != '\t')
+                    p++;
+                if (p > tok && !((size_t)(p - tok) == 15 && strncasecmp(tok, "Accept-Encoding", 15) == 0))
+                    return NULL;
+            }
+        }
+        if (field_is(f, "Cache-Control", 13)) {
+            if (field_lists(f, "no-store") || field_lists(f, "private") || field_lists(f, "no-cache"))
+                return NULL;
+            int64_t v = directive_seconds(f, "max-age");
+            if (v >= 0)
+                max_age = v;
+            v = directive_seconds(f, "s-maxage");
+            if (v >= 0)
+                s_maxage = v;
+        }
+        if (field_is(f, "Connection", 10))
+            connection = f;
+    }
+    int64_t fresh_ms = s_maxage >= 0 ? s_maxage * 1000 : max_age >= 0 ? max_age * 1000 : route->cache.ttl_ms;
+    if (fresh_ms <= 0)
+        return NULL;
+    bool varies;
+    bool compressible = upstream_compressible(&cfg->compression, resp, &varies);
+    /* The entry writes Vary: Accept-Encoding itself when it has codings. */
+    bool own_vary = compressible && evbuffer_get_length(resp->body) >= (size_t)cfg->compression.min_bytes;
+    struct evbuffer *lines = evbuffer_new();
+    if (!lines)
+        return NULL;
+    for (size_t i = 0; i < resp->field_count; i++) {
+        const http1_field *f = &resp->fields[i];
+        if (gw_header_is_hop_by_hop(f->name, connection ? connection->value : NULL) ||
+            field_is(f, "Content-Length", 14) || field_is(f, "Content-Encoding", 16) ||
+            field_is(f, "Date", 4) || field_is(f, "Age", 3) || field_is(f, "X-Request-Id", 12) ||
+            field_is(f, "X-Cache", 7) || field_is(f, "X-Cache-Key", 11) || field_is(f, "Cache-Status", 12))
+            continue;
+        if (own_vary && field_is(f, "Vary", 4))
+            continue;
+        evbuffer_add(lines, f->name, f->name_len);
+        evbuffer_add(lines, ": ", 2);
+        evbuffer_add(lines, f->value, f->value_len);
+        evbuffer_add(lines, "\r\n", 2);
+    }
+    size_t n = evbuffer_get_length(lines);
+    const char *text = n ? (const char *)evbuffer_pullup(lines, -1) : "";
+    cache_entry *e = entry_make(r, resp->status, text, n, resp->body, compressible, fresh_ms);
+    evbuffer_free(lines);
+    return e;
 }
 
 /* upstream_done_fn: pass the upstream's answer back, or our 502/504. */
@@ -736,6 +1855,15 @@ static void upstream_done(void *arg, const upstream_response *resp, int status, 
 {
     gw_request *r = arg;
     r->call = NULL;
+    if (r->stale && cache_stale_on_error(r, resp ? resp->status : status))
+        return;
+    if (resp && r->cache_key && !r->cache_bypass) {
+        cache_entry *e = upstream_entry(r, resp);
+        if (e) {
+            cache_store_serve(r, e);
+            return;
+        }
+    }
     if (!resp) {
         gw_log(CONFIG_LOG_WARN, r->request_id, "upstream %s (%s): %s", r->upstream_name,
                target ? target : "-", status == 504 ? "timed out" : "failed");
@@ -754,14 +1882,23 @@ static void upstream_done(void *arg, const upstream_response *resp, int status, 
         else
             ac.enc = GW_ENC_IDENTITY; /* no smaller, or failed: as it came */
     }
-    pass_response_fields(r, resp, body, &ac); /* X-Request-Id included */
+    struct evbuffer *extra = NULL;
+    if (r->cache_key || r->cache_bypass) {
+        extra = evbuffer_new();
+        if (extra)
+            cache_headers_plain(r, extra);
+    }
+    size_t extra_len = extra ? evbuffer_get_length(extra) : 0;
+    pass_response_fields(r, resp, body, &ac, extra_len ? (const char *)evbuffer_pullup(extra, -1) : NULL,
+                         extra_len); /* X-Request-Id included */
+    if (extra)
+        evbuffer_free(extra);
     add_drain_header(r);
     r->status = resp->status;
     r->bytes = r->method == CONFIG_METHOD_HEAD ? 0 : evbuffer_get_length(body);
-    evhttp_send_reply(r->req, resp->status, resp->reason[0] ? resp->reason : NULL, body);
+    finish_reply(r, resp->status, resp->reason[0] ? resp->reason : NULL, body);
     if (packed)
         evbuffer_free(packed);
-    request_end(r);
 }
 
 /* The request-target to send upstream: origin-form path and query. Usually
@@ -797,8 +1934,12 @@ static void proxy(gw_request *r, int upstream_index)
         respond_error(r, 500, "out of memory");
         return;
     }
-    r->call = upstream_call_start(r->gen->ups, (size_t)upstream_index, evhttp_request_get_command(r->req),
-                                  uri, idempotent, deadline, fill_upstream_request, upstream_done, r);
+    enum evhttp_cmd_type cmd = evhttp_request_get_command(r->req);
+    /* A HEAD the cache may answer fetches the GET entry it is answered from. */
+    if (cmd == EVHTTP_REQ_HEAD && r->cache_key && !r->cache_bypass)
+        cmd = EVHTTP_REQ_GET;
+    r->call = upstream_call_start(r->gen->ups, (size_t)upstream_index, cmd, uri, idempotent, deadline,
+                                  fill_upstream_request, upstream_done, r);
     if (!r->call)
         respond_error(r, 500, "out of memory");
 }
@@ -1111,6 +2252,23 @@ static int rate_limit(gw_request *r)
 
 /* ---- SQL routes ------------------------------------------------------------------ */
 
+/* Move the output header entries after mark (all when NULL) into lines as
+ * "Name: value\r\n" (dropped when lines is NULL). */
+static void take_fields_after(struct evkeyvalq *oh, struct evkeyval *mark, struct evbuffer *lines)
+{
+    struct evkeyval *kv = mark ? TAILQ_NEXT(mark, next) : TAILQ_FIRST(oh);
+    while (kv) {
+        struct evkeyval *next = TAILQ_NEXT(kv, next);
+        if (lines)
+            evbuffer_add_printf(lines, "%s: %s\r\n", kv->key, kv->value);
+        TAILQ_REMOVE(oh, kv, next);
+        free(kv->key);
+        free(kv->value);
+        free(kv);
+        kv = next;
+    }
+}
+
 /* pool_done_fn: the statement's result becomes the answer. */
 static void sql_done(void *arg, const pool_result *result)
 {
@@ -1125,12 +2283,63 @@ static void sql_done(void *arg, const pool_result *result)
                result->error ? result->error : "statement failed", state ? ": SQLSTATE " : "",
                state ? state : "", msg ? ": " : "", msg ? msg : "");
     }
+    struct evbuffer *body = evbuffer_new();
+    if (!body) {
+        respond_error(r, 503, "out of memory");
+        return;
+    }
+    struct evkeyvalq *oh = evhttp_request_get_output_headers(r->req);
+    struct evkeyval *mark = TAILQ_LAST(oh, evkeyvalq); /* what is there before the answer's fields */
+    int status = sqlroute_build(r->req, sql, &r->sql, result, r->request_id, body);
+    if (r->stale && status >= 500 && cache_stale_usable(r)) {
+        take_fields_after(oh, mark, NULL);
+        cache_stale_on_error(r, status);
+        evbuffer_free(body);
+        return;
+    }
+    const config_t *cfg = r->gen->rt->cfg;
+    const config_route *route = &cfg->routes[r->route_index];
+    if (r->cache_key && !r->cache_bypass && status_storable(&route->cache, status) &&
+        evbuffer_get_length(body) <= (size_t)cfg->cache.max_object_bytes) {
+        /* The fields sqlroute_build gave the answer become the entry's. */
+        struct evbuffer *lines = evbuffer_new();
+        if (lines)
+            take_fields_after(oh, mark, lines);
+        size_t n = lines ? evbuffer_get_length(lines) : 0;
+        const char *text = n ? (const char *)evbuffer_pullup(lines, -1) : "";
+        bool json = status == 200 && gw_compress_type_ok(&cfg->compression, "application/json", 16);
+        cache_entry *e = lines ? entry_make(r, status, text, n, body, json, route->cache.ttl_ms) : NULL;
+        if (lines)
+            evbuffer_free(lines);
+        if (e) {
+            evbuffer_free(body);
+            cache_store_serve(r, e);
+            return;
+        }
+    }
     add_common_headers(r);
-    r->status = sqlroute_answer(r->req, sql, &r->sql, result, r->request_id, r->w->comp,
-                                &r->gen->rt->cfg->compression, &r->bytes);
-    if (r->method == CONFIG_METHOD_HEAD)
-        r->bytes = 0;
-    request_end(r);
+    if (r->cache_key || r->cache_bypass) {
+        struct evbuffer *extra = evbuffer_new();
+        if (extra) {
+            cache_headers_plain(r, extra);
+            block_install(r, extra);
+            evbuffer_free(extra);
+        }
+    }
+    struct evbuffer *out = body, *packed = NULL;
+    if (status == 200) {
+        char joined[1024];
+        const char *ae =
+            gw_accept_encoding_of(evhttp_request_get_input_headers(r->req), joined, sizeof joined);
+        out = gw_compress_own(r->w->comp, &cfg->compression, ae, r->method == CONFIG_METHOD_HEAD, 200,
+                              "application/json", body, oh, &packed);
+    }
+    r->status = status;
+    r->bytes = r->method == CONFIG_METHOD_HEAD || status == 204 ? 0 : evbuffer_get_length(out);
+    finish_reply(r, status, status == 409 ? "Conflict" : NULL, status == 204 ? NULL : out);
+    if (packed)
+        evbuffer_free(packed);
+    evbuffer_free(body);
 }
 
 static void sql_route(gw_request *r, const router_match *m)
@@ -1359,8 +2568,20 @@ static void on_request(struct evhttp_request *req, void *arg)
     backend(r);
 }
 
-/* After routing and rate limiting: the route's upstream or its SQL. */
+/* After routing and rate limiting: the cache, when the route has one and
+ * the method is GET or HEAD; else straight to the backend. */
 static void backend(gw_request *r)
+{
+    const config_route *route = &r->gen->rt->cfg->routes[r->route_index];
+    if (route->cache.enabled && (r->method == CONFIG_METHOD_GET || r->method == CONFIG_METHOD_HEAD)) {
+        cache_lookup(r);
+        return;
+    }
+    fetch(r);
+}
+
+/* The route's upstream or its SQL. */
+static void fetch(gw_request *r)
 {
     int up = r->gen->rt->route_upstream[r->route_index];
     if (up < 0) {
@@ -1834,6 +3055,7 @@ static void worker_stop(gw_worker *w)
         pool_cancel(r->sql_call);
         r->sql_call = NULL;
         limit_state_free(r);
+        cache_request_drop(r);
         sqlroute_params_free(&r->sql);
         w->requests = r->next;
         w->in_flight--;
@@ -1921,6 +3143,12 @@ static void worker_free(gw_worker *w)
     w->comp = NULL;
     rl_redis_free(w->rlr);
     w->rlr = NULL;
+    cache_rstore_free(w->cstore);
+    w->cstore = NULL;
+    if (w->inval_retry_timer)
+        event_free(w->inval_retry_timer);
+    for (size_t i = 0; i < w->inval_retry_count; i++)
+        free(w->inval_retry[i]);
     if (w->http)
         evhttp_free(w->http);
     if (w->later_timer) {
@@ -2007,7 +3235,8 @@ gw_worker *gw_worker_create(gw_server *srv, int id, gw_runtime *rt, const int *l
     w->pool = pool_create(w->base, srv->pool, id, w->shard, &srv->metrics.pool);
     w->comp = gw_compressor_create();
     w->rlr = rl_redis_create(w->base, rl_log);
-    if (!w->pool || !w->comp || !w->rlr)
+    w->cstore = cache_rstore_create(w->base, rl_log);
+    if (!w->pool || !w->comp || !w->rlr || !w->cstore)
         goto fail;
 
     evhttp_set_gencb(w->http, on_request, w);

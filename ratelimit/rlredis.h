@@ -4,11 +4,10 @@
  * is atomic and exact across every gateway instance sharing the Redis. The
  * script reads Redis's own clock (TIME), so instances need not agree on time.
  *
- * One client per worker, on the worker's event_base (hiredis async with its
- * libevent adapter), never touched by another thread. hiredis 0.14 has no
- * timeouts, so each command has our own deadline (redis.timeout) and the
- * connect too; a lost connection is made again with capped backoff
- * (RLR_BACKOFF_MIN_MS doubling to RLR_BACKOFF_MAX_MS).
+ * One client per worker, on the worker's event_base, never touched by another
+ * thread. It owns one gw_redis (redis/redis.h): redis.connections_per_worker
+ * connections, our own deadline (redis.timeout) on the connect and on every
+ * command, and reconnects with capped backoff.
  */
 #ifndef GATEWAY_RLREDIS_H
 #define GATEWAY_RLREDIS_H
@@ -22,9 +21,6 @@
 #include "config/config.h"
 #include "ratelimit/ratelimit.h"
 
-#define RLR_BACKOFF_MIN_MS 50
-#define RLR_BACKOFF_MAX_MS 1000
-
 typedef struct rl_redis rl_redis;
 typedef struct rl_redis_call rl_redis_call;
 
@@ -32,10 +28,12 @@ typedef struct rl_redis_call rl_redis_call;
 typedef void (*rl_redis_log_fn)(config_log_level level, const char *message);
 
 rl_redis *rl_redis_create(struct event_base *base, rl_redis_log_fn log);
-/* Apply redis: (url, password, timeout); reconnects when the address or
- * password changed. A config without redis: disconnects. */
+/* Apply redis: (url, password, timeout, connections_per_worker); reconnects
+ * when the address, database or password changed. A config without redis:
+ * (enabled false) disconnects. */
 void rl_redis_configure(rl_redis *r, const config_redis *cfg);
-/* Disconnect; pending calls are answered as errors first. */
+/* Disconnect; pending calls are answered as errors first (cancelled ones are
+ * not). NULL is fine. Safe from inside a done callback. */
 void rl_redis_free(rl_redis *r);
 
 /* Connected and usable now? */
@@ -51,7 +49,7 @@ typedef void (*rl_redis_done_fn)(void *arg, bool ok, const rl_decision *d);
 rl_redis_call *rl_redis_take(rl_redis *r, const void *key, size_t key_len, int64_t limit, int64_t window_ms,
                              rl_redis_done_fn done, void *arg);
 
-/* The caller is gone: done will not be called. */
+/* The caller is gone: done will not be called. NULL is fine. */
 void rl_redis_cancel(rl_redis_call *call);
 
 #endif

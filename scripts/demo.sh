@@ -3,12 +3,13 @@
 # The README's run command: installs what is missing, builds the gateway, starts a
 # demo upstream (nginx serving JSON on 127.0.0.1:3001 and :3002) and a demo
 # PostgreSQL 15 (127.0.0.1:$DB_PORT, default 5433, database `app` loaded from
-# demo/schema.sql, role `app` with password $DB_PASSWORD, default demo-secret), then
-# runs the gateway on 127.0.0.1:8080 with demo/gateway.yaml until Ctrl-C (SIGINT) or
-# SIGTERM, which stop all three. Everything it writes goes to .demo/ in the
+# demo/schema.sql, role `app` with password $DB_PASSWORD, default demo-secret) and
+# a demo Redis (127.0.0.1:$REDIS_PORT, default 6380, nothing persisted) for the
+# response cache, then runs the gateway on 127.0.0.1:8080 with demo/gateway.yaml until Ctrl-C (SIGINT) or
+# SIGTERM, which stop them all. Everything it writes goes to .demo/ in the
 # repository; the PostgreSQL cluster is made afresh on every run.
 #
-# Environment: DB_PORT, DB_PASSWORD (also read by demo/gateway.yaml), GATEWAY_LISTEN
+# Environment: DB_PORT, DB_PASSWORD, REDIS_PORT (also read by demo/gateway.yaml), GATEWAY_LISTEN
 # (read by demo/gateway.yaml too), GATEWAY_BUILD_DIR (default build/), PG_BIN
 # (default /usr/lib/postgresql/15/bin), DEMO_PG_USER (the user PostgreSQL runs as
 # when this script runs as root; default postgres).
@@ -19,6 +20,7 @@ build="${GATEWAY_BUILD_DIR:-$root/build}"
 
 export DB_PORT="${DB_PORT:-5433}"
 export DB_PASSWORD="${DB_PASSWORD:-demo-secret}"
+export REDIS_PORT="${REDIS_PORT:-6380}"
 pg_bin="${PG_BIN:-/usr/lib/postgresql/15/bin}"
 gw_addr="${GATEWAY_LISTEN:-127.0.0.1:8080}"
 
@@ -32,6 +34,7 @@ mkdir -p "$run/nginx/logs"
 # ---- processes and their cleanup --------------------------------------------------------
 
 nginx_pid=""
+redis_pid=""
 gw_pid=""
 pg_data=""
 pg_sock_tmp=""
@@ -118,6 +121,8 @@ cleanup() {
   rm -f "$run/gateway.pid"
   stop_pid "$nginx_pid" 5
   nginx_pid=""
+  stop_pid "$redis_pid" 5
+  redis_pid=""
   if [ -n "$pg_data" ]; then
     pg_stop "$pg_data"
     pg_data=""
@@ -165,6 +170,23 @@ for _ in $(seq 1 50); do
   sleep 0.1
 done
 [ "$nginx_up" = 1 ] || say "nginx does not answer on 127.0.0.1:3001 yet; going on"
+
+# ---- the demo cache store: Redis -----------------------------------------------------------
+
+if timeout 2 bash -c "exec 3<>/dev/tcp/127.0.0.1/$REDIS_PORT" 2>/dev/null; then
+  die "something already listens on 127.0.0.1:$REDIS_PORT; set REDIS_PORT to a free port"
+fi
+mkdir -p "$run/redis"
+redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save "" --appendonly no \
+  --dir "$run/redis" --logfile "$run/redis/redis.log" --maxmemory 128mb --maxmemory-policy allkeys-lru &
+redis_pid=$!
+redis_up=0
+for _ in $(seq 1 50); do
+  if [ "$(redis-cli -p "$REDIS_PORT" ping 2>/dev/null)" = PONG ]; then redis_up=1; break; fi
+  alive "$redis_pid" || die "redis-server exited; see $run/redis/redis.log"
+  sleep 0.1
+done
+[ "$redis_up" = 1 ] || say "Redis does not answer on 127.0.0.1:$REDIS_PORT yet; going on (the cache bypasses)"
 
 # ---- the demo database: PostgreSQL -------------------------------------------------------
 
@@ -288,11 +310,19 @@ fi
 cat <<MSG
 
 Demo upstream (nginx) on 127.0.0.1:3001 and :3002, PostgreSQL on 127.0.0.1:$DB_PORT
-(database app, user app, password \$DB_PASSWORD), the gateway on $gw_addr.
+(database app, user app, password \$DB_PASSWORD), Redis on 127.0.0.1:$REDIS_PORT, the
+gateway on $gw_addr.
 Try, from another terminal:
   curl -i http://$gw_addr/api/blueprints
   curl -i http://$gw_addr/api/blueprints/7
   curl -i -X POST -d '{"name":"x"}' http://$gw_addr/api/blueprints
+The response cache (X-Cache: MISS, then HIT; a write invalidates):
+  curl -si http://$gw_addr/api/blueprints | grep -iE '^(x-cache|age|cache-status)'
+  curl -si http://$gw_addr/api/blueprints | grep -iE '^(x-cache|age|cache-status)'
+  curl -si -X POST -d '{}' http://$gw_addr/api/blueprints >/dev/null
+  curl -si 'http://$gw_addr/api/blueprints/7?cache=false' | grep -i '^x-cache'   # BYPASS
+  curl -s -X POST -H "Authorization: Bearer ${GATEWAY_ADMIN_TOKEN:-demo-token}" 'http://127.0.0.1:9901/admin/cache/invalidate?pattern=cache:project:*'
+  redis-cli -p $REDIS_PORT --scan --pattern 'cache:*'
 SQL routes (demo/gateway.yaml, data from demo/schema.sql):
   curl -i http://$gw_addr/api/projects/1                  # one row as an object
   curl -i 'http://$gw_addr/api/projects?limit=5&offset=10' # a page: Content-Range, Link
@@ -305,7 +335,7 @@ SQL routes (demo/gateway.yaml, data from demo/schema.sql):
   curl -s -H 'X-User: bob' http://$gw_addr/api/me/projects
   curl -s http://$gw_addr/api/stats
 Operations:
-  curl -s http://$gw_addr/metrics | grep -E 'http_requests_total|gateway_pool'
+  curl -s http://$gw_addr/metrics | grep -E 'http_requests_total|gateway_pool|gateway_cache|redis'
   curl -s http://$gw_addr/ready
   curl -s -H "Authorization: Bearer ${GATEWAY_ADMIN_TOKEN:-demo-token}" http://127.0.0.1:9901/admin/pools
   curl -s -X POST -H "Authorization: Bearer ${GATEWAY_ADMIN_TOKEN:-demo-token}" http://127.0.0.1:9901/admin/reload
