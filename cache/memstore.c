@@ -335,17 +335,17 @@ static bool mem_remove_key(cache_mem *m, const char *key, size_t key_len)
     return found;
 }
 
-void cache_mem_put(cache_mem *m, const char *key, size_t key_len, cache_entry *e)
+static bool put(cache_mem *m, const char *key, size_t key_len, cache_entry *e, bool check, uint64_t epoch)
 {
     size_t charge = cache_mem_charge(e, key_len);
     if (charge > atomic_load_explicit(&m->max_bytes, memory_order_relaxed)) {
         /* Too large to keep: the older answer must not outlive the new one either. */
         mem_remove_key(m, key, key_len);
-        return;
+        return false;
     }
     mem_node *n = malloc(sizeof *n + key_len + 1);
     if (!n)
-        return;
+        return false;
     memcpy(n->key, key, key_len);
     n->key[key_len] = '\0';
     n->key_len = key_len;
@@ -358,6 +358,15 @@ void cache_mem_put(cache_mem *m, const char *key, size_t key_len, cache_entry *e
     mem_shard *s = &m->shards[si];
     mem_node *victims = NULL;
     pthread_mutex_lock(&s->lock);
+    /* Checked under the shard's lock: an invalidation that takes its epoch
+     * after this check scans this shard after the insert, so it deletes it
+     * (the ring's lock is only ever taken inside a shard's, never around). */
+    if (check && cache_mem_invalidated_since(m, epoch, key, key_len)) {
+        pthread_mutex_unlock(&s->lock);
+        cache_entry_unref(e);
+        free(n);
+        return false;
+    }
     mem_node **slot = shard_slot(s, n->hash, key, key_len);
     if (*slot)
         shard_remove(m, s, slot, &victims);
@@ -374,6 +383,17 @@ void cache_mem_put(cache_mem *m, const char *key, size_t key_len, cache_entry *e
     evict_others(m, si);
     if (count > buckets)
         shard_grow(s, buckets);
+    return true;
+}
+
+void cache_mem_put(cache_mem *m, const char *key, size_t key_len, cache_entry *e)
+{
+    put(m, key, key_len, e, false, 0);
+}
+
+bool cache_mem_put_since(cache_mem *m, const char *key, size_t key_len, cache_entry *e, uint64_t epoch)
+{
+    return put(m, key, key_len, e, true, epoch);
 }
 
 /* Take the next epoch for an invalidation of pattern (a glob, or one key when

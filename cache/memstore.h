@@ -45,6 +45,11 @@ cache_entry *cache_mem_get(cache_mem *m, const char *key, size_t key_len, int64_
  * least recently used entries until the whole store fits. */
 void cache_mem_put(cache_mem *m, const char *key, size_t key_len, cache_entry *e);
 
+/* cache_mem_put, unless an invalidation matching key came after epoch
+ * (checked under the shard's lock, so none slips between the check and the
+ * insert); false when not stored for that reason (or any other). */
+bool cache_mem_put_since(cache_mem *m, const char *key, size_t key_len, cache_entry *e, uint64_t epoch);
+
 /* Delete key; true when it was there. */
 bool cache_mem_delete(cache_mem *m, const char *key, size_t key_len);
 

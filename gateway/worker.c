@@ -1185,7 +1185,7 @@ static void cache_store_serve(gw_request *r, cache_entry *e)
     const config_cache *cc = &r->gen->rt->cfg->cache;
     if (!cache_mem_invalidated_since(w->srv->cache, r->cache_epoch, r->cache_key, r->cache_key_len)) {
         if (cc->store != CONFIG_STORE_REDIS || cc->hot_tier)
-            cache_mem_put(w->srv->cache, r->cache_key, r->cache_key_len, e);
+            cache_mem_put_since(w->srv->cache, r->cache_key, r->cache_key_len, e, r->cache_epoch);
         if (cc->store == CONFIG_STORE_REDIS) {
             cache_rstore_put(w->cstore, r->cache_key, r->cache_key_len, e);
             sync_store_errors(w);

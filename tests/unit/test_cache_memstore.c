@@ -509,6 +509,34 @@ static double now_s(void)
     return (double)ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
+/* put_since refuses an answer fetched before a matching invalidation and
+ * takes one when the invalidation matched other keys only. */
+static void test_put_since(void **state)
+{
+    (void)state;
+    cache_mem *m = cache_mem_new(1 << 20);
+    assert_non_null(m);
+    uint64_t before = cache_mem_epoch(m);
+    assert_int_equal(cache_mem_delete_matching(m, "cache:GET:/a*", 13), 0);
+    cache_entry *a = entry_for("cache:GET:/a?x=1", 10, 1000, 60000);
+    cache_entry *b = entry_for("cache:GET:/b", 10, 1000, 60000);
+    assert_false(cache_mem_put_since(m, "cache:GET:/a?x=1", 16, a, before));
+    assert_null(cache_mem_get(m, "cache:GET:/a?x=1", 16, 2000));
+    assert_true(cache_mem_put_since(m, "cache:GET:/b", 12, b, before));
+    cache_entry *got = cache_mem_get(m, "cache:GET:/b", 12, 2000);
+    assert_ptr_equal(got, b);
+    cache_entry_unref(got);
+    /* Noted after the invalidation: stored. */
+    assert_true(cache_mem_put_since(m, "cache:GET:/a?x=1", 16, a, cache_mem_epoch(m)));
+    got = cache_mem_get(m, "cache:GET:/a?x=1", 16, 2000);
+    assert_ptr_equal(got, a);
+    cache_entry_unref(got);
+    assert_int_equal(cache_mem_count(m), 2);
+    cache_entry_unref(a);
+    cache_entry_unref(b);
+    cache_mem_free(m);
+}
+
 static void test_threads_stress(void **state)
 {
     (void)state;
@@ -570,7 +598,8 @@ int main(void)
         cmocka_unit_test(test_byte_limit),     cmocka_unit_test(test_too_large),
         cmocka_unit_test(test_many_keys_grow), cmocka_unit_test(test_expiry),
         cmocka_unit_test(test_delete),         cmocka_unit_test(test_delete_matching),
-        cmocka_unit_test(test_epochs),         cmocka_unit_test(test_threads_stress),
+        cmocka_unit_test(test_epochs),         cmocka_unit_test(test_put_since),
+        cmocka_unit_test(test_threads_stress),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
