@@ -1565,6 +1565,7 @@ static bool field_is(const http1_field *f, const char *name, size_t len)
 typedef struct answer_coding {
     gw_encoding enc;
     bool add_vary;
+    bool weaken_etag; /* a 304 for a representation this client got compressed */
 } answer_coding;
 
 /* Does the field's comma-separated list have an element whose name (before
@@ -1623,15 +1624,30 @@ static void choose_coding(gw_request *r, const upstream_response *resp, answer_c
     bool varies;
     ac->enc = GW_ENC_IDENTITY;
     ac->add_vary = false;
-    if (r->method == CONFIG_METHOD_HEAD || evbuffer_get_length(resp->body) < (size_t)cc->min_bytes ||
-        !upstream_compressible(cc, resp, &varies))
+    ac->weaken_etag = false;
+    if (!cc->enabled)
         return;
-    ac->add_vary = !varies;
     gw_encoding prefs[2];
     size_t n = gw_compress_prefs(cc, prefs);
     char joined[1024];
     const char *ae = gw_accept_encoding_of(evhttp_request_get_input_headers(r->req), joined, sizeof joined);
-    ac->enc = gw_encoding_choose(ae, prefs, n, NULL);
+    if (resp->status == 304) {
+        /* The client holds the representation it was sent: compressed, with
+         * the ETag weakened, when it accepts a coding. The 304 must carry the
+         * same validator (a 304 has no Content-Type to judge by). */
+        ac->weaken_etag = gw_encoding_choose(ae, prefs, n, NULL) != GW_ENC_IDENTITY;
+        return;
+    }
+    bool head = r->method == CONFIG_METHOD_HEAD;
+    size_t size = evbuffer_get_length(resp->body);
+    for (size_t i = 0; head && i < resp->field_count; i++) /* HEAD: the size a GET would have */
+        if (field_is(&resp->fields[i], "Content-Length", 14))
+            size = (size_t)strtoull(resp->fields[i].value, NULL, 10);
+    if (size < (size_t)cc->min_bytes || !upstream_compressible(cc, resp, &varies))
+        return;
+    ac->add_vary = !varies; /* HEAD too: the same fields as the GET, uncompressed */
+    if (!head)
+        ac->enc = gw_encoding_choose(ae, prefs, n, NULL);
 }
 
 static void pass_response_fields(gw_request *r, const upstream_response *resp, struct evbuffer *body,
@@ -1702,7 +1718,8 @@ static void pass_response_fields(gw_request *r, const upstream_response *resp, s
             w += f->name_len + 2;
         }
         /* A compressed answer is not byte-equal to the strong validator's. */
-        if (ac->enc != GW_ENC_IDENTITY && field_is(f, "ETag", 4) && f->value_len > 0 && f->value[0] == '"') {
+        if ((ac->enc != GW_ENC_IDENTITY || ac->weaken_etag) && field_is(f, "ETag", 4) && f->value_len > 0 &&
+            f->value[0] == '"') {
             memcpy(w, "W/", 2);
             w += 2;
         }

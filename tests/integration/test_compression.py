@@ -489,6 +489,7 @@ def test_head_not_compressed(env):
     assert ans.codings == [], ans
     assert ans.body == b""
     assert ans.headers.get("Content-Length") == str(64 * KIB), "HEAD keeps the identity length: %r" % ans
+    assert "Accept-Encoding" in (ans.headers.get("Vary") or ""), "HEAD has the GET's Vary: %r" % ans
 
 
 @pytest.mark.parametrize("status", [204, 304])
@@ -497,7 +498,18 @@ def test_no_body_statuses_not_compressed(env, status):
     assert ans.status == status, ans
     assert ans.codings == [], ans
     assert ans.body == b""
-    assert ans.headers.get("ETag") == '"s1"', "an uncompressed answer keeps its strong ETag: %r" % ans
+    if status == 204:
+        assert ans.headers.get("ETag") == '"s1"', "an uncompressed answer keeps its strong ETag: %r" % ans
+    else:
+        # The client that accepts a coding holds the compressed representation,
+        # whose ETag was weakened: the 304 that revalidates it says the same.
+        assert ans.headers.get("ETag") == 'W/"s1"', "a 304 carries the validator the client holds: %r" % ans
+
+
+def test_304_keeps_strong_etag_for_identity_clients(env):
+    ans = fetch(env.gw, respond(64 * KIB, status=304, headers=[("ETag", '"s1"')]), None)
+    assert ans.status == 304, ans
+    assert ans.headers.get("ETag") == '"s1"', ans
 
 
 def test_partial_content_not_compressed(env):
