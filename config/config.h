@@ -147,7 +147,8 @@ typedef struct config_compression {
     char **algorithms; /* each "br" or "gzip", server preference order */
     size_t algorithm_count;
     int64_t min_bytes;
-    char **types; /* "type/subtype" or "type/ *" (without the space) */
+    int64_t max_bytes; /* larger answers pass uncompressed (compressing blocks the worker's loop) */
+    char **types;      /* "type/subtype" or "type/ *" (without the space) */
     size_t type_count;
     int brotli_quality; /* 0..11 */
     int gzip_level;     /* 1..9 */

@@ -178,6 +178,7 @@ struct evbuffer *gw_compress_own(gw_compressor *c, const config_compression *cfg
     *packed = NULL;
     if (!cfg->enabled || head || status < 200 || status == 204 || status == 206 || status == 304 ||
         evbuffer_get_length(body) < (size_t)cfg->min_bytes ||
+        evbuffer_get_length(body) > (size_t)cfg->max_bytes ||
         !gw_compress_type_ok(cfg, content_type, strlen(content_type)))
         return body;
     evhttp_add_header(headers, "Vary", "Accept-Encoding");

@@ -1150,7 +1150,7 @@ static cache_entry *entry_make(gw_request *r, int status, const char *lines, siz
     bodies[CACHE_IDENTITY] = len ? evbuffer_pullup(body, -1) : NULL;
     lens[CACHE_IDENTITY] = len;
     unsigned flags = 0;
-    if (compressible && cc->enabled && len >= (size_t)cc->min_bytes) {
+    if (compressible && cc->enabled && len >= (size_t)cc->min_bytes && len <= (size_t)cc->max_bytes) {
         flags |= CACHE_ENTRY_VARY_AE;
         gw_encoding prefs[2];
         size_t n = gw_compress_prefs(cc, prefs);
@@ -1643,7 +1643,8 @@ static void choose_coding(gw_request *r, const upstream_response *resp, answer_c
     for (size_t i = 0; head && i < resp->field_count; i++) /* HEAD: the size a GET would have */
         if (field_is(&resp->fields[i], "Content-Length", 14))
             size = (size_t)strtoull(resp->fields[i].value, NULL, 10);
-    if (size < (size_t)cc->min_bytes || !upstream_compressible(cc, resp, &varies))
+    if (size < (size_t)cc->min_bytes || size > (size_t)cc->max_bytes ||
+        !upstream_compressible(cc, resp, &varies))
         return;
     ac->add_vary = !varies; /* HEAD too: the same fields as the GET, uncompressed */
     if (!head)
@@ -1842,7 +1843,9 @@ static cache_entry *upstream_entry(gw_request *r, const upstream_response *resp)
     bool varies;
     bool compressible = upstream_compressible(&cfg->compression, resp, &varies);
     /* The entry writes Vary: Accept-Encoding itself when it has codings. */
-    bool own_vary = compressible && evbuffer_get_length(resp->body) >= (size_t)cfg->compression.min_bytes;
+    size_t size = evbuffer_get_length(resp->body);
+    bool own_vary = compressible && size >= (size_t)cfg->compression.min_bytes &&
+                    size <= (size_t)cfg->compression.max_bytes;
     struct evbuffer *lines = evbuffer_new();
     if (!lines)
         return NULL;

@@ -728,6 +728,18 @@ def test_min_bytes_zero_and_own_types(stack):
     assert_compressed(ans, "br", respond_body(300))
 
 
+def test_max_bytes(stack):
+    """Over max_bytes an answer passes as it is (no Vary: it does not qualify);
+    at max_bytes it is still compressed."""
+    up = stack.upstream("mx")
+    gw = compressing_gateway(stack, up, compression=dict(COMPRESSION, max_bytes=64 * KIB))
+    assert_compressed(fetch(gw, respond(64 * KIB), "br"), "br", respond_body(64 * KIB))
+    ans = fetch(gw, respond(64 * KIB + 1), "br, gzip")
+    assert_identity(ans, respond_body(64 * KIB + 1), vary=False)
+    ans = fetch(gw, respond(64 * KIB + 1), "gzip", method="HEAD")
+    assert ans.codings == [] and "accept-encoding" not in ans.vary, ans
+
+
 def test_reload_turns_compression_on_off_and_changes_levels(stack):
     up = stack.upstream("rl")
     gw = compressing_gateway(stack, up, compression=None)
