@@ -1667,6 +1667,10 @@ static void pass_response_fields(gw_request *r, const upstream_response *resp, s
         if (gw_header_is_hop_by_hop(f->name, connection ? connection->value : NULL) ||
             field_is(f, "X-Request-Id", 12) || (!head && field_is(f, "Content-Length", 14)))
             continue;
+        /* On a cached route our cache's lines replace any the upstream sent. */
+        if (extra_len &&
+            (field_is(f, "X-Cache", 7) || field_is(f, "X-Cache-Key", 11) || field_is(f, "Cache-Status", 12)))
+            continue;
         /* Compressed here: an upstream "Content-Encoding: identity" would read
          * as a coding list, and byte ranges of the identity body mean nothing. */
         if (ac->enc != GW_ENC_IDENTITY &&
