@@ -47,6 +47,7 @@ typedef struct worker_gen {
     gw_runtime *rt;
     upstream_pool_t *ups;
     metrics_series_t **route_duration; /* per route */
+    metrics_series_t **cache_series;   /* per route and CACHE_RESULT_*, made on first use */
     metrics_series_t *unmatched_duration;
     unsigned refs; /* the worker's own + one per request in flight */
     struct worker_gen *next_dead;
@@ -151,6 +152,7 @@ static void conn_remove(conn_table *t, const gw_conn *c)
 }
 
 #define FLIGHT_BUCKETS 256
+enum { CACHE_RESULT_HIT, CACHE_RESULT_MISS, CACHE_RESULT_BYPASS, CACHE_RESULT_STALE, CACHE_RESULTS };
 #define INVAL_RETRY_MAX 64
 #define INVAL_RETRY_MIN_MS 100
 #define INVAL_RETRY_MAX_MS 2000
@@ -289,6 +291,7 @@ static void gen_free(worker_gen *g)
 {
     upstream_pool_free(g->ups);
     free(g->route_duration);
+    free(g->cache_series);
     gw_runtime_unref(g->rt);
     free(g);
 }
@@ -328,10 +331,12 @@ static worker_gen *gen_create(gw_worker *w, gw_runtime *rt)
     g->refs = 1;
     g->rt = rt;
     g->route_duration = calloc(rt->cfg->route_count + 1, sizeof *g->route_duration);
+    g->cache_series = calloc(rt->cfg->route_count * CACHE_RESULTS + 1, sizeof *g->cache_series);
     g->ups = upstream_pool_create(w->base, rt, w->shard, m);
-    if (!g->route_duration || !g->ups) {
+    if (!g->route_duration || !g->cache_series || !g->ups) {
         upstream_pool_free(g->ups);
         free(g->route_duration);
+        free(g->cache_series);
         free(g);
         return NULL;
     }
@@ -525,12 +530,16 @@ static int64_t wall_ms(void)
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-static void count_cache(gw_request *r, const char *result)
+static void count_cache(gw_request *r, int result)
 {
-    const char *labels[2] = {r->gen->rt->cfg->routes[r->route_index].name, result};
-    metrics_series_t *s = metrics_series(r->w->shard, r->w->srv->metrics.cache_requests, labels);
-    if (s)
-        metrics_counter_add(s, 1);
+    metrics_series_t **slot = &r->gen->cache_series[(size_t)r->route_index * CACHE_RESULTS + (size_t)result];
+    if (!*slot) {
+        static const char *const names[CACHE_RESULTS] = {"hit", "miss", "bypass", "stale"};
+        const char *labels[2] = {r->gen->rt->cfg->routes[r->route_index].name, names[result]};
+        *slot = metrics_series(r->w->shard, r->w->srv->metrics.cache_requests, labels);
+    }
+    if (*slot)
+        metrics_counter_add(*slot, 1);
 }
 
 /* gateway_cache_store_errors_total follows the Redis client's own count. */
@@ -688,6 +697,35 @@ static cache_variant entry_variant(gw_request *r, const cache_entry *e)
     return (cache_variant)gw_encoding_choose(ae, have, k, NULL);
 }
 
+/* A header block being built: "Name: value" lines joined by CRLF, in one
+ * allocation sized up front (a hit's header work is a few memcpy). */
+typedef struct hblock {
+    char *p;
+    size_t len, cap;
+} hblock;
+
+static void hb_add(hblock *h, const char *s, size_t n)
+{
+    if (h->p && h->len + n <= h->cap) {
+        memcpy(h->p + h->len, s, n);
+        h->len += n;
+    } else if (h->p) { /* sized wrong: never by more than the fields' length */
+        free(h->p);
+        h->p = NULL;
+    }
+}
+
+static void hb_line(hblock *h, const char *name, size_t name_len, const char *value, size_t value_len)
+{
+    if (h->len)
+        hb_add(h, "\r\n", 2);
+    hb_add(h, name, name_len);
+    hb_add(h, ": ", 2);
+    hb_add(h, value, value_len);
+}
+
+#define HB_LINE(h, name, value, len) hb_line(h, name, sizeof name - 1, value, len)
+
 /* Answer r from e (e keeps its reference; the body is lent to evhttp with one
  * of its own) and end r. */
 static void serve_entry(gw_request *r, cache_entry *e, serve_kind kind)
@@ -696,19 +734,30 @@ static void serve_entry(gw_request *r, cache_entry *e, serve_kind kind)
     bool head = r->method == CONFIG_METHOD_HEAD;
     int64_t now = wall_ms();
     int64_t age_ms = now > e->stored_ms ? now - e->stored_ms : 0;
-    struct evbuffer *b = evbuffer_new(), *body = evbuffer_new();
-    if (!b || !body) {
-        if (b)
-            evbuffer_free(b);
+    size_t id_len = strlen(r->request_id);
+    hblock h = {malloc(e->fields_len + r->cache_key_len + id_len + 384), 0,
+                e->fields_len + r->cache_key_len + id_len + 384};
+    struct evbuffer *body = evbuffer_new();
+    char *key = strdup(e->status != 204 ? "Content-Length" : "X-Cache");
+    struct evkeyval *kv = calloc(1, sizeof *kv);
+    if (!h.p || !body || !key || !kv) {
+        free(h.p);
+        free(key);
+        free(kv);
         if (body)
             evbuffer_free(body);
         respond_error(r, 503, "out of memory");
         return;
     }
-    char num[32];
+    static const char *const xcache[] = {"HIT", "HIT", "STALE", "STALE", "MISS", "MISS"};
+    char num[160];
+    int n;
+    /* The entry's key leads: Content-Length (evhttp adds none), or X-Cache for a 204. */
     if (e->status != 204) {
-        int n = snprintf(num, sizeof num, "%zu", e->body_len[v]);
-        block_line(b, "Content-Length", num, (size_t)n);
+        n = snprintf(num, sizeof num, "%zu", e->body_len[v]);
+        hb_add(&h, num, (size_t)n);
+    } else {
+        hb_add(&h, xcache[kind], strlen(xcache[kind]));
     }
     /* The stored fields, a line at a time: a compressed variant weakens a
      * strong ETag and has no byte ranges of its own. */
@@ -720,63 +769,68 @@ static void serve_entry(gw_request *r, cache_entry *e, serve_kind kind)
         if (colon && colon + 2 <= eol) {
             size_t name_len = (size_t)(colon - p);
             const char *value = colon + 2;
-            bool skip = v != CACHE_IDENTITY && name_len == 13 && strncasecmp(p, "Accept-Ranges", 13) == 0;
-            if (!skip) {
-                if (evbuffer_get_length(b))
-                    evbuffer_add(b, "\r\n", 2);
-                evbuffer_add(b, p, name_len);
-                evbuffer_add(b, ": ", 2);
-                if (v != CACHE_IDENTITY && name_len == 4 && strncasecmp(p, "ETag", 4) == 0 && value < eol &&
-                    *value == '"')
-                    evbuffer_add(b, "W/", 2);
-                evbuffer_add(b, value, (size_t)(eol - value));
+            if (v == CACHE_IDENTITY) {
+                hb_line(&h, p, name_len, value, (size_t)(eol - value));
+            } else if (!(name_len == 13 && strncasecmp(p, "Accept-Ranges", 13) == 0)) {
+                bool weaken = name_len == 4 && strncasecmp(p, "ETag", 4) == 0 && value < eol && *value == '"';
+                hb_line(&h, p, name_len, "W/", weaken ? 2 : 0);
+                hb_add(&h, value, (size_t)(eol - value));
             }
         }
         p = eol + 2;
     }
     if (e->flags & CACHE_ENTRY_VARY_AE)
-        block_line(b, "Vary", "Accept-Encoding", 15);
+        HB_LINE(&h, "Vary", "Accept-Encoding", 15);
     if (v != CACHE_IDENTITY) {
         const char *name = gw_encoding_name((gw_encoding)v);
-        block_line(b, "Content-Encoding", name, strlen(name));
+        HB_LINE(&h, "Content-Encoding", name, strlen(name));
     }
-    int n = snprintf(num, sizeof num, "%lld", (long long)(age_ms / 1000));
-    block_line(b, "Age", num, (size_t)n);
-    static const char *const xcache[] = {"HIT", "HIT", "STALE", "STALE", "MISS", "MISS"};
-    block_line(b, "X-Cache", xcache[kind], strlen(xcache[kind]));
-    block_line(b, "X-Cache-Key", r->cache_key, r->cache_key_len);
-    char status[128];
+    n = snprintf(num, sizeof num, "%lld", (long long)(age_ms / 1000));
+    HB_LINE(&h, "Age", num, (size_t)n);
+    if (e->status != 204)
+        HB_LINE(&h, "X-Cache", xcache[kind], strlen(xcache[kind]));
+    HB_LINE(&h, "X-Cache-Key", r->cache_key, r->cache_key_len);
     long long ttl = (long long)((e->fresh_ms - age_ms) / 1000);
     switch (kind) {
     case SERVE_HIT:
-        n = snprintf(status, sizeof status, "gateway; hit; ttl=%lld", ttl);
+        n = snprintf(num, sizeof num, "gateway; hit; ttl=%lld", ttl);
         break;
     case SERVE_COLLAPSED:
-        n = snprintf(status, sizeof status, "gateway; hit; ttl=%lld; collapsed", ttl);
+        n = snprintf(num, sizeof num, "gateway; hit; ttl=%lld; collapsed", ttl);
         break;
     case SERVE_STALE_SWR:
-        n = snprintf(status, sizeof status, "gateway; hit; ttl=%lld; detail=stale-while-revalidate", ttl);
+        n = snprintf(num, sizeof num, "gateway; hit; ttl=%lld; detail=stale-while-revalidate", ttl);
         break;
     case SERVE_STALE_ERR:
-        n = snprintf(status, sizeof status, "gateway; fwd=stale; ttl=%lld; detail=stale-if-error", ttl);
+        n = snprintf(num, sizeof num, "gateway; fwd=stale; ttl=%lld; detail=stale-if-error", ttl);
         break;
     case SERVE_MISS:
-        n = snprintf(status, sizeof status, "gateway; fwd=uri-miss; stored");
+        n = snprintf(num, sizeof num, "gateway; fwd=uri-miss; stored");
         break;
     default:
-        n = snprintf(status, sizeof status, "gateway; fwd=stale; stored");
+        n = snprintf(num, sizeof num, "gateway; fwd=stale; stored");
     }
-    block_line(b, "Cache-Status", status, (size_t)n);
-    block_line(b, "X-Request-Id", r->request_id, strlen(r->request_id));
-    block_install(r, b);
-    evbuffer_free(b);
+    HB_LINE(&h, "Cache-Status", num, (size_t)n);
+    HB_LINE(&h, "X-Request-Id", r->request_id, id_len);
+    hb_add(&h, "", 1);
+    if (!h.p) {
+        free(key);
+        free(kv);
+        evbuffer_free(body);
+        respond_error(r, 503, "out of memory");
+        return;
+    }
+    kv->key = key;
+    kv->value = h.p;
+    TAILQ_INSERT_TAIL(evhttp_request_get_output_headers(r->req), kv, next);
     add_drain_header(r);
     if (!head && e->body_len[v] > 0) {
         cache_entry_ref(e);
         if (evbuffer_add_reference(body, e->body[v], e->body_len[v], entry_body_cleanup, e) != 0)
             cache_entry_unref(e);
     }
-    static const char *const result[] = {"hit", "hit", "stale", "stale", "miss", "miss"};
+    static const int result[] = {CACHE_RESULT_HIT,   CACHE_RESULT_HIT,  CACHE_RESULT_STALE,
+                                 CACHE_RESULT_STALE, CACHE_RESULT_MISS, CACHE_RESULT_MISS};
     count_cache(r, result[kind]);
     r->cache_counted = true;
     r->status = e->status;
@@ -1408,7 +1462,7 @@ static void cache_request_drop(gw_request *r)
 static void cache_request_end(gw_request *r)
 {
     if ((r->cache_key || r->cache_bypass) && !r->cache_counted && r->route_index >= 0)
-        count_cache(r, r->cache_bypass ? "bypass" : "miss");
+        count_cache(r, r->cache_bypass ? CACHE_RESULT_BYPASS : CACHE_RESULT_MISS);
     if (r->waiting) {
         for (gw_request **pp = &r->waiting->followers; *pp; pp = &(*pp)->wait_next)
             if (*pp == r) {
