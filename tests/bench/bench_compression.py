@@ -22,13 +22,18 @@ A program that prints figures, not a test. Two parts:
     the gateway really answers with that coding and that it decodes to the
     upstream's body.
 
+(3) Cache hits of compressed entries against identity hits: part 2 with the
+    route cached (store: memory). Every answer is then a hit, and an entry holds
+    each coding made once when it was stored, so br and gzip hits send stored
+    bytes as identity hits do; the target is br/none and gzip/none >= 0.95.
+
 Everything it starts is stopped on the way out, on errors and Ctrl-C too. All
 traffic stays on 127.0.0.1. Time is bounded: part 1 takes about 36 cells x
 --cell-seconds (a single brotli-11 run on 1 MiB can take longer than that);
 part 2 about rounds * 4 * (duration + 1) s plus warm-up and start-up.
 
 Usage:
-  tests/bench/bench_compression.py [--part 1|2|both] [--cell-seconds 0.3]
+  tests/bench/bench_compression.py [--part 1|2|3|both|all] [--cell-seconds 0.3]
        [--workers 1] [--rounds 3] [--duration 5] [--connections 64] [--threads 2]
        [--body-bytes 16384] [--gateway build/gateway]
 On a 2-core machine keep --workers 1: wrk needs a core of its own.
@@ -222,11 +227,11 @@ def start_static_upstream(scratch, nginx, port, body):
     return start_nginx("upstream", scratch, nginx, 1, http, port)
 
 
-def start_gateway(scratch, gateway, name, port, upstream_port, workers, compression):
+def start_gateway(scratch, gateway, name, port, upstream_port, workers, compression, cached=False):
     conf = scratch / ("%s.yaml" % name)
-    section = ""
+    section = "cache:\n  store: memory\n  default_ttl: 600s\n" if cached else ""
     if compression:
-        section = """\
+        section += """\
 compression:
   algorithms: [br, gzip]
   min_bytes: 1024
@@ -255,13 +260,13 @@ routes:
   - name: all
     match: { prefix: / }
     upstream: backend
-""" % (port, workers, section, upstream_port))
+%s""" % (port, workers, section, upstream_port, "    cache: { ttl: 600s }\n" if cached else ""))
     p = Proc(name, [gateway, "-c", str(conf)], scratch)
     wait_http(port, p.proc, name)
     return p
 
 
-def check_variant(port, ae, body, br):
+def check_variant(port, ae, body, br, cached=False):
     """One request: the coding must be the one asked for, and decode to body.
     Returns the size of the answer's body on the wire."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
@@ -279,6 +284,8 @@ def check_variant(port, ae, body, br):
     if resp.status != 200 or ce != want:
         raise RuntimeError("Accept-Encoding %r: got %d with Content-Encoding %r (expected %r)"
                            % (ae, resp.status, ce, want))
+    if cached and resp.getheader("X-Cache") not in ("HIT", "MISS"):
+        raise RuntimeError("Accept-Encoding %r: X-Cache %r" % (ae, resp.getheader("X-Cache")))
     got = gunzip(raw) if ce == "gzip" else br.decompress(raw, len(body)) if ce == "br" else raw
     if got != body:
         raise RuntimeError("Accept-Encoding %r: the body does not decode to the upstream's" % ae)
@@ -305,19 +312,28 @@ def run_wrk(wrk, port, threads, connections, duration, ae):
     return parsed
 
 
-def part2(args, scratch, procs):
+def part2(args, scratch, procs, cached=False):
     br = Brotli()
     body = json_body(args.body_bytes)
+    tag = "cached-" if cached else ""
     up_port, gw_port, off_port = free_port(), free_port(), free_port()
     procs.append(start_static_upstream(scratch, args.nginx, up_port, body))
-    procs.append(start_gateway(scratch, args.gateway, "gateway", gw_port, up_port, args.workers, True))
-    procs.append(start_gateway(scratch, args.gateway, "gateway-off", off_port, up_port, args.workers, False))
+    procs.append(start_gateway(scratch, args.gateway, tag + "gateway", gw_port, up_port, args.workers, True, cached))
+    procs.append(start_gateway(scratch, args.gateway, tag + "gateway-off", off_port, up_port, args.workers, False,
+                               cached))
     variants = [("br", gw_port, "br"), ("gzip", gw_port, "gzip"), ("none", gw_port, None), ("off", off_port, None)]
     wire = {}
     for name, port, ae in variants:
-        wire[name] = check_variant(port, ae, body, br)
-    print("\n(2) through the gateway (workers %d): nginx upstream, %d-byte JSON; wrk -t%d -c%d -d%ds, %d rounds"
-          % (args.workers, len(body), args.threads, args.connections, args.duration, args.rounds))
+        wire[name] = check_variant(port, ae, body, br, cached)
+        if cached:  # the first was a MISS: from here on every answer must be a hit
+            check_variant(port, ae, body, br, cached)
+    if cached:
+        print("\n(3) cache hits through the gateway (workers %d, store: memory): %d-byte JSON; wrk -t%d -c%d -d%ds, "
+              "%d rounds; target br/none and gzip/none >= 0.95"
+              % (args.workers, len(body), args.threads, args.connections, args.duration, args.rounds))
+    else:
+        print("\n(2) through the gateway (workers %d): nginx upstream, %d-byte JSON; wrk -t%d -c%d -d%ds, %d rounds"
+              % (args.workers, len(body), args.threads, args.connections, args.duration, args.rounds))
     print("    body on the wire: br %d, gzip %d, none %d bytes; 'off' = a gateway without a compression section"
           % (wire["br"], wire["gzip"], wire["none"]))
     if args.warmup:
@@ -368,7 +384,8 @@ def part2(args, scratch, procs):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--part", choices=["1", "2", "both"], default="both")
+    ap.add_argument("--part", choices=["1", "2", "3", "both", "all"], default="both",
+                    help="both = 1 and 2; all = 1, 2 and 3")
     ap.add_argument("--cell-seconds", type=float, default=0.3, help="timing budget per part-1 cell")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=3)
@@ -383,7 +400,7 @@ def main():
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory (logs, configs)")
     args = ap.parse_args()
 
-    if args.part in ("2", "both"):
+    if args.part in ("2", "3", "both", "all"):
         for path, what in ((args.gateway, "gateway"), (args.nginx, "nginx"), (args.wrk, "wrk")):
             if not os.access(path, os.X_OK):
                 sys.exit("bench_compression: %s not found or not executable: %s" % (what, path))
@@ -399,10 +416,12 @@ def main():
     procs = []
     status = 0
     try:
-        if args.part in ("1", "both"):
+        if args.part in ("1", "both", "all"):
             part1(args.cell_seconds)
-        if args.part in ("2", "both"):
+        if args.part in ("2", "both", "all"):
             part2(args, scratch, procs)
+        if args.part in ("3", "all"):
+            part2(args, scratch, procs, cached=True)
     except KeyboardInterrupt:
         print("\nbench_compression: interrupted; stopping everything", file=sys.stderr)
         status = 130
