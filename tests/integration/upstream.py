@@ -29,6 +29,9 @@ the tests can put any route prefix in front:
                       (add h=Content-Encoding:gzip yourself); chunked=1 sends it
                       with Transfer-Encoding: chunked in pieces of piece=N bytes
                       (default 4096)
+  /answer/<name>      what the test last chose with set_answer(name, ...): a
+                      status, headers, body and delay it may change between
+                      requests (404 JSON until it is set)
 
 Header names in `headers` are lower-cased; each value is a list (repeated
 headers keep every value, in order).
@@ -229,6 +232,10 @@ class _Handler(BaseHTTPRequestHandler):
         path = req.path
         query = urllib.parse.parse_qs(req.query)
         stop = self.owner._stop_event
+        chosen = re.search(r"/answer/([A-Za-z0-9_.~-]+)/?$", path)
+        if chosen:
+            self._respond_answer(chosen.group(1))
+            return
         m = re.search(r"/(status|delay|big)/(\d+)/?$", path) or re.search(r"/(chunked|headers|close|reset)/?$", path)
         kind = m.group(1) if m else "echo"
         if not m and re.search(r"/respond/?$", path):
@@ -272,6 +279,17 @@ class _Handler(BaseHTTPRequestHandler):
                 stop.wait(delay / 1000.0)
             self._send(200, json.dumps(self._echo_doc(req)).encode())
 
+
+    def _respond_answer(self, name):
+        """/answer/<name>: see set_answer()."""
+        got = self.owner._answer(name)
+        if got is None:
+            self._send(404, json.dumps({"server": self.owner.name, "answer": name, "set": False}).encode())
+            return
+        status, headers, body, delay, ct = got
+        if delay:
+            self.owner._stop_event.wait(delay)
+        self._send(status, body, headers, content_type=ct)
 
     def _respond_chosen(self, query):
         """/respond: see the module docstring."""
@@ -325,6 +343,7 @@ class Upstream:
         self._thread = None
         self._socks = {}
         self._next_conn = 0
+        self._answers = {}
         self.reset()
 
     # --- life cycle -------------------------------------------------------
@@ -366,6 +385,19 @@ class Upstream:
     @property
     def url(self):
         return "http://127.0.0.1:%d" % self.port
+
+    # --- answers chosen by the test (/answer/<name>) --------------------------
+    def set_answer(self, name, body=b"", status=200, headers=(), delay=0.0, content_type="application/json"):
+        """From now on /answer/<name> answers `status` with `headers` (a list of
+        (name, value)) and `body` (bytes or str), after `delay` seconds."""
+        if isinstance(body, str):
+            body = body.encode()
+        with self._lock:
+            self._answers[name] = (status, list(headers), body, delay, content_type)
+
+    def _answer(self, name):
+        with self._lock:
+            return self._answers.get(name)
 
     # --- what it saw ------------------------------------------------------
     def reset(self):
