@@ -147,6 +147,34 @@ static void out_query_component(key_out *o, const char *s, size_t n)
     }
 }
 
+/* A {path.X} or {header.X} value in the key: every byte outside the
+ * unreserved set as %XX, so no value can hold the template's own separators
+ * and two different requests never share a key ("t:{path.id}:{header.T}" with
+ * id "5:1" and T "x" must not meet id "5" and T "1:x"). A path segment is
+ * percent-decoded first (so %3A and ':' are one value); a header value is
+ * taken byte for byte ('%' itself is encoded). */
+static void out_encoded(key_out *o, const char *s, size_t n, bool decode)
+{
+    static const char hex[] = "0123456789ABCDEF";
+    size_t i = 0;
+    while (i < n && !o->overflow) {
+        unsigned char c = (unsigned char)s[i];
+        if (decode && c == '%' && n - i >= 3 && hex_value((unsigned char)s[i + 1]) >= 0 &&
+            hex_value((unsigned char)s[i + 2]) >= 0) {
+            c = (unsigned char)(hex_value((unsigned char)s[i + 1]) << 4 | hex_value((unsigned char)s[i + 2]));
+            i += 3;
+        } else {
+            i++;
+        }
+        if (is_unreserved(c)) {
+            out_byte(o, (char)c);
+        } else {
+            char e[3] = {'%', hex[c >> 4], hex[c & 15]};
+            out_raw(o, e, 3);
+        }
+    }
+}
+
 /* Compare two raw components by their decoded bytes. */
 static int query_component_cmp(const char *a, size_t an, const char *b, size_t bn)
 {
@@ -365,7 +393,7 @@ static void out_header(key_out *o, const cache_key_source *src, const char *name
     if (!v)
         return;
     if (!is_credential_header(z)) {
-        out_value(o, v, strlen(v));
+        out_encoded(o, v, strlen(v), false);
         return;
     }
     static const char hex[] = "0123456789abcdef";
@@ -402,7 +430,7 @@ static void expand(key_out *o, const char *tmpl, const cache_key_source *src)
             size_t vlen = 0;
             const char *v = src->path_param ? src->path_param(src->arg, part.s, part.len, &vlen) : NULL;
             if (v)
-                out_value(o, v, vlen);
+                out_encoded(o, v, vlen, true);
             break;
         }
         case PART_QUERY:

@@ -8,11 +8,14 @@
  * entries.
  *
  * Template parts: {method}, {path} (as received, still percent-encoded),
- * {path.X} (the route's :X segment), {query} (the normalised query),
- * {query.X} (the first X, normalised), {header.X} (the request header X;
- * Authorization, Proxy-Authorization and Cookie are written as "h:" and 32
- * hex digits of their SHA-256, so a credential never becomes a key name or a
- * response header). A part the request lacks expands to nothing. Any other
+ * {path.X} (the route's :X segment, percent-decoded and encoded again like a
+ * query value), {query} (the normalised query), {query.X} (the first X,
+ * normalised), {header.X} (the request header X, every byte outside the
+ * unreserved set as %XX; Authorization, Proxy-Authorization and Cookie are
+ * written as "h:" and 32 hex digits of their SHA-256, so a credential never
+ * becomes a key name or a response header). Values are encoded so that none
+ * can hold the template's own separators: two requests never share a key by
+ * shifting text from one part into another. A part the request lacks expands to nothing. Any other
  * text is copied.
  *
  * The normalised query: each name=value pair with %XX and '+' decoded, then

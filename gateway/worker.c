@@ -1945,6 +1945,14 @@ static void upstream_done(void *arg, const upstream_response *resp, int status, 
     if (!resp) {
         gw_log(CONFIG_LOG_WARN, r->request_id, "upstream %s (%s): %s", r->upstream_name,
                target ? target : "-", status == 504 ? "timed out" : "failed");
+        if (r->cache_key || r->cache_bypass) {
+            struct evbuffer *extra = evbuffer_new();
+            if (extra) {
+                cache_headers_plain(r, extra);
+                block_install(r, extra);
+                evbuffer_free(extra);
+            }
+        }
         respond_error(r, status, status == 504 ? "upstream timed out" : "upstream failed");
         return;
     }

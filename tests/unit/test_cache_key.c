@@ -353,11 +353,12 @@ static void test_pattern_build(void **state)
     fake_request r = {.params = {{"id", "a*b?[c]\\d"}}, .headers = {{"X-T", "*"}}};
     cache_key_source s = source("PUT", "/api/projects/a*b", "q=*", &r);
     size_t n = cache_pattern_build("cache:GET:/api/projects/{path.id}*", &s, pat, sizeof pat);
-    assert_string_equal(pat, "cache:GET:/api/projects/a\\*b\\?\\[c\\]\\\\d*");
+    /* {path.X} values are %-encoded in keys, so no glob character is left in them. */
+    assert_string_equal(pat, "cache:GET:/api/projects/a%2Ab%3F%5Bc%5D%5Cd*");
     assert_int_equal(n, strlen(pat));
     /* No prefix added; the template's own glob characters kept. */
     cache_pattern_build("{method}:{path}?[ab]:{header.X-T}:{query}", &s, pat, sizeof pat);
-    assert_string_equal(pat, "PUT:/api/projects/a\\*b?[ab]:\\*:q=%2A");
+    assert_string_equal(pat, "PUT:/api/projects/a\\*b?[ab]:%2A:q=%2A");
 
     /* The pattern matches the key of the same request and no other. */
     cache_pattern_build("p:{path.id}", &s, pat, sizeof pat);
@@ -367,13 +368,40 @@ static void test_pattern_build(void **state)
     assert_false(cache_glob_match(pat, strlen(pat), "p:a*b?c\\d", 9));
     assert_false(cache_glob_match(pat, strlen(pat), "p:a*bX[c]\\d", 11));
 
-    /* Overflow: 0, also when only the escapes make it too long. */
+    /* Overflow: 0, also when only the escapes make it too long ({path} is
+     * written as received, so its glob characters are escaped). */
     n = cache_pattern_build("{path.id}", &s, pat, sizeof pat);
-    assert_int_equal(n, 14);
-    assert_int_equal(cache_pattern_build("{path.id}", &s, pat, 15), 14);
-    assert_int_equal(cache_pattern_build("{path.id}", &s, pat, 14), 0);
-    assert_int_equal(cache_pattern_build("{path.id}", &s, pat, 10), 0);
+    assert_int_equal(n, 19);
+    assert_int_equal(cache_pattern_build("{path.id}", &s, pat, 20), 19);
+    assert_int_equal(cache_pattern_build("{path.id}", &s, pat, 19), 0);
+    n = cache_pattern_build("{path}", &s, pat, sizeof pat);
+    assert_int_equal(n, 18); /* "/api/projects/a\\*b" */
+    assert_int_equal(cache_pattern_build("{path}", &s, pat, 19), 18);
+    assert_int_equal(cache_pattern_build("{path}", &s, pat, 18), 0);
     assert_int_equal(cache_pattern_build(NULL, &s, pat, sizeof pat), 0);
+}
+
+/* Values cannot shift text between the template's parts: with
+ * "t:{path.id}:{query.x}:{header.X-Tenant}", /t/5:1 for tenant t1 and /t/5?x=1
+ * for tenant ":t1" would both read "t:5:1::t1" if values were copied raw. */
+static void test_values_cannot_forge_keys(void **state)
+{
+    (void)state;
+    char a[256], b[256];
+    const char *tmpl = "t:{path.id}:{query.x}:{header.X-Tenant}";
+    fake_request ra = {.params = {{"id", "5:1"}}, .headers = {{"X-Tenant", "t1"}}};
+    fake_request rb = {.params = {{"id", "5"}}, .headers = {{"X-Tenant", ":t1"}}};
+    cache_key_source sa = source("GET", "/t/5:1", NULL, &ra), sb = source("GET", "/t/5", "x=1", &rb);
+    cache_key_build("c:", tmpl, &sa, a, sizeof a);
+    cache_key_build("c:", tmpl, &sb, b, sizeof b);
+    assert_string_equal(a, "c:t:5%3A1::t1");
+    assert_string_equal(b, "c:t:5:1:%3At1");
+    assert_string_not_equal(a, b);
+    /* A path segment's %3A and ':' are one value; a header's "%3A" is not ':'. */
+    fake_request rc = {.params = {{"id", "5%3a1"}}, .headers = {{"X-Tenant", "%3At1"}}};
+    cache_key_source sc = source("GET", "/t/5%3a1", NULL, &rc);
+    cache_key_build("c:", tmpl, &sc, b, sizeof b);
+    assert_string_equal(b, "c:t:5%3A1::%253At1");
 }
 
 /* ---- glob -------------------------------------------------------------------------------- */
@@ -643,6 +671,7 @@ int main(void)
         cmocka_unit_test(test_overflow_returns_zero),
         cmocka_unit_test(test_overflow_limits),
         cmocka_unit_test(test_pattern_build),
+        cmocka_unit_test(test_values_cannot_forge_keys),
         cmocka_unit_test(test_glob_basics),
         cmocka_unit_test(test_glob_escapes),
         cmocka_unit_test(test_glob_classes),
