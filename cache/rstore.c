@@ -18,7 +18,7 @@ struct cache_rstore {
     uint64_t errors;
 };
 
-typedef enum { OP_GET, OP_SCAN, OP_UNLINK, OP_PUBLISH, OP_LOCK, OP_INFO } op_kind;
+typedef enum { OP_GET, OP_SCAN, OP_UNLINK, OP_PUBLISH, OP_LOCK, OP_POLL, OP_INFO } op_kind;
 
 struct cache_rstore_op {
     cache_rstore *s;
@@ -28,6 +28,7 @@ struct cache_rstore_op {
         cache_rstore_get_fn get;
         cache_rstore_count_fn count;
         cache_rstore_lock_fn lock;
+        cache_rstore_poll_fn poll;
         cache_rstore_info_fn info;
     } fn;
     void *arg;
@@ -361,6 +362,50 @@ cache_rstore_op *cache_rstore_lock(cache_rstore *s, const char *key, size_t key_
     const char *argv[6] = {"SET", name, "1", "NX", "PX", px};
     size_t lens[6] = {3, n, 1, 2, 2, (size_t)pn};
     op->call = gw_redis_command(s->redis, lock_reply, op, 6, argv, lens);
+    free(name);
+    if (!op->call) {
+        free(op);
+        return NULL;
+    }
+    return op;
+}
+
+static void poll_reply(void *arg, const redisReply *rep)
+{
+    cache_rstore_op *op = arg;
+    op->call = NULL;
+    bool bad = failed(op->s, rep) || rep->type != REDIS_REPLY_ARRAY || rep->elements != 2;
+    cache_entry *e = NULL;
+    bool locked = false;
+    if (!bad) {
+        const redisReply *v = rep->element[0];
+        if (v->type == REDIS_REPLY_STRING)
+            e = cache_entry_parse(v->str, v->len);
+        locked = rep->element[1]->type != REDIS_REPLY_NIL;
+    }
+    cache_rstore_poll_fn fn = op->fn.poll;
+    void *a = op->arg;
+    free(op);
+    fn(a, bad ? CACHE_R_ERROR : e ? CACHE_R_FOUND : CACHE_R_NOT_FOUND, e, locked);
+}
+
+cache_rstore_op *cache_rstore_poll(cache_rstore *s, const char *key, size_t key_len, cache_rstore_poll_fn fn,
+                                   void *arg)
+{
+    if (!cache_rstore_up(s))
+        return NULL;
+    cache_rstore_op *op = op_new(s, OP_POLL, arg, 0);
+    char *name = NULL;
+    size_t n = lock_name(key, key_len, &name);
+    if (!op || !n) {
+        free(op);
+        free(name);
+        return NULL;
+    }
+    op->fn.poll = fn;
+    const char *argv[3] = {"MGET", key, name};
+    size_t lens[3] = {4, key_len, n};
+    op->call = gw_redis_command(s->redis, poll_reply, op, 3, argv, lens);
     free(name);
     if (!op->call) {
         free(op);

@@ -60,6 +60,14 @@ cache_rstore_op *cache_rstore_invalidate(cache_rstore *s, const char *pattern, s
 typedef void (*cache_rstore_lock_fn)(void *arg, bool ok, bool acquired);
 cache_rstore_op *cache_rstore_lock(cache_rstore *s, const char *key, size_t key_len, int64_t ttl_ms,
                                    cache_rstore_lock_fn fn, void *arg);
+/* For a request waiting on another instance's fetch: the entry and whether
+ * "<key>:lock" is still held, in one round trip (MGET). locked false and
+ * CACHE_R_NOT_FOUND: the holder let go without storing (its answer could not
+ * be stored, or it failed): go on alone. */
+typedef void (*cache_rstore_poll_fn)(void *arg, cache_r_status status, cache_entry *e, bool locked);
+cache_rstore_op *cache_rstore_poll(cache_rstore *s, const char *key, size_t key_len, cache_rstore_poll_fn fn,
+                                   void *arg);
+
 /* Release a lock taken with cache_rstore_lock (fire and forget). */
 void cache_rstore_unlock(cache_rstore *s, const char *key, size_t key_len);
 

@@ -1014,7 +1014,28 @@ static void cache_consider(gw_request *r, cache_entry *e)
 
 /* ---- coalesce: cluster ---- */
 
-static void cache_redis_got(void *arg, cache_r_status st, cache_entry *e);
+static void cluster_wait(gw_request *r);
+
+/* cache_rstore_poll_fn: the entry another instance was fetching, or still
+ * its lock, or neither (it let go without storing: fetch alone, as nginx's
+ * proxy_cache_lock waiters do). */
+static void cluster_polled(void *arg, cache_r_status st, cache_entry *e, bool locked)
+{
+    gw_request *r = arg;
+    r->cache_op = NULL;
+    sync_store_errors(r->w);
+    if (st == CACHE_R_FOUND) {
+        if (r->gen->rt->cfg->cache.hot_tier)
+            cache_mem_put(r->w->srv->cache, r->cache_key, r->cache_key_len, e);
+        cache_consider(r, e);
+        return;
+    }
+    if (st == CACHE_R_NOT_FOUND && locked) {
+        cluster_wait(r);
+        return;
+    }
+    fetch(r);
+}
 
 /* The next look at Redis for the entry another instance is fetching. */
 static void cluster_poll_cb(evutil_socket_t fd, short what, void *arg)
@@ -1024,7 +1045,7 @@ static void cluster_poll_cb(evutil_socket_t fd, short what, void *arg)
         fetch(r);
         return;
     }
-    r->cache_op = cache_rstore_get(r->w->cstore, r->cache_key, r->cache_key_len, cache_redis_got, r);
+    r->cache_op = cache_rstore_poll(r->w->cstore, r->cache_key, r->cache_key_len, cluster_polled, r);
     if (!r->cache_op)
         fetch(r);
 }
@@ -1087,10 +1108,7 @@ static void cache_redis_got(void *arg, cache_r_status st, cache_entry *e)
         return;
     }
     if (r->gen->rt->cfg->cache.coalesce == CONFIG_COALESCE_CLUSTER) {
-        if (!r->cache_poll_until_ns)
-            cluster_lock(r);
-        else
-            cluster_wait(r);
+        cluster_lock(r);
         return;
     }
     fetch(r);
