@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include <hiredis/hiredis.h>
+#include <openssl/evp.h>
 #include <openssl/sha.h>
 
 #include "redis/redis.h"
@@ -57,6 +58,11 @@ struct rl_redis {
     gw_redis *redis;
     rl_redis_log_fn log;
     char sha[RLR_SHA_LEN + 1];
+    /* SHA-1 of the keys with the digest fetched once and one context reused:
+     * OpenSSL 3's one-shot SHA1() fetches the algorithm on every call, which
+     * cost more than the rest of building the command. */
+    EVP_MD *sha1;
+    EVP_MD_CTX *sha1_ctx;
 };
 
 static void hex(const unsigned char *in, size_t n, char *out)
@@ -87,17 +93,21 @@ rl_redis *rl_redis_create(struct event_base *base, rl_redis_log_fn log)
     rl_redis *r = calloc(1, sizeof *r);
     if (!r)
         return NULL;
-    r->redis = gw_redis_create(base, log);
-    if (!r->redis) {
-        free(r);
-        return NULL;
-    }
     r->log = log;
+    r->redis = gw_redis_create(base, log);
+    r->sha1 = EVP_MD_fetch(NULL, "SHA1", NULL);
+    r->sha1_ctx = EVP_MD_CTX_new();
+    if (!r->redis || !r->sha1 || !r->sha1_ctx)
+        goto fail;
     unsigned char digest[SHA_DIGEST_LENGTH];
     SHA1((const unsigned char *)script, sizeof script - 1, digest);
     hex(digest, sizeof digest, r->sha);
     r->sha[RLR_SHA_LEN] = '\0';
     return r;
+
+fail:
+    rl_redis_free(r);
+    return NULL;
 }
 
 void rl_redis_configure(rl_redis *r, const config_redis *cfg)
@@ -111,6 +121,8 @@ void rl_redis_free(rl_redis *r)
         return;
     gw_redis_free(r->redis); /* answers the pending calls (take_reply frees them) */
     r->redis = NULL;
+    EVP_MD_CTX_free(r->sha1_ctx);
+    EVP_MD_free(r->sha1);
     free(r);
 }
 
@@ -179,10 +191,15 @@ rl_redis_call *rl_redis_take(rl_redis *r, const void *key, size_t key_len, int64
     call->done = done;
     call->arg = arg;
     call->noscript = false;
-    unsigned char digest[SHA_DIGEST_LENGTH];
-    SHA1(key, key_len, digest);
+    unsigned char digest[EVP_MAX_MD_SIZE];
+    if (EVP_DigestInit_ex(r->sha1_ctx, r->sha1, NULL) != 1 ||
+        EVP_DigestUpdate(r->sha1_ctx, key, key_len) != 1 ||
+        EVP_DigestFinal_ex(r->sha1_ctx, digest, NULL) != 1) {
+        free(call);
+        return NULL;
+    }
     memcpy(call->key, RLR_KEY_PREFIX, sizeof RLR_KEY_PREFIX - 1);
-    hex(digest, sizeof digest, call->key + sizeof RLR_KEY_PREFIX - 1);
+    hex(digest, SHA_DIGEST_LENGTH, call->key + sizeof RLR_KEY_PREFIX - 1);
     uint64_t window_us = (uint64_t)window_ms * 1000ULL;
     uint64_t period_us = limit > 0 ? window_us / (uint64_t)limit : window_us;
     call->period_len = u64_decimal(period_us ? period_us : 1, call->period);

@@ -16,7 +16,8 @@
  * The timer is armed at or before the oldest call's deadline and, when it
  * fires early (that call was answered meanwhile), re-armed at the new oldest
  * one's; a call past its deadline means Redis stalls, and the conn is dropped.
- * A call therefore costs one malloc and no libevent work of ours.
+ * A call therefore costs one malloc and no libevent work of ours; its RESP
+ * text is built by us on the stack (hiredis's own formatting allocates).
  *
  * Code that may run a user callback runs between enter() and leave(): a
  * gw_redis_free from inside a callback drops everything at once but leaves
@@ -36,6 +37,7 @@
 #define GW_REDIS_DEFAULT_PORT 6379
 #define GW_REDIS_DEFAULT_TIMEOUT_MS 1000 /* when the config has none */
 #define GW_REDIS_MAX_CONNECTIONS 64      /* as redis.connections_per_worker's bound */
+#define GW_REDIS_COMMAND_STACK_BYTES 512 /* commands up to this size are formatted on the stack */
 
 typedef struct slot slot;
 typedef struct conn conn;
@@ -51,10 +53,10 @@ struct conn {
     gw_redis *r; /* NULL once detached */
     slot *slot;
     redisAsyncContext *ac;
-    struct event *timer;       /* the connect deadline, then the calls' */
+    struct event *timer;        /* the connect deadline, then the calls' */
     gw_redis_call *head, *tail; /* sent, reply not yet in (answered or not) */
-    int handshake;             /* AUTH/SELECT replies still due */
-    bool ready;                /* commands may go out (subscriber: subscribed) */
+    int handshake;              /* AUTH/SELECT replies still due */
+    bool ready;                 /* commands may go out (subscriber: subscribed) */
 };
 
 struct slot {
@@ -290,7 +292,8 @@ static void on_handshake(redisAsyncContext *ac, void *reply, void *privdata)
         return; /* NULL: the context is being freed */
     gw_redis *r = c->r;
     if (rep->type == REDIS_REPLY_ERROR) {
-        logf_(r, CONFIG_LOG_WARN, "redis %s:%d: %.*s", r->target.host, r->target.port, (int)rep->len, rep->str);
+        logf_(r, CONFIG_LOG_WARN, "redis %s:%d: %.*s", r->target.host, r->target.port, (int)rep->len,
+              rep->str);
         enter(r);
         conn_drop(c);
         leave(r);
@@ -411,7 +414,7 @@ static void connect_slot(slot *s)
         sent |= redisAsyncCommandArgv(ac, on_subscription, NULL, 2, argv, len);
     }
     if (sent != REDIS_OK) { /* out of memory */
-        conn_drop(c);        /* schedules the retry */
+        conn_drop(c);       /* schedules the retry */
         return;
     }
     timer_arm_ns(c->timer, r->timeout_ns);
@@ -578,7 +581,7 @@ void gw_redis_configure(gw_redis *r, const config_redis *cfg)
                 conn_drop(s->conn); /* may run done callbacks */
         }
         if (ok && !r->closing) {
-            r->target = t;
+            memcpy(&r->target, &t, sizeof t);
             r->configured = true;
             for (int i = 0; i < r->nslots && r->configured; i++)
                 connect_slot(&r->slots[i]);
@@ -633,14 +636,77 @@ static void on_reply(redisAsyncContext *ac, void *reply, void *privdata)
         leave(r);
 }
 
+static size_t decimal_len(size_t n)
+{
+    size_t len = 1;
+    while (n >= 10) {
+        n /= 10;
+        len++;
+    }
+    return len;
+}
+
+static char *put_decimal(char *w, size_t n, size_t len)
+{
+    for (size_t i = len; i > 0; i--) {
+        w[i - 1] = (char)('0' + n % 10);
+        n /= 10;
+    }
+    return w + len;
+}
+
+static size_t arg_len(const char **argv, const size_t *argvlen, int i)
+{
+    return argvlen ? argvlen[i] : strlen(argv[i]);
+}
+
+/* The RESP form of argv, as redisAsyncCommandArgv would build it but without
+ * its sds allocations: into buf when it fits, else into a malloc'd block
+ * (the caller frees it when it is not buf). NULL when out of memory. */
+static char *format_command(char *buf, size_t size, int argc, const char **argv, const size_t *argvlen,
+                            size_t *out_len)
+{
+    size_t total = 1 + decimal_len((size_t)argc) + 2;
+    for (int i = 0; i < argc; i++) {
+        size_t n = arg_len(argv, argvlen, i);
+        total += 1 + decimal_len(n) + 2 + n + 2;
+    }
+    char *out = total <= size ? buf : malloc(total);
+    if (!out)
+        return NULL;
+    char *w = out;
+    *w++ = '*';
+    w = put_decimal(w, (size_t)argc, decimal_len((size_t)argc));
+    *w++ = '\r';
+    *w++ = '\n';
+    for (int i = 0; i < argc; i++) {
+        size_t n = arg_len(argv, argvlen, i);
+        *w++ = '$';
+        w = put_decimal(w, n, decimal_len(n));
+        *w++ = '\r';
+        *w++ = '\n';
+        memcpy(w, argv[i], n);
+        w += n;
+        *w++ = '\r';
+        *w++ = '\n';
+    }
+    *out_len = total;
+    return out;
+}
+
 gw_redis_call *gw_redis_command(gw_redis *r, gw_redis_done_fn done, void *arg, int argc, const char **argv,
                                 const size_t *argvlen)
 {
-    if (!r || r->ready == 0 || r->closing || r->subscriber)
+    if (!r || r->ready == 0 || r->closing || r->subscriber || argc < 1)
+        return NULL;
+    char buf[GW_REDIS_COMMAND_STACK_BYTES];
+    size_t len;
+    char *text = format_command(buf, sizeof buf, argc, argv, argvlen, &len);
+    if (!text)
         return NULL;
     gw_redis_call *call = malloc(sizeof *call);
     if (!call)
-        return NULL;
+        goto fail;
     call->next = NULL;
     call->done = done;
     call->arg = arg;
@@ -648,7 +714,7 @@ gw_redis_call *gw_redis_command(gw_redis *r, gw_redis_done_fn done, void *arg, i
         conn *c = r->slots[r->rr].conn;
         if (++r->rr == r->nslots)
             r->rr = 0;
-        if (!c || !c->ready || redisAsyncCommandArgv(c->ac, on_reply, call, argc, argv, argvlen) != REDIS_OK)
+        if (!c || !c->ready || redisAsyncFormattedCommand(c->ac, on_reply, call, text, len) != REDIS_OK)
             continue;
         call->deadline_ns = now_ns() + r->timeout_ns;
         if (c->tail)
@@ -658,9 +724,14 @@ gw_redis_call *gw_redis_command(gw_redis *r, gw_redis_done_fn done, void *arg, i
         c->tail = call;
         if (!evtimer_pending(c->timer, NULL))
             timer_arm_ns(c->timer, r->timeout_ns);
+        if (text != buf)
+            free(text);
         return call;
     }
+fail:
     free(call);
+    if (text != buf)
+        free(text);
     return NULL;
 }
 

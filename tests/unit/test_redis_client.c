@@ -1,0 +1,708 @@
+/*
+ * test_redis_client.c - redis/redis.c against a fake Redis on the same event
+ * loop: a listener that parses RESP commands and answers as told (PONG, echo,
+ * never, close, an error to AUTH, SUBSCRIBE confirmations and pushed
+ * messages). Checked: the handshake (AUTH user password, SELECT) comes before
+ * the client is up; commands are binary safe and round-robin over the
+ * connections; a stalled command is answered as failed at its deadline with
+ * the ones queued behind it, the connection is dropped and made again; a
+ * cancelled call is never answered; gw_redis_free from inside a done callback
+ * answers the rest before it returns; done is never called from inside
+ * gw_redis_command; subscriber mode delivers binary messages and subscribes
+ * again after a reconnect.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+
+#include <cmocka.h>
+#include <event2/buffer.h>
+#include <event2/bufferevent.h>
+#include <event2/event.h>
+#include <event2/listener.h>
+
+#include "redis/redis.h"
+
+/* ---- a fake Redis ------------------------------------------------------------------ */
+
+#define FAKE_MAX_CONNS 64
+#define FAKE_MAX_CMDS 256
+
+typedef struct fake fake;
+
+typedef struct fake_conn {
+    fake *f;
+    struct bufferevent *bev;
+    int id;
+    int commands; /* answered or not */
+    bool stalled; /* saw STALL: answers nothing more */
+    bool subscribed;
+} fake_conn;
+
+struct fake {
+    struct event_base *base;
+    struct evconnlistener *listener;
+    int port;
+    int accepted;
+    fake_conn *conns[FAKE_MAX_CONNS]; /* open ones; NULL when closed */
+    char cmds[FAKE_MAX_CMDS][128];    /* "conn-id: ARG ARG ..." */
+    int ncmds;
+    const char *auth_reply; /* RESP, default +OK */
+};
+
+static void fake_conn_close(fake_conn *fc)
+{
+    fc->f->conns[fc->id] = NULL;
+    bufferevent_free(fc->bev);
+    free(fc);
+}
+
+static void fake_send(fake_conn *fc, const char *s, size_t n)
+{
+    bufferevent_write(fc->bev, s, n);
+}
+
+static void fake_sendf(fake_conn *fc, const char *fmt, ...)
+{
+    char buf[512];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    fake_send(fc, buf, (size_t)n);
+}
+
+static void fake_bulk(fake_conn *fc, const char *s, size_t n)
+{
+    fake_sendf(fc, "$%zu\r\n", n);
+    fake_send(fc, s, n);
+    fake_send(fc, "\r\n", 2);
+}
+
+/* One parsed command: argc, argv[i] (pointers into a copy), lens. Returns the
+ * bytes it took, 0 when incomplete. */
+static size_t parse_command(const char *p, size_t n, int *argc, const char **argv, size_t *lens, int max)
+{
+    const char *end = p + n, *q = p;
+    if (q >= end || *q != '*')
+        return 0;
+    char *eol = memchr(q, '\r', (size_t)(end - q));
+    if (!eol || eol + 1 >= end)
+        return 0;
+    int count = atoi(q + 1);
+    q = eol + 2;
+    for (int i = 0; i < count; i++) {
+        if (q >= end || *q != '$')
+            return 0;
+        eol = memchr(q, '\r', (size_t)(end - q));
+        if (!eol || eol + 1 >= end)
+            return 0;
+        size_t len = (size_t)atol(q + 1);
+        q = eol + 2;
+        if ((size_t)(end - q) < len + 2)
+            return 0;
+        if (i < max) {
+            argv[i] = q;
+            lens[i] = len;
+        }
+        q += len + 2;
+    }
+    *argc = count < max ? count : max;
+    return (size_t)(q - p);
+}
+
+static bool arg_is(const char *a, size_t n, const char *word)
+{
+    return n == strlen(word) && strncasecmp(a, word, n) == 0;
+}
+
+static void fake_read_cb(struct bufferevent *bev, void *arg)
+{
+    fake_conn *fc = arg;
+    fake *f = fc->f;
+    struct evbuffer *in = bufferevent_get_input(bev);
+    for (;;) {
+        size_t n = evbuffer_get_length(in);
+        if (n == 0)
+            return;
+        const char *p = (const char *)evbuffer_pullup(in, -1);
+        int argc = 0;
+        const char *argv[8];
+        size_t lens[8];
+        size_t used = parse_command(p, n, &argc, argv, lens, 8);
+        if (used == 0)
+            return;
+        fc->commands++;
+        if (f->ncmds < FAKE_MAX_CMDS) {
+            char *line = f->cmds[f->ncmds++];
+            int off = snprintf(line, sizeof f->cmds[0], "%d:", fc->id);
+            for (int i = 0; i < argc && off < (int)sizeof f->cmds[0] - 1; i++)
+                off += snprintf(line + off, sizeof f->cmds[0] - (size_t)off, " %.*s", (int)lens[i], argv[i]);
+        }
+        char a0[16] = "", a1[64] = "";
+        size_t l1 = argc > 1 ? lens[1] : 0;
+        if (argc > 0)
+            snprintf(a0, sizeof a0, "%.*s", (int)lens[0], argv[0]);
+        if (argc > 1)
+            memcpy(a1, argv[1], l1 < sizeof a1 ? l1 : sizeof a1);
+        if (!fc->stalled && arg_is(a0, strlen(a0), "ECHO"))
+            fake_bulk(fc, argv[1], l1); /* before the drain: any length */
+        evbuffer_drain(in, used);
+        if (fc->stalled)
+            continue;
+        if (arg_is(a0, strlen(a0), "PING")) {
+            fake_sendf(fc, "+PONG\r\n");
+        } else if (arg_is(a0, strlen(a0), "ECHO")) {
+            /* answered above */
+        } else if (arg_is(a0, strlen(a0), "STALL")) {
+            fc->stalled = true;
+        } else if (arg_is(a0, strlen(a0), "CLOSE")) {
+            fake_conn_close(fc);
+            return;
+        } else if (arg_is(a0, strlen(a0), "AUTH")) {
+            const char *rep = f->auth_reply ? f->auth_reply : "+OK\r\n";
+            fake_send(fc, rep, strlen(rep));
+        } else if (arg_is(a0, strlen(a0), "SUBSCRIBE")) {
+            fc->subscribed = true;
+            fake_sendf(fc, "*3\r\n$9\r\nsubscribe\r\n");
+            fake_bulk(fc, a1, l1);
+            fake_sendf(fc, ":1\r\n");
+        } else if (arg_is(a0, strlen(a0), "ERR")) {
+            fake_sendf(fc, "-ERR asked for\r\n");
+        } else {
+            fake_sendf(fc, "+OK\r\n");
+        }
+    }
+}
+
+static void fake_event_cb(struct bufferevent *bev, short what, void *arg)
+{
+    if (what & (BEV_EVENT_EOF | BEV_EVENT_ERROR))
+        fake_conn_close(arg);
+}
+
+static void fake_accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct sockaddr *sa, int len,
+                           void *arg)
+{
+    fake *f = arg;
+    fake_conn *fc = calloc(1, sizeof *fc);
+    assert_non_null(fc);
+    fc->f = f;
+    fc->id = f->accepted++;
+    assert_true(fc->id < FAKE_MAX_CONNS);
+    fc->bev = bufferevent_socket_new(f->base, fd, BEV_OPT_CLOSE_ON_FREE);
+    bufferevent_setcb(fc->bev, fake_read_cb, NULL, fake_event_cb, fc);
+    bufferevent_enable(fc->bev, EV_READ | EV_WRITE);
+    f->conns[fc->id] = fc;
+}
+
+static fake *fake_start(struct event_base *base)
+{
+    fake *f = calloc(1, sizeof *f);
+    assert_non_null(f);
+    f->base = base;
+    struct sockaddr_in sin = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    f->listener = evconnlistener_new_bind(base, fake_accept_cb, f, LEV_OPT_CLOSE_ON_FREE | LEV_OPT_REUSEABLE,
+                                          16, (struct sockaddr *)&sin, sizeof sin);
+    assert_non_null(f->listener);
+    struct sockaddr_in got;
+    socklen_t glen = sizeof got;
+    getsockname(evconnlistener_get_fd(f->listener), (struct sockaddr *)&got, &glen);
+    f->port = ntohs(got.sin_port);
+    return f;
+}
+
+static void fake_stop(fake *f)
+{
+    for (int i = 0; i < FAKE_MAX_CONNS; i++)
+        if (f->conns[i])
+            fake_conn_close(f->conns[i]);
+    evconnlistener_free(f->listener);
+    free(f);
+}
+
+static int fake_open(const fake *f)
+{
+    int n = 0;
+    for (int i = 0; i < FAKE_MAX_CONNS; i++)
+        n += f->conns[i] != NULL;
+    return n;
+}
+
+static bool fake_saw(const fake *f, const char *line)
+{
+    for (int i = 0; i < f->ncmds; i++)
+        if (strcmp(f->cmds[i], line) == 0)
+            return true;
+    return false;
+}
+
+static void fake_publish(fake *f, const char *channel, const char *payload, size_t len)
+{
+    for (int i = 0; i < FAKE_MAX_CONNS; i++) {
+        fake_conn *fc = f->conns[i];
+        if (!fc || !fc->subscribed)
+            continue;
+        fake_sendf(fc, "*3\r\n$7\r\nmessage\r\n");
+        fake_bulk(fc, channel, strlen(channel));
+        fake_bulk(fc, payload, len);
+    }
+}
+
+/* ---- the loop ------------------------------------------------------------------------ */
+
+static uint64_t ms_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+/* Run the loop for ms milliseconds. */
+static void run_for(struct event_base *base, int ms)
+{
+    struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
+    event_base_loopexit(base, &tv);
+    event_base_dispatch(base);
+}
+
+#define RUN_UNTIL(base, cond, ms)                                                                            \
+    do {                                                                                                     \
+        uint64_t end_ = ms_now() + (ms);                                                                     \
+        while (!(cond) && ms_now() < end_)                                                                   \
+            run_for((base), 2);                                                                              \
+        assert_true(cond);                                                                                   \
+    } while (0)
+
+static int log_lines;
+static char last_log[512];
+
+static void test_log(config_log_level level, const char *message)
+{
+    log_lines++;
+    snprintf(last_log, sizeof last_log, "%s", message);
+}
+
+typedef struct env {
+    struct event_base *base;
+    fake *f;
+    gw_redis *r;
+    char url[128];
+    config_redis cfg;
+} env;
+
+static void env_start(env *e, const char *userinfo, const char *db, int timeout_ms, int conns)
+{
+    memset(e, 0, sizeof *e);
+    e->base = event_base_new();
+    assert_non_null(e->base);
+    e->f = fake_start(e->base);
+    snprintf(e->url, sizeof e->url, "redis://%s127.0.0.1:%d%s", userinfo, e->f->port, db);
+    e->cfg = (config_redis){.enabled = true,
+                            .url = e->url,
+                            .password = "",
+                            .timeout_ms = timeout_ms,
+                            .connections_per_worker = conns};
+}
+
+static void env_stop(env *e)
+{
+    gw_redis_free(e->r);
+    fake_stop(e->f);
+    event_base_free(e->base);
+}
+
+/* ---- a done callback that records --------------------------------------------------- */
+
+#define MAX_ANSWERS 64
+
+typedef struct answers {
+    int n;
+    int order[MAX_ANSWERS]; /* which call, in answer order */
+    int type[MAX_ANSWERS];  /* reply type, -1 for NULL */
+    char str[MAX_ANSWERS][32];
+    size_t len[MAX_ANSWERS];
+    bool in_command; /* set around gw_redis_command */
+    bool called_inside;
+    gw_redis *free_on_first; /* gw_redis_free from inside the first done */
+    int n_after_free;        /* answers when that gw_redis_free returned */
+    gw_redis *watch;         /* gw_redis_up(watch) is recorded in up[] */
+    bool up[MAX_ANSWERS];
+} answers;
+
+typedef struct probe {
+    answers *a;
+    int id;
+} probe;
+
+static void record_done(void *arg, const redisReply *reply)
+{
+    probe *p = arg;
+    answers *a = p->a;
+    if (a->in_command)
+        a->called_inside = true;
+    assert_true(a->n < MAX_ANSWERS);
+    a->order[a->n] = p->id;
+    a->type[a->n] = reply ? reply->type : -1;
+    a->up[a->n] = a->watch && gw_redis_up(a->watch);
+    if (reply && reply->str) {
+        a->len[a->n] = reply->len;
+        memcpy(a->str[a->n], reply->str, reply->len < 32 ? reply->len : 32);
+    }
+    a->n++;
+    if (a->free_on_first) {
+        gw_redis *r = a->free_on_first;
+        a->free_on_first = NULL;
+        gw_redis_free(r);
+        a->n_after_free = a->n;
+    }
+}
+
+static gw_redis_call *cmd(gw_redis *r, answers *a, probe *p, const char *c0, const char *c1, size_t l1)
+{
+    const char *argv[2] = {c0, c1};
+    size_t lens[2] = {strlen(c0), l1};
+    a->in_command = true;
+    gw_redis_call *call = gw_redis_command(r, record_done, p, c1 ? 2 : 1, argv, lens);
+    a->in_command = false;
+    return call;
+}
+
+/* ---- tests ------------------------------------------------------------------------------ */
+
+static void test_not_configured_no_command(void **state)
+{
+    struct event_base *base = event_base_new();
+    gw_redis *r = gw_redis_create(base, test_log);
+    answers a = {0};
+    probe p = {&a, 0};
+    assert_false(gw_redis_up(r));
+    assert_null(cmd(r, &a, &p, "PING", NULL, 0));
+    assert_int_equal(a.n, 0);
+    gw_redis_free(r);
+    gw_redis_free(NULL);
+    gw_redis_cancel(NULL);
+    event_base_free(base);
+}
+
+static void test_handshake_and_binary_round_trip(void **state)
+{
+    env e;
+    env_start(&e, "alice:s3cret@", "/3", 500, 1);
+    e.r = gw_redis_create(e.base, test_log);
+    gw_redis_configure(e.r, &e.cfg);
+    assert_false(gw_redis_up(e.r)); /* nothing before the loop runs */
+    RUN_UNTIL(e.base, gw_redis_up(e.r), 2000);
+    assert_true(fake_saw(e.f, "0: AUTH alice s3cret"));
+    assert_true(fake_saw(e.f, "0: SELECT 3"));
+
+    answers a = {0};
+    probe p1 = {&a, 1}, p2 = {&a, 2};
+    assert_non_null(cmd(e.r, &a, &p1, "PING", NULL, 0));
+    static const char bin[] = {'a', 0, 'b', '\r', '\n', 'c'};
+    assert_non_null(cmd(e.r, &a, &p2, "ECHO", bin, sizeof bin));
+    assert_int_equal(a.n, 0);
+    RUN_UNTIL(e.base, a.n == 2, 2000);
+    assert_false(a.called_inside);
+    assert_int_equal(a.order[0], 1);
+    assert_int_equal(a.type[0], REDIS_REPLY_STATUS);
+    assert_string_equal(a.str[0], "PONG");
+    assert_int_equal(a.order[1], 2);
+    assert_int_equal(a.type[1], REDIS_REPLY_STRING);
+    assert_int_equal(a.len[1], sizeof bin);
+    assert_memory_equal(a.str[1], bin, sizeof bin);
+
+    /* argvlen NULL (C strings), and a command too big for the stack buffer. */
+    probe p3 = {&a, 3}, p4 = {&a, 4};
+    const char *plain[] = {"ECHO", "plain"};
+    a.in_command = true;
+    assert_non_null(gw_redis_command(e.r, record_done, &p3, 2, plain, NULL));
+    a.in_command = false;
+    static char big[5000];
+    memset(big, 'x', sizeof big);
+    big[sizeof big - 1] = 'y';
+    assert_non_null(cmd(e.r, &a, &p4, "ECHO", big, sizeof big));
+    RUN_UNTIL(e.base, a.n == 4, 2000);
+    assert_int_equal(a.len[2], 5);
+    assert_memory_equal(a.str[2], "plain", 5);
+    assert_int_equal(a.type[3], REDIS_REPLY_STRING);
+    assert_int_equal(a.len[3], sizeof big);
+    env_stop(&e);
+}
+
+static void test_password_key_wins_and_auth_error_keeps_it_down(void **state)
+{
+    env e;
+    env_start(&e, ":fromurl@", "", 500, 1);
+    e.cfg.password = "fromkey";
+    e.f->auth_reply = "-WRONGPASS invalid username-password pair\r\n";
+    e.r = gw_redis_create(e.base, test_log);
+    gw_redis_configure(e.r, &e.cfg);
+    RUN_UNTIL(e.base, e.f->accepted >= 2, 2000); /* refused, then tried again */
+    assert_true(fake_saw(e.f, "0: AUTH fromkey"));
+    assert_false(gw_redis_up(e.r));
+    assert_non_null(strstr(last_log, "WRONGPASS"));
+    /* Backoff: 50, 100, 200, 400 ms... so about 5 tries in 1 s, not hundreds. */
+    run_for(e.base, 1000);
+    assert_true(e.f->accepted <= 7);
+    env_stop(&e);
+}
+
+static void test_round_robin_over_connections(void **state)
+{
+    env e;
+    env_start(&e, "", "", 500, 3);
+    e.r = gw_redis_create(e.base, test_log);
+    gw_redis_configure(e.r, &e.cfg);
+    RUN_UNTIL(e.base, fake_open(e.f) == 3, 2000);
+    run_for(e.base, 20);
+    answers a = {0};
+    probe p[9];
+    for (int i = 0; i < 9; i++) {
+        p[i] = (probe){&a, i};
+        assert_non_null(cmd(e.r, &a, &p[i], "PING", NULL, 0));
+    }
+    RUN_UNTIL(e.base, a.n == 9, 2000);
+    for (int i = 0; i < 3; i++)
+        assert_int_equal(e.f->conns[i]->commands, 3);
+    env_stop(&e);
+}
+
+static void test_stall_answers_queue_and_reconnects(void **state)
+{
+    env e;
+    env_start(&e, "", "", 60, 1);
+    e.r = gw_redis_create(e.base, test_log);
+    gw_redis_configure(e.r, &e.cfg);
+    RUN_UNTIL(e.base, gw_redis_up(e.r), 2000);
+    answers a = {0};
+    probe p0 = {&a, 0}, p1 = {&a, 1}, p2 = {&a, 2}, p3 = {&a, 3};
+    assert_non_null(cmd(e.r, &a, &p0, "PING", NULL, 0));
+    RUN_UNTIL(e.base, a.n == 1, 2000);
+    uint64_t t0 = ms_now();
+    assert_non_null(cmd(e.r, &a, &p1, "STALL", NULL, 0));
+    assert_non_null(cmd(e.r, &a, &p2, "PING", NULL, 0));
+    gw_redis_call *c3 = cmd(e.r, &a, &p3, "PING", NULL, 0);
+    assert_non_null(c3);
+    gw_redis_cancel(c3);
+    RUN_UNTIL(e.base, a.n == 3, 2000);
+    uint64_t took = ms_now() - t0;
+    assert_true(took >= 55 && took < 500);
+    assert_int_equal(a.order[1], 1);
+    assert_int_equal(a.type[1], -1);
+    assert_int_equal(a.order[2], 2);
+    assert_int_equal(a.type[2], -1);
+    assert_false(gw_redis_up(e.r));
+    RUN_UNTIL(e.base, e.f->accepted == 2 && gw_redis_up(e.r), 2000); /* made again */
+    run_for(e.base, 100);
+    assert_int_equal(a.n, 3); /* the cancelled one never */
+    env_stop(&e);
+}
+
+static void test_lost_connection_answers_pending(void **state)
+{
+    env e;
+    env_start(&e, "", "", 1000, 1);
+    e.r = gw_redis_create(e.base, test_log);
+    gw_redis_configure(e.r, &e.cfg);
+    RUN_UNTIL(e.base, gw_redis_up(e.r), 2000);
+    answers a = {.watch = e.r};
+    probe p0 = {&a, 0}, p1 = {&a, 1};
+    assert_non_null(cmd(e.r, &a, &p0, "CLOSE", NULL, 0));
+    assert_non_null(cmd(e.r, &a, &p1, "PING", NULL, 0));
+    RUN_UNTIL(e.base, a.n == 2, 500); /* well before the 1 s deadline */
+    assert_int_equal(a.type[0], -1);
+    assert_int_equal(a.type[1], -1);
+    assert_false(a.up[0]); /* known down before the first failed answer */
+    assert_non_null(strstr(last_log, "connection lost"));
+    RUN_UNTIL(e.base, gw_redis_up(e.r), 2000);
+    env_stop(&e);
+}
+
+static void test_free_inside_done(void **state)
+{
+    env e;
+    env_start(&e, "", "", 1000, 2);
+    e.r = gw_redis_create(e.base, test_log);
+    gw_redis_configure(e.r, &e.cfg);
+    RUN_UNTIL(e.base, fake_open(e.f) == 2, 2000);
+    run_for(e.base, 20);
+    assert_true(gw_redis_up(e.r));
+    answers a = {0};
+    probe p[4];
+    for (int i = 0; i < 4; i++) {
+        p[i] = (probe){&a, i};
+        assert_non_null(cmd(e.r, &a, &p[i], i == 0 ? "PING" : "STALL", NULL, 0));
+    }
+    a.free_on_first = e.r;
+    e.r = NULL;
+    RUN_UNTIL(e.base, a.n >= 1, 2000);
+    assert_int_equal(a.n_after_free, 4); /* all answered by the time free returned */
+    assert_int_equal(a.n, 4);
+    assert_int_equal(a.order[0], 0);
+    for (int i = 1; i < 4; i++)
+        assert_int_equal(a.type[i], -1);
+    run_for(e.base, 50);
+    assert_int_equal(fake_open(e.f), 0);
+    env_stop(&e);
+}
+
+static void test_free_with_pending_and_cancelled(void **state)
+{
+    env e;
+    env_start(&e, "", "", 1000, 1);
+    e.r = gw_redis_create(e.base, test_log);
+    gw_redis_configure(e.r, &e.cfg);
+    RUN_UNTIL(e.base, gw_redis_up(e.r), 2000);
+    answers a = {0};
+    probe p0 = {&a, 0}, p1 = {&a, 1};
+    gw_redis_call *c0 = cmd(e.r, &a, &p0, "PING", NULL, 0);
+    assert_non_null(cmd(e.r, &a, &p1, "PING", NULL, 0));
+    gw_redis_cancel(c0);
+    int lines = log_lines;
+    gw_redis_free(e.r);
+    e.r = NULL;
+    assert_int_equal(a.n, 1);
+    assert_int_equal(a.order[0], 1);
+    assert_int_equal(a.type[0], -1);
+    assert_int_equal(log_lines, lines); /* a shutdown is not a lost connection */
+    env_stop(&e);
+}
+
+static void test_reconfigure_moves_and_disable_disconnects(void **state)
+{
+    env e;
+    env_start(&e, "", "", 500, 1);
+    fake *g = fake_start(e.base);
+    e.r = gw_redis_create(e.base, test_log);
+    gw_redis_configure(e.r, &e.cfg);
+    RUN_UNTIL(e.base, gw_redis_up(e.r), 2000);
+    gw_redis_configure(e.r, &e.cfg); /* same: nothing moves */
+    assert_true(gw_redis_up(e.r));
+    char url[128];
+    snprintf(url, sizeof url, "redis://127.0.0.1:%d/0", g->port);
+    config_redis moved = e.cfg;
+    moved.url = url;
+    gw_redis_configure(e.r, &moved);
+    assert_false(gw_redis_up(e.r));
+    RUN_UNTIL(e.base, gw_redis_up(e.r) && fake_open(g) == 1 && fake_open(e.f) == 0, 2000);
+    config_redis off = {0};
+    gw_redis_configure(e.r, &off);
+    assert_false(gw_redis_up(e.r));
+    RUN_UNTIL(e.base, fake_open(g) == 0, 2000);
+    run_for(e.base, 200);
+    assert_int_equal(g->accepted, 1); /* no reconnect when disabled */
+    fake_stop(g);
+    env_stop(&e);
+}
+
+static void test_connect_deadline(void **state)
+{
+    /* A listener that never accepts: the kernel completes the TCP handshake
+     * (backlog) but nothing answers AUTH; the connect deadline drops it. */
+    env e;
+    env_start(&e, ":pw@", "", 80, 1);
+    evconnlistener_disable(e.f->listener);
+    e.r = gw_redis_create(e.base, test_log);
+    gw_redis_configure(e.r, &e.cfg);
+    run_for(e.base, 400);
+    assert_false(gw_redis_up(e.r));
+    evconnlistener_enable(e.f->listener);
+    RUN_UNTIL(e.base, gw_redis_up(e.r), 3000);
+    env_stop(&e);
+}
+
+/* ---- subscriber ------------------------------------------------------------------------ */
+
+typedef struct sub_state {
+    int subscribed;
+    int messages;
+    char last[32];
+    size_t last_len;
+    gw_redis *free_me;
+} sub_state;
+
+static void on_message(void *arg, const char *payload, size_t len)
+{
+    sub_state *s = arg;
+    s->messages++;
+    s->last_len = len;
+    memcpy(s->last, payload, len < sizeof s->last ? len : sizeof s->last);
+    if (s->free_me) {
+        gw_redis *r = s->free_me;
+        s->free_me = NULL;
+        gw_redis_free(r);
+    }
+}
+
+static void on_subscribed(void *arg)
+{
+    sub_state *s = arg;
+    s->subscribed++;
+}
+
+static void test_subscriber(void **state)
+{
+    env e;
+    env_start(&e, ":pw@", "/2", 500, 4);
+    sub_state s = {0};
+    e.r = gw_redis_create_subscriber(e.base, test_log, "gw:inv", on_message, on_subscribed, &s);
+    gw_redis_configure(e.r, &e.cfg);
+    RUN_UNTIL(e.base, s.subscribed == 1, 2000);
+    assert_true(gw_redis_up(e.r));
+    assert_int_equal(e.f->accepted, 1); /* one connection whatever the count */
+    assert_true(fake_saw(e.f, "0: AUTH pw"));
+    assert_true(fake_saw(e.f, "0: SELECT 2"));
+    assert_true(fake_saw(e.f, "0: SUBSCRIBE gw:inv"));
+    answers a = {0};
+    probe p = {&a, 0};
+    assert_null(cmd(e.r, &a, &p, "PING", NULL, 0));
+
+    static const char bin[] = {'k', 0, '1'};
+    fake_publish(e.f, "gw:inv", bin, sizeof bin);
+    RUN_UNTIL(e.base, s.messages == 1, 2000);
+    assert_int_equal(s.last_len, sizeof bin);
+    assert_memory_equal(s.last, bin, sizeof bin);
+
+    fake_conn_close(e.f->conns[0]); /* Redis restarts */
+    RUN_UNTIL(e.base, s.subscribed == 2, 2000);
+    fake_publish(e.f, "gw:inv", "x", 1);
+    RUN_UNTIL(e.base, s.messages == 2, 2000);
+
+    s.free_me = e.r; /* freed from inside on_message */
+    e.r = NULL;
+    fake_publish(e.f, "gw:inv", "y", 1);
+    fake_publish(e.f, "gw:inv", "z", 1); /* in the same read: must not reach us */
+    RUN_UNTIL(e.base, s.messages == 3, 2000);
+    run_for(e.base, 50);
+    assert_int_equal(s.messages, 3);
+    env_stop(&e);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_not_configured_no_command),
+        cmocka_unit_test(test_handshake_and_binary_round_trip),
+        cmocka_unit_test(test_password_key_wins_and_auth_error_keeps_it_down),
+        cmocka_unit_test(test_round_robin_over_connections),
+        cmocka_unit_test(test_stall_answers_queue_and_reconnects),
+        cmocka_unit_test(test_lost_connection_answers_pending),
+        cmocka_unit_test(test_free_inside_done),
+        cmocka_unit_test(test_free_with_pending_and_cancelled),
+        cmocka_unit_test(test_reconfigure_moves_and_disable_disconnects),
+        cmocka_unit_test(test_connect_deadline),
+        cmocka_unit_test(test_subscriber),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
