@@ -131,12 +131,19 @@ static bool is_unreserved(unsigned char c)
            c == '.' || c == '_' || c == '~';
 }
 
-/* A raw component decoded, then encoded again with only unreserved bytes kept. */
+/* A raw component decoded, then encoded again with only unreserved bytes kept.
+ * A '+' stays '+': to some upstreams it is a space (form encoding), to others
+ * a plus, so it shares a key with neither %20 nor %2B. */
 static void out_query_component(key_out *o, const char *s, size_t n)
 {
     static const char hex[] = "0123456789ABCDEF";
     size_t i = 0;
     while (i < n && !o->overflow) {
+        if (s[i] == '+') {
+            out_byte(o, '+');
+            i++;
+            continue;
+        }
         unsigned char c = query_decode_next(s, n, &i);
         if (is_unreserved(c)) {
             out_byte(o, (char)c);
@@ -205,6 +212,7 @@ static bool query_component_is(const char *s, size_t sn, const char *plain, size
 typedef struct query_pair {
     const char *name, *value; /* raw, as received */
     size_t name_len, value_len;
+    size_t at; /* its place in the query: repeated names keep their order */
 } query_pair;
 
 /* The next non-empty pair of the raw query at *pos, which advances. */
@@ -231,7 +239,9 @@ static int query_pair_cmp(const void *a, const void *b)
 {
     const query_pair *x = a, *y = b;
     int c = query_component_cmp(x->name, x->name_len, y->name, y->name_len);
-    return c ? c : query_component_cmp(x->value, x->value_len, y->value, y->value_len);
+    /* By name only: ?sort=price&sort=name and ?sort=name&sort=price may mean
+     * different things to the upstream, so they keep their order (and keys). */
+    return c ? c : x->at < y->at ? -1 : x->at > y->at;
 }
 
 /* The query's pairs, sorted; false when there are more than fit. */
@@ -242,6 +252,7 @@ static bool query_sorted_pairs(const char *q, query_pair *pairs, size_t *count)
     while (query_next_pair(q, qlen, &pos, &p)) {
         if (n == CACHE_KEY_MAX_PAIRS)
             return false;
+        p.at = n;
         pairs[n++] = p;
     }
     qsort(pairs, n, sizeof *pairs, query_pair_cmp);

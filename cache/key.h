@@ -18,11 +18,13 @@
  * shifting text from one part into another. A part the request lacks expands to nothing. Any other
  * text is copied.
  *
- * The normalised query: each name=value pair with %XX and '+' decoded, then
- * encoded again with only RFC 3986 unreserved bytes left as they are (%XX in
- * upper case otherwise), a missing '=' written as "name=", empty pairs
- * dropped, pairs sorted by name then value (bytewise), joined by '&'. So
- * ?b=2&a=1, ?a=1&b=2 and ?a=%31&b=2 share a key.
+ * The normalised query: each name=value pair with %XX decoded, then encoded
+ * again with only RFC 3986 unreserved bytes left as they are (%XX in upper
+ * case otherwise; a '+' stays '+', since upstreams differ on whether it is a
+ * space), a missing '=' written as "name=", empty pairs dropped, pairs sorted
+ * by name (bytewise, decoded), pairs of one name keeping their order, joined
+ * by '&'. So ?b=2&a=1, ?a=1&b=2 and ?a=%31&b=2 share a key, and ?s=x&s=y
+ * and ?s=y&s=x do not.
  */
 #ifndef GATEWAY_CACHE_KEY_H
 #define GATEWAY_CACHE_KEY_H

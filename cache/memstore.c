@@ -32,7 +32,6 @@
 
 #include "cache/key.h"
 
-#define CACHE_MEM_RING 64            /* invalidations remembered for cache_mem_invalidated_since */
 #define CACHE_MEM_BUCKETS_INITIAL 64 /* per shard; doubled when the shard holds more nodes */
 #define CACHE_MEM_SHARD_BITS 4       /* log2(CACHE_MEM_SHARDS) */
 
@@ -64,6 +63,12 @@ typedef struct mem_invalidation {
     bool literal; /* pattern is one key, not a glob */
 } mem_invalidation;
 
+typedef struct mem_pending {
+    char *pattern;
+    size_t len;
+    int64_t since_ms;
+} mem_pending;
+
 struct cache_mem {
     mem_shard shards[CACHE_MEM_SHARDS];
     atomic_size_t bytes;
@@ -72,6 +77,11 @@ struct cache_mem {
     _Atomic uint64_t epoch;
     pthread_mutex_t ring_lock;
     mem_invalidation ring[CACHE_MEM_RING]; /* epoch e in slot e % CACHE_MEM_RING */
+    /* Invalidations Redis has not done yet (see cache_mem_pending_add). */
+    pthread_mutex_t pending_lock;
+    atomic_size_t pending_count;
+    mem_pending *pending;
+    size_t pending_cap;
 };
 
 /* FNV-1a, then a 64-bit finaliser so the top bits (the shard) are as mixed
@@ -249,6 +259,11 @@ cache_mem *cache_mem_new(size_t max_bytes)
     }
     if (pthread_mutex_init(&m->ring_lock, NULL) != 0)
         goto fail;
+    if (pthread_mutex_init(&m->pending_lock, NULL) != 0) {
+        pthread_mutex_destroy(&m->ring_lock);
+        goto fail;
+    }
+    atomic_init(&m->pending_count, 0);
     atomic_init(&m->bytes, 0);
     atomic_init(&m->count, 0);
     atomic_init(&m->max_bytes, max_bytes);
@@ -284,7 +299,68 @@ void cache_mem_free(cache_mem *m)
     for (size_t i = 0; i < CACHE_MEM_RING; i++)
         free(m->ring[i].pattern);
     pthread_mutex_destroy(&m->ring_lock);
+    for (size_t i = 0; i < atomic_load(&m->pending_count); i++)
+        free(m->pending[i].pattern);
+    free(m->pending);
+    pthread_mutex_destroy(&m->pending_lock);
     free(m);
+}
+
+bool cache_mem_pending_add(cache_mem *m, const char *pattern, size_t len, int64_t since_ms)
+{
+    char *copy = malloc(len + 1);
+    if (!copy)
+        return false;
+    memcpy(copy, pattern, len);
+    copy[len] = '\0';
+    pthread_mutex_lock(&m->pending_lock);
+    size_t n = atomic_load_explicit(&m->pending_count, memory_order_relaxed);
+    if (n == m->pending_cap) {
+        size_t cap = m->pending_cap ? 2 * m->pending_cap : 16;
+        mem_pending *p = realloc(m->pending, cap * sizeof *p);
+        if (!p) {
+            pthread_mutex_unlock(&m->pending_lock);
+            free(copy);
+            return false;
+        }
+        m->pending = p;
+        m->pending_cap = cap;
+    }
+    m->pending[n] = (mem_pending){copy, len, since_ms};
+    atomic_store_explicit(&m->pending_count, n + 1, memory_order_release);
+    pthread_mutex_unlock(&m->pending_lock);
+    return true;
+}
+
+void cache_mem_pending_remove(cache_mem *m, const char *pattern, size_t len)
+{
+    char *gone = NULL;
+    pthread_mutex_lock(&m->pending_lock);
+    size_t n = atomic_load_explicit(&m->pending_count, memory_order_relaxed);
+    for (size_t i = 0; i < n; i++) {
+        if (m->pending[i].len == len && memcmp(m->pending[i].pattern, pattern, len) == 0) {
+            gone = m->pending[i].pattern;
+            m->pending[i] = m->pending[n - 1];
+            atomic_store_explicit(&m->pending_count, n - 1, memory_order_release);
+            break;
+        }
+    }
+    pthread_mutex_unlock(&m->pending_lock);
+    free(gone);
+}
+
+bool cache_mem_pending_blocks(cache_mem *m, const char *key, size_t key_len, int64_t stored_ms)
+{
+    if (atomic_load_explicit(&m->pending_count, memory_order_acquire) == 0)
+        return false;
+    bool blocked = false;
+    pthread_mutex_lock(&m->pending_lock);
+    size_t n = atomic_load_explicit(&m->pending_count, memory_order_relaxed);
+    for (size_t i = 0; i < n && !blocked; i++)
+        blocked = stored_ms <= m->pending[i].since_ms &&
+                  cache_glob_match(m->pending[i].pattern, m->pending[i].len, key, key_len);
+    pthread_mutex_unlock(&m->pending_lock);
+    return blocked;
 }
 
 void cache_mem_set_limit(cache_mem *m, size_t max_bytes)

@@ -27,6 +27,9 @@
 #include "cache/entry.h"
 
 #define CACHE_MEM_SHARDS 16
+/* Invalidations remembered for cache_mem_invalidated_since: a fetch that takes
+ * longer than this many invalidations (of any key) is not stored. */
+#define CACHE_MEM_RING 1024
 
 typedef struct cache_mem cache_mem;
 
@@ -62,6 +65,16 @@ uint64_t cache_mem_epoch(const cache_mem *m);
 /* Did a delete by pattern matching key, or one the ring no longer remembers,
  * happen after epoch? */
 bool cache_mem_invalidated_since(cache_mem *m, uint64_t epoch, const char *key, size_t key_len);
+
+/* Invalidations the shared store (Redis) has not done yet: while pattern is
+ * pending, an entry found there whose key matches and that was stored at or
+ * before since_ms is not to be served (cache_mem_pending_blocks), so a write's
+ * invalidation that Redis missed cannot bring the old answer back before it is
+ * done again. Each add is undone by one remove of the same pattern. Lock-free
+ * when nothing is pending. */
+bool cache_mem_pending_add(cache_mem *m, const char *pattern, size_t len, int64_t since_ms);
+void cache_mem_pending_remove(cache_mem *m, const char *pattern, size_t len);
+bool cache_mem_pending_blocks(cache_mem *m, const char *key, size_t key_len, int64_t stored_ms);
 
 /* Entries and bytes held now. */
 size_t cache_mem_count(const cache_mem *m);

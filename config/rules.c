@@ -668,6 +668,51 @@ static void check_template(config_loader *ld, config_route *route, const char *t
     }
 }
 
+/* Does the key template name the part {name} (header names in any case)? */
+static bool template_names(const char *tmpl, const char *name)
+{
+    size_t n = strlen(name);
+    bool header = strncmp(name, "header.", 7) == 0;
+    for (const char *p = tmpl ? strchr(tmpl, '{') : NULL; p; p = strchr(p + 1, '{')) {
+        const char *close = strchr(p, '}');
+        if (close && (size_t)(close - p - 1) == n &&
+            (header ? strncmp(p + 1, "header.", 7) == 0 && strncasecmp(p + 8, name + 7, n - 7) == 0
+                    : strncmp(p + 1, name, n) == 0))
+            return true;
+    }
+    return false;
+}
+
+/* A cached SQL route's answer depends on every value it binds: each must be
+ * in its key, or one client's rows would be served to another. The default
+ * key holds the path and the whole query, never a header. */
+static void check_sql_cache_key(config_loader *ld, config_route *route, yaml_node_t *node, const char *path)
+{
+    const char *key = route->cache.key;
+    yaml_node_t *written = config_node_value(ld, config_node_value(ld, node, "cache"), "key");
+    if (!written)
+        written = config_node_value(ld, node, "cache");
+    char child[CONFIG_MESSAGE_PATH_MAX], found[160];
+    config_bprintf(child, sizeof child, "%s.cache.key", path);
+    for (size_t i = 0; i < route->sql.param_count; i++) {
+        const char *param = route->sql.params[i];
+        bool covered;
+        if (strncmp(param, "header.", 7) == 0)
+            covered = template_names(key, param);
+        else if (strncmp(param, "query.", 6) == 0)
+            covered = !key || template_names(key, param) || template_names(key, "query");
+        else /* path.X */
+            covered = !key || template_names(key, param) || template_names(key, "path");
+        if (covered)
+            continue;
+        config_quote(key ? key : "cache:<method>:<path>?<sorted query>", found, sizeof found);
+        config_error_at(ld, written, child,
+                        "expected a key that names {%s} (the route's SQL binds it, so its answer depends on "
+                        "it), found %s",
+                        param, found);
+    }
+}
+
 static void check_cache_templates(config_loader *ld, config_route *route, yaml_node_t *node, const char *path)
 {
     char child[CONFIG_MESSAGE_PATH_MAX];
@@ -676,6 +721,8 @@ static void check_cache_templates(config_loader *ld, config_route *route, yaml_n
         check_template(ld, route, route->cache.key,
                        config_node_value(ld, config_node_value(ld, node, "cache"), "key"), child);
     }
+    if (route->cache.enabled && route->sql.enabled)
+        check_sql_cache_key(ld, route, node, path);
     yaml_node_t *list = config_node_value(ld, node, "invalidate");
     for (size_t i = 0; i < route->invalidate_count; i++) {
         size_t at;

@@ -446,6 +446,14 @@ static void admin_cache(gw_main *gm, struct evhttp_request *req, bool clear)
     char *pattern = NULL;
     if (clear) {
         const char *prefix = cfg->cache.key_prefix ? cfg->cache.key_prefix : "";
+        if (!*prefix && cfg->cache.store == CONFIG_STORE_REDIS) {
+            /* Every key of the database would go, the rate limiter's too. */
+            gw_send_json_error(req, 409,
+                               "cache.key_prefix is empty: clear would delete every key in Redis; use "
+                               "/admin/cache/invalidate with a pattern",
+                               "");
+            return;
+        }
         pattern = malloc(2 * strlen(prefix) + 2);
         if (pattern) {
             char *w = pattern;

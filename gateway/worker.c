@@ -156,6 +156,7 @@ enum { CACHE_RESULT_HIT, CACHE_RESULT_MISS, CACHE_RESULT_BYPASS, CACHE_RESULT_ST
 #define INVAL_RETRY_MAX 64
 #define INVAL_RETRY_MIN_MS 100
 #define INVAL_RETRY_MAX_MS 2000
+#define INVAL_HOLD_MAX_MS 1000 /* longest a write's answer waits for its invalidations in Redis */
 
 struct gw_worker {
     int id;
@@ -267,6 +268,7 @@ struct gw_request {
     uint64_t cache_epoch;         /* the memory store's invalidation epoch when the miss began */
     bool cache_refresh;           /* fetching for an expired entry (served stale to others) */
     bool cache_counted;           /* in gateway_cache_requests_total already */
+    bool cache_key_ambiguous;     /* a header the key names came more than once */
     bool cluster_lock;            /* holds the key's cluster-wide fill lock (coalesce: cluster) */
     struct event *cache_poll;     /* coalesce: cluster: the next look for another instance's entry */
     int cache_poll_ms;            /* its backoff */
@@ -276,6 +278,7 @@ struct gw_request {
     struct evbuffer *held_body; /* the answer that waits for them */
     int held_status;
     char *held_reason;
+    struct event *hold_timer; /* INVAL_HOLD_MAX_MS */
     char request_id[GW_REQUEST_ID_MAX + 1];
     char traceparent[GW_TRACEPARENT_LEN + 1];
     char client[INET6_ADDRSTRLEN];
@@ -567,10 +570,24 @@ static const char *key_path_param(void *arg, const char *name, size_t name_len, 
     return NULL;
 }
 
+/* A header the key names. Sent more than once, it cannot make a key: the
+ * upstream sees every line, the key only one, so one client could store an
+ * answer under another's key (the request bypasses the cache). */
 static const char *key_header(void *arg, const char *name)
 {
     gw_request *r = arg;
-    return evhttp_find_header(evhttp_request_get_input_headers(r->req), name);
+    const char *first = NULL;
+    const struct evkeyval *kv;
+    TAILQ_FOREACH(kv, evhttp_request_get_input_headers(r->req), next)
+    {
+        if (strcasecmp(kv->key, name) != 0)
+            continue;
+        if (first)
+            r->cache_key_ambiguous = true;
+        else
+            first = kv->value;
+    }
+    return first;
 }
 
 static void key_source(gw_request *r, cache_key_source *src)
@@ -1024,9 +1041,14 @@ static void cluster_polled(void *arg, cache_r_status st, cache_entry *e, bool lo
     gw_request *r = arg;
     r->cache_op = NULL;
     sync_store_errors(r->w);
+    if (st == CACHE_R_FOUND &&
+        cache_mem_pending_blocks(r->w->srv->cache, r->cache_key, r->cache_key_len, e->stored_ms)) {
+        cache_entry_unref(e); /* from before a write whose invalidation Redis has not done yet */
+        st = CACHE_R_NOT_FOUND;
+    }
     if (st == CACHE_R_FOUND) {
         if (r->gen->rt->cfg->cache.hot_tier)
-            cache_mem_put(r->w->srv->cache, r->cache_key, r->cache_key_len, e);
+            cache_mem_put_since(r->w->srv->cache, r->cache_key, r->cache_key_len, e, r->cache_epoch);
         cache_consider(r, e);
         return;
     }
@@ -1095,9 +1117,14 @@ static void cache_redis_got(void *arg, cache_r_status st, cache_entry *e)
     gw_request *r = arg;
     r->cache_op = NULL;
     sync_store_errors(r->w);
+    if (st == CACHE_R_FOUND &&
+        cache_mem_pending_blocks(r->w->srv->cache, r->cache_key, r->cache_key_len, e->stored_ms)) {
+        cache_entry_unref(e); /* from before a write whose invalidation Redis has not done yet */
+        st = CACHE_R_NOT_FOUND;
+    }
     if (st == CACHE_R_FOUND) {
         if (r->gen->rt->cfg->cache.hot_tier)
-            cache_mem_put(r->w->srv->cache, r->cache_key, r->cache_key_len, e);
+            cache_mem_put_since(r->w->srv->cache, r->cache_key, r->cache_key_len, e, r->cache_epoch);
         cache_consider(r, e);
         return;
     }
@@ -1136,7 +1163,7 @@ static void cache_lookup(gw_request *r)
     key_source(r, &src);
     size_t n = cache_key_build(cfg->cache.key_prefix ? cfg->cache.key_prefix : "", route->cache.key, &src,
                                key, sizeof key);
-    if (!n || !header_safe(key, n) || !(r->cache_key = malloc(n + 1))) {
+    if (!n || r->cache_key_ambiguous || !header_safe(key, n) || !(r->cache_key = malloc(n + 1))) {
         r->cache_bypass = "key";
         fetch(r);
         return;
@@ -1294,11 +1321,16 @@ static void invalidation_done(gw_request *r)
  * "<key_prefix>*" replaces them all (too much deleted beats stale answers). */
 static void inval_retry_arm(gw_worker *w);
 
-static void inval_retry_add(gw_worker *w, const char *pattern, size_t len)
+static void inval_retry_add(gw_worker *w, const char *pattern, size_t len, bool fresh)
 {
+    cache_mem *mem = w->srv->cache;
     for (size_t i = 0; i < w->inval_retry_count; i++)
         if (strlen(w->inval_retry[i]) == len && memcmp(w->inval_retry[i], pattern, len) == 0)
             return;
+    /* From now until it is done, entries Redis still holds under it, stored
+     * before now, are not served (cache_mem_pending_blocks). */
+    if (fresh)
+        cache_mem_pending_add(mem, pattern, len, wall_ms());
     if (w->inval_retry_count == INVAL_RETRY_MAX) {
         const char *prefix = w->gen->rt->cfg->cache.key_prefix ? w->gen->rt->cfg->cache.key_prefix : "";
         char *all = malloc(2 * strlen(prefix) + 2), *o = all;
@@ -1310,8 +1342,12 @@ static void inval_retry_add(gw_worker *w, const char *pattern, size_t len)
             *o++ = *p;
         }
         strcpy(o, "*");
-        for (size_t i = 0; i < w->inval_retry_count; i++)
+        cache_mem_pending_add(mem, all, strlen(all), wall_ms());
+        for (size_t i = 0; i < w->inval_retry_count; i++) {
+            cache_mem_pending_remove(mem, w->inval_retry[i], strlen(w->inval_retry[i]));
             free(w->inval_retry[i]);
+        }
+        cache_mem_pending_remove(mem, pattern, len);
         w->inval_retry[0] = all;
         w->inval_retry_count = 1;
         gw_warn("worker %d: more than %d invalidations waiting for Redis: all of %s* will go", w->id,
@@ -1337,11 +1373,13 @@ static void inval_retried(void *arg, bool ok, size_t deleted)
 {
     inval_again *ia = arg;
     sync_store_errors(ia->w);
-    if (!ok)
-        inval_retry_add(ia->w, ia->pattern, strlen(ia->pattern));
-    else
+    if (!ok) {
+        inval_retry_add(ia->w, ia->pattern, strlen(ia->pattern), false);
+    } else {
+        cache_mem_pending_remove(ia->w->srv->cache, ia->pattern, strlen(ia->pattern));
         gw_info("worker %d: invalidation of %s done in Redis after all (%zu keys)", ia->w->id, ia->pattern,
                 deleted);
+    }
     free(ia->pattern);
     free(ia);
 }
@@ -1366,7 +1404,7 @@ static void inval_retry_cb(evutil_socket_t fd, short what, void *arg)
                 continue;
             free(ia);
         }
-        inval_retry_add(w, pattern, strlen(pattern));
+        inval_retry_add(w, pattern, strlen(pattern), false);
         free(pattern);
     }
 }
@@ -1395,7 +1433,7 @@ static void invalidated_in_redis(void *arg, bool ok, size_t deleted)
         gw_log(CONFIG_LOG_WARN, r->request_id,
                "route %s: invalidation %s in Redis failed after %zu keys; retried later",
                r->gen->rt->cfg->routes[r->route_index].name, iw->pattern, deleted);
-        inval_retry_add(r->w, iw->pattern, strlen(iw->pattern));
+        inval_retry_add(r->w, iw->pattern, strlen(iw->pattern), true);
     }
     invalidation_done(r);
 }
@@ -1436,13 +1474,32 @@ static size_t invalidate_start(gw_request *r)
         } else {
             gw_log(CONFIG_LOG_WARN, r->request_id, "route %s: Redis unavailable; %s invalidated there later",
                    route->name, pattern);
-            inval_retry_add(r->w, pattern, n);
+            inval_retry_add(r->w, pattern, n, true);
             metrics_series_t *s = metrics_series(r->w->shard, r->w->srv->metrics.cache_store_errors, NULL);
             if (s)
                 metrics_counter_add(s, 1);
         }
     }
     return r->inval_pending;
+}
+
+/* The write's invalidations took too long: whatever Redis has not done is
+ * handed to the worker's retries, and the answer goes. */
+static void hold_timeout_cb(evutil_socket_t fd, short what, void *arg)
+{
+    gw_request *r = arg;
+    for (size_t i = 0; i < r->inval_count; i++) {
+        if (!r->inval[i].op)
+            continue;
+        cache_rstore_cancel(r->inval[i].op);
+        r->inval[i].op = NULL;
+        gw_log(CONFIG_LOG_WARN, r->request_id,
+               "invalidation %s not done in Redis within %d ms; retried later", r->inval[i].pattern,
+               INVAL_HOLD_MAX_MS);
+        inval_retry_add(r->w, r->inval[i].pattern, strlen(r->inval[i].pattern), true);
+    }
+    r->inval_pending = 1;
+    invalidation_done(r);
 }
 
 /* Send the answer, or hold it while the write's invalidations run; end r. */
@@ -1456,6 +1513,19 @@ static void finish_reply(gw_request *r, int status, const char *reason, struct e
             evbuffer_add_buffer(r->held_body, body);
         r->held_status = status;
         r->held_reason = reason ? strdup(reason) : NULL;
+        /* At most INVAL_HOLD_MAX_MS, or the request's deadline: a SCAN over a
+         * large database must not hold the answer for long; what is not done
+         * by then is done again later (and kept from being served meanwhile). */
+        uint64_t now = gw_now_ns();
+        uint64_t until = now + (uint64_t)INVAL_HOLD_MAX_MS * 1000000ULL;
+        uint64_t deadline = r->start_ns + (uint64_t)r->gen->rt->cfg->server.request_timeout_ms * 1000000ULL;
+        if (deadline < until)
+            until = deadline;
+        uint64_t wait = until > now ? until - now : 0;
+        struct timeval tv = {(time_t)(wait / 1000000000ULL), (suseconds_t)(wait % 1000000000ULL / 1000)};
+        r->hold_timer = evtimer_new(r->w->base, hold_timeout_cb, r);
+        if (r->hold_timer)
+            evtimer_add(r->hold_timer, &tv);
         return;
     }
     evhttp_send_reply(r->req, status, reason, body);
@@ -1505,6 +1575,8 @@ static void cache_request_end(gw_request *r)
     if (r->held_body)
         evbuffer_free(r->held_body);
     free(r->held_reason);
+    if (r->hold_timer)
+        event_free(r->hold_timer);
     cache_entry_unref(r->stale);
     free(r->cache_key);
 }

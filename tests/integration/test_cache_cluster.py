@@ -191,6 +191,49 @@ def test_invalidation_retried_after_redis_pause(stack, redis_server):
     assert up.count(path=p, method="GET") == 2
 
 
+def test_entry_from_before_a_missed_invalidation_not_served(stack, redis_server):
+    """Right after Redis comes back, before any retry of the write's
+    invalidation can have run, the entry from before the write is still in
+    Redis: the gateway must not serve it (it knows that invalidation is pending)."""
+    up = stack.upstream("up")
+    routes = [cached("pv", prefix="/pv/", methods=["GET"], cache={"ttl": "60s"}),
+              dict(route("pv-write", "up", prefix="/pv/", methods=["POST"]), invalidate=["cache:GET:/pv/*"])]
+    gw = start(stack, cluster_config(up, redis_server, routes, cache={"hot_tier": False}), "gw-pv", redis_server,
+               "/pv/warm")
+    p = "/pv/x"
+    a = req(gw, p)
+    assert_miss(a)
+    wait_key(redis_server, a.key)
+    pause = 1.5
+    redis_server.pause(pause)
+    paused = time.monotonic()
+    w = req(gw, "/pv/write", method="POST", body=b"{}", timeout=5)
+    assert w.status == 200 and w.elapsed < 1.0, w
+    wait_until(lambda: time.monotonic() - paused > pause + 0.05, pause + 1, "the pause over")
+    seen = []
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        b = req(gw, p)
+        seen.append((b.xcache, exists(redis_server, a.key)))
+        assert not (b.xcache == "HIT" and b.body == a.body), \
+            "served the entry from before the write (entry still in Redis: %s); seen %s" % (seen[-1][1], seen)
+        time.sleep(0.05)
+
+
+def test_repeated_key_header_bypasses(stack, redis_server):
+    """A header the key names, sent twice: the upstream sees both lines, a key
+    only one, so the request bypasses the cache instead of storing under
+    another client's key."""
+    up = stack.upstream("up")
+    routes = [cached("rh", prefix="/rh/", methods=["GET"], cache={"ttl": "60s", "key": "rh:{header.X-Tenant}:{path}"})]
+    gw = start(stack, cluster_config(up, redis_server, routes), "gw-rh", redis_server, "/rh/warm")
+    two = req(gw, "/rh/echo", headers=[("X-Tenant", "victim"), ("X-Tenant", "attacker")])
+    assert_bypass(two, "key")
+    v = req(gw, "/rh/echo", headers={"X-Tenant": "victim"})
+    assert_miss(v)
+    assert up.count(path="/rh/echo") == 2
+
+
 # ---------------------------------------------------------------------------
 # Reload
 

@@ -116,10 +116,12 @@ static void test_query_order(void **state)
     assert_string_equal(norm("b=2&a=1"), "a=1&b=2");
     assert_string_equal(norm("a=1&b=2"), "a=1&b=2");
     assert_string_equal(norm("a=%31&b=2"), "a=1&b=2");
-    /* By name, then by value; duplicates kept. */
-    assert_string_equal(norm("a=2&b=0&a=1"), "a=1&a=2&b=0");
+    /* By name; one name's pairs keep their order (?sort=x&sort=y may differ
+     * from ?sort=y&sort=x upstream); duplicates kept. */
+    assert_string_equal(norm("a=2&b=0&a=1"), "a=2&a=1&b=0");
+    assert_string_equal(norm("a=1&b=0&a=2"), "a=1&a=2&b=0");
     assert_string_equal(norm("a=1&a=1"), "a=1&a=1");
-    assert_string_equal(norm("a=1&a"), "a=&a=1");
+    assert_string_equal(norm("a=1&a"), "a=1&a=");
     /* Bytewise: upper case before lower case. */
     assert_string_equal(norm("b=1&B=1"), "B=1&b=1");
     /* On the decoded bytes: '-' (0x2d) before '/' (0x2f), though "%2F" < "-". */
@@ -139,8 +141,9 @@ static void test_query_encoding(void **state)
     assert_string_equal(norm("x=%c3%a9"), "x=%C3%A9");
     assert_string_equal(norm("x=\xc3\xa9"), "x=%C3%A9");
     assert_string_equal(norm("x=a:b@c!$'()*,;"), "x=a%3Ab%40c%21%24%27%28%29%2A%2C%3B");
-    /* '+' is a space, as is %20; a literal plus is %2B. */
-    assert_string_equal(norm("q=a+b"), "q=a%20b");
+    /* '+' stays '+' (a space to some upstreams, a plus to others): it shares
+     * a key with neither %20 nor %2B. */
+    assert_string_equal(norm("q=a+b"), "q=a+b");
     assert_string_equal(norm("q=a%20b"), "q=a%20b");
     assert_string_equal(norm("q=a%2Bb"), "q=a%2Bb");
     /* '=' inside a value, encoded '=' and '&' inside a name. */
@@ -182,7 +185,7 @@ static void test_query_params(void **state)
     assert_string_equal(key_of("", "p:{query.limit}", "GET", "/p", NULL), "p:");
     /* The first one, its value normalised; the name compared decoded. */
     assert_string_equal(key_of("", "{query.a}", "GET", "/p", "a=1&a=2"), "1");
-    assert_string_equal(key_of("", "{query.q}", "GET", "/p", "q=a+b%2f"), "a%20b%2F");
+    assert_string_equal(key_of("", "{query.q}", "GET", "/p", "q=a+b%2f"), "a+b%2F");
     assert_string_equal(key_of("", "{query.limit}", "GET", "/p", "%6Cimit=7"), "7");
     assert_string_equal(key_of("", "{query.a}", "GET", "/p", "a&a=2"), "");
     assert_string_equal(key_of("", "{query.a}", "GET", "/p", "ab=1&b=a"), "");

@@ -422,18 +422,18 @@ static void test_epochs(void **state)
     assert_true(inv(m, e0, "k*"));
     assert_false(inv(m, e0, "k1"));
 
-    /* The ring remembers 64: an epoch older than that answers true for any key. */
-    for (int i = 0; i < 64; i++)
+    /* The ring remembers CACHE_MEM_RING: an epoch older than that answers true for any key. */
+    for (int i = 0; i < CACHE_MEM_RING; i++)
         cache_mem_delete_matching(m, "nothing:*", 9);
-    uint64_t e66 = cache_mem_epoch(m);
-    assert_int_equal(e66, e2 + 64);
-    assert_false(inv(m, e2, "k1")); /* exactly the 64 after e2 are known */
+    uint64_t elast = cache_mem_epoch(m);
+    assert_int_equal(elast, e2 + CACHE_MEM_RING);
+    assert_false(inv(m, e2, "k1")); /* exactly the CACHE_MEM_RING after e2 are known */
     assert_true(inv(m, e1, "k1"));  /* e2 itself is forgotten */
     assert_true(inv(m, e0, "zzz"));
-    assert_false(inv(m, e66 - 1, "zzz"));
-    assert_true(inv(m, e66 - 1, "nothing:at:all"));
+    assert_false(inv(m, elast - 1, "zzz"));
+    assert_true(inv(m, elast - 1, "nothing:at:all"));
     /* An epoch this store never gave. */
-    assert_true(inv(m, e66 + 5, "zzz"));
+    assert_true(inv(m, elast + 5, "zzz"));
     cache_mem_free(m);
 }
 

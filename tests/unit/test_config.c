@@ -1248,6 +1248,35 @@ static void test_error_route_cache(void **state)
         "15:37: routes[2].cache.ttl: expected a duration > 0, found \"0s\"\n");
 }
 
+/* A cached SQL route's key must hold every value its query binds. */
+static void test_error_sql_cache_key(void **state)
+{
+    (void)state;
+    expect_errors(
+        "postgres:\n"
+        "  databases: { main: { host: 127.0.0.1, dbname: app, user: app } }\n"
+        "routes:\n"
+        "  - name: me\n"
+        "    match: { path: /me }\n"
+        "    sql: { database: main, query: \"select $1\", params: [header.X-User], result: object }\n"
+        "    cache: { ttl: 60s }\n"
+        "  - name: p\n"
+        "    match: { path: \"/p/:id\" }\n"
+        "    sql: { database: main, query: \"select $1, $2\", params: [path.id, query.q], result: object }\n"
+        "    cache: { key: \"p:{path.id}\" }\n"
+        "  - name: ok\n"
+        "    match: { path: \"/ok/:id\" }\n"
+        "    sql: { database: main, query: \"select $1, $2, $3\", params: [path.id, query.q, header.X-T],\n"
+        "           result: object }\n"
+        "    cache: { key: \"ok:{path}:{query}:{header.x-t}\" }\n",
+        "7:12: routes[0].cache.key: expected a key that names {header.X-User} (the route's SQL binds it, so "
+        "its "
+        "answer depends on it), found \"cache:<method>:<path>?<sorted query>\"\n"
+        "11:19: routes[1].cache.key: expected a key that names {query.q} (the route's SQL binds it, so its "
+        "answer "
+        "depends on it), found \"p:{path.id}\"\n");
+}
+
 static void test_error_compression_and_redis(void **state)
 {
     (void)state;
@@ -1433,6 +1462,7 @@ int main(void)
         cmocka_unit_test(test_error_names),
         cmocka_unit_test(test_error_policy_key),
         cmocka_unit_test(test_error_route_cache),
+        cmocka_unit_test(test_error_sql_cache_key),
         cmocka_unit_test(test_error_compression_and_redis),
         cmocka_unit_test(test_error_tls_unreadable),
         cmocka_unit_test(test_error_syntax),
