@@ -343,8 +343,8 @@ static size_t lock_name(const char *key, size_t key_len, char **out)
     return key_len + 5;
 }
 
-cache_rstore_op *cache_rstore_lock(cache_rstore *s, const char *key, size_t key_len, int64_t ttl_ms,
-                                   cache_rstore_lock_fn fn, void *arg)
+cache_rstore_op *cache_rstore_lock(cache_rstore *s, const char *key, size_t key_len, const char *token,
+                                   int64_t ttl_ms, cache_rstore_lock_fn fn, void *arg)
 {
     if (!cache_rstore_up(s))
         return NULL;
@@ -359,8 +359,8 @@ cache_rstore_op *cache_rstore_lock(cache_rstore *s, const char *key, size_t key_
     op->fn.lock = fn;
     char px[24];
     int pn = snprintf(px, sizeof px, "%lld", (long long)(ttl_ms > 0 ? ttl_ms : 1));
-    const char *argv[6] = {"SET", name, "1", "NX", "PX", px};
-    size_t lens[6] = {3, n, 1, 2, 2, (size_t)pn};
+    const char *argv[6] = {"SET", name, token, "NX", "PX", px};
+    size_t lens[6] = {3, n, strlen(token), 2, 2, (size_t)pn};
     op->call = gw_redis_command(s->redis, lock_reply, op, 6, argv, lens);
     free(name);
     if (!op->call) {
@@ -414,14 +414,18 @@ cache_rstore_op *cache_rstore_poll(cache_rstore *s, const char *key, size_t key_
     return op;
 }
 
-void cache_rstore_unlock(cache_rstore *s, const char *key, size_t key_len)
+/* Delete the lock only while it is still ours. */
+static const char unlock_script[] =
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
+
+void cache_rstore_unlock(cache_rstore *s, const char *key, size_t key_len, const char *token)
 {
     char *name = NULL;
     size_t n = lock_name(key, key_len, &name);
     if (n && cache_rstore_up(s)) {
-        const char *argv[2] = {"DEL", name};
-        size_t lens[2] = {3, n};
-        gw_redis_command(s->redis, count_reply, s, 2, argv, lens);
+        const char *argv[5] = {"EVAL", unlock_script, "1", name, token};
+        size_t lens[5] = {4, sizeof unlock_script - 1, 1, n, strlen(token)};
+        gw_redis_command(s->redis, count_reply, s, 5, argv, lens);
     }
     free(name);
 }

@@ -8,8 +8,9 @@
  * each batch, never KEYS; a pattern without glob characters is one UNLINK.
  * Every invalidation is then PUBLISHed on "<key_prefix>invalidate" so that
  * every gateway instance's hot tier hears it (the subscriber is in
- * cache/rstore.c too, see cache_rstore_subscribe). A cluster-wide fill lock
- * is SET "<key>:lock" NX PX.
+ * cache/rstore.c too, see cache_rsub_create). A cluster-wide fill lock is
+ * SET "<key>:lock" <token> NX PX, released by a script that deletes it only
+ * while it holds the same token.
  *
  * Every operation answers through its callback exactly once unless
  * cancelled, never from inside the call that started it; NULL from a start
@@ -58,8 +59,8 @@ cache_rstore_op *cache_rstore_invalidate(cache_rstore *s, const char *pattern, s
 /* acquired: this caller holds "<key>:lock" for ttl_ms (or Redis failed: ok
  * false). */
 typedef void (*cache_rstore_lock_fn)(void *arg, bool ok, bool acquired);
-cache_rstore_op *cache_rstore_lock(cache_rstore *s, const char *key, size_t key_len, int64_t ttl_ms,
-                                   cache_rstore_lock_fn fn, void *arg);
+cache_rstore_op *cache_rstore_lock(cache_rstore *s, const char *key, size_t key_len, const char *token,
+                                   int64_t ttl_ms, cache_rstore_lock_fn fn, void *arg);
 /* For a request waiting on another instance's fetch: the entry and whether
  * "<key>:lock" is still held, in one round trip (MGET). locked false and
  * CACHE_R_NOT_FOUND: the holder let go without storing (its answer could not
@@ -68,8 +69,11 @@ typedef void (*cache_rstore_poll_fn)(void *arg, cache_r_status status, cache_ent
 cache_rstore_op *cache_rstore_poll(cache_rstore *s, const char *key, size_t key_len, cache_rstore_poll_fn fn,
                                    void *arg);
 
-/* Release a lock taken with cache_rstore_lock (fire and forget). */
-void cache_rstore_unlock(cache_rstore *s, const char *key, size_t key_len);
+/* Release a lock taken with cache_rstore_lock with the same token (fire and
+ * forget): deleted only while it still holds that token (a compare-and-delete
+ * script), so a holder slower than its lock's ttl never releases the lock
+ * another instance took after it. */
+void cache_rstore_unlock(cache_rstore *s, const char *key, size_t key_len, const char *token);
 
 /* INFO memory's used_memory (bytes), or ok false. */
 typedef void (*cache_rstore_info_fn)(void *arg, bool ok, int64_t used_memory);

@@ -270,6 +270,7 @@ struct gw_request {
     bool cache_counted;           /* in gateway_cache_requests_total already */
     bool cache_key_ambiguous;     /* a header the key names came more than once */
     bool cluster_lock;            /* holds the key's cluster-wide fill lock (coalesce: cluster) */
+    char lock_token[33];          /* its value: 32 random hex digits */
     struct event *cache_poll;     /* coalesce: cluster: the next look for another instance's entry */
     int cache_poll_ms;            /* its backoff */
     uint64_t cache_poll_until_ns; /* lock_timeout: then fetch anyway */
@@ -1106,7 +1107,9 @@ static void cluster_lock(gw_request *r)
 {
     int64_t ms = r->gen->rt->cfg->cache.lock_timeout_ms;
     r->cache_poll_until_ns = gw_now_ns() + (uint64_t)ms * 1000000ULL;
-    r->cache_op = cache_rstore_lock(r->w->cstore, r->cache_key, r->cache_key_len, ms, cluster_locked, r);
+    gw_rng_hex(&r->w->rng, r->lock_token, sizeof r->lock_token / 2);
+    r->cache_op =
+        cache_rstore_lock(r->w->cstore, r->cache_key, r->cache_key_len, r->lock_token, ms, cluster_locked, r);
     if (!r->cache_op)
         fetch(r);
 }
@@ -1291,7 +1294,7 @@ static void cache_store_serve(gw_request *r, cache_entry *e)
         }
     }
     if (r->cluster_lock) {
-        cache_rstore_unlock(w->cstore, r->cache_key, r->cache_key_len);
+        cache_rstore_unlock(w->cstore, r->cache_key, r->cache_key_len, r->lock_token);
         r->cluster_lock = false;
     }
     flight_end(r, e, SERVE_COLLAPSED);
@@ -1565,7 +1568,7 @@ static void cache_request_end(gw_request *r)
     if (r->cache_poll)
         event_free(r->cache_poll);
     if (r->cluster_lock) /* fetched, not stored: let the others go on */
-        cache_rstore_unlock(r->w->cstore, r->cache_key, r->cache_key_len);
+        cache_rstore_unlock(r->w->cstore, r->cache_key, r->cache_key_len, r->lock_token);
     for (size_t i = 0; i < r->inval_count; i++) {
         cache_rstore_cancel(r->inval[i].op);
         free(r->inval[i].pattern);
