@@ -744,19 +744,81 @@ static void hb_line(hblock *h, const char *name, size_t name_len, const char *va
 
 #define HB_LINE(h, name, value, len) hb_line(h, name, sizeof name - 1, value, len)
 
+/* The value of the stored field name (NUL-free, not terminated), or NULL. */
+static const char *entry_field(const cache_entry *e, const char *name, size_t *len)
+{
+    size_t n = strlen(name);
+    for (const char *p = e->fields, *end = e->fields + e->fields_len; p < end;) {
+        const char *eol = memchr(p, '\r', (size_t)(end - p));
+        if (!eol)
+            break;
+        if ((size_t)(eol - p) >= n + 2 && strncasecmp(p, name, n) == 0 && p[n] == ':') {
+            *len = (size_t)(eol - p - n - 2);
+            return p + n + 2;
+        }
+        p = eol + 2;
+    }
+    return NULL;
+}
+
+/* Does the request's If-None-Match name the entry's ETag (weak comparison,
+ * RFC 9110 13.1.2), or "*"? Then a hit is answered 304, as nginx does. */
+static bool entry_not_modified(gw_request *r, const cache_entry *e)
+{
+    const char *inm = evhttp_find_header(evhttp_request_get_input_headers(r->req), "If-None-Match");
+    size_t elen;
+    const char *etag = inm ? entry_field(e, "ETag", &elen) : NULL;
+    if (!etag)
+        return false;
+    if (elen >= 2 && strncmp(etag, "W/", 2) == 0) {
+        etag += 2;
+        elen -= 2;
+    }
+    for (const char *p = inm; *p;) {
+        while (*p == ' ' || *p == '\t' || *p == ',')
+            p++;
+        const char *tag = p;
+        while (*p && *p != ',')
+            p++;
+        const char *end = p;
+        while (end > tag && (end[-1] == ' ' || end[-1] == '\t'))
+            end--;
+        if (end - tag == 1 && *tag == '*')
+            return true;
+        if (end - tag >= 2 && strncmp(tag, "W/", 2) == 0)
+            tag += 2;
+        if ((size_t)(end - tag) == elen && memcmp(tag, etag, elen) == 0)
+            return true;
+    }
+    return false;
+}
+
+/* What a 304 repeats of the 200 (RFC 9110 15.4.5). */
+static bool field_in_304(const char *name, size_t len)
+{
+    static const char *const kept[] = {"ETag", "Cache-Control", "Expires", "Vary", "Content-Location"};
+    for (size_t i = 0; i < sizeof kept / sizeof kept[0]; i++)
+        if (strlen(kept[i]) == len && strncasecmp(kept[i], name, len) == 0)
+            return true;
+    return false;
+}
+
 /* Answer r from e (e keeps its reference; the body is lent to evhttp with one
- * of its own) and end r. */
+ * of its own) and end r. A GET or HEAD whose If-None-Match names the entry's
+ * ETag gets 304. */
 static void serve_entry(gw_request *r, cache_entry *e, serve_kind kind)
 {
     cache_variant v = entry_variant(r, e);
     bool head = r->method == CONFIG_METHOD_HEAD;
+    int status = e->status == 200 && entry_not_modified(r, e) ? 304 : e->status;
+    bool no_body = status == 204 || status == 304;
     int64_t now = wall_ms();
     int64_t age_ms = now > e->stored_ms ? now - e->stored_ms : 0;
     size_t id_len = strlen(r->request_id);
     hblock h = {malloc(e->fields_len + r->cache_key_len + id_len + 384), 0,
                 e->fields_len + r->cache_key_len + id_len + 384};
     struct evbuffer *body = evbuffer_new();
-    char *key = strdup(e->status != 204 ? "Content-Length" : "X-Cache");
+    char *key = strdup(!no_body ? "Content-Length" : "X-Cache");
     struct evkeyval *kv = calloc(1, sizeof *kv);
     if (!h.p || !body || !key || !kv) {
         free(h.p);
@@ -770,8 +832,8 @@ static void serve_entry(gw_request *r, cache_entry *e, serve_kind kind)
     static const char *const xcache[] = {"HIT", "HIT", "STALE", "STALE", "MISS", "MISS"};
     char num[160];
     int n;
-    /* The entry's key leads: Content-Length (evhttp adds none), or X-Cache for a 204. */
-    if (e->status != 204) {
+    /* The entry's key leads: Content-Length (evhttp adds none), or X-Cache for a 204 or 304. */
+    if (!no_body) {
         n = snprintf(num, sizeof num, "%zu", e->body_len[v]);
         hb_add(&h, num, (size_t)n);
     } else {
@@ -787,7 +849,9 @@ static void serve_entry(gw_request *r, cache_entry *e, serve_kind kind)
         if (colon && colon + 2 <= eol) {
             size_t name_len = (size_t)(colon - p);
             const char *value = colon + 2;
-            if (v == CACHE_IDENTITY) {
+            if (status == 304 && !field_in_304(p, name_len)) {
+                /* not repeated */
+            } else if (v == CACHE_IDENTITY) {
                 hb_line(&h, p, name_len, value, (size_t)(eol - value));
             } else if (!(name_len == 13 && strncasecmp(p, "Accept-Ranges", 13) == 0)) {
                 bool weaken = name_len == 4 && strncasecmp(p, "ETag", 4) == 0 && value < eol && *value == '"';
@@ -799,13 +863,13 @@ static void serve_entry(gw_request *r, cache_entry *e, serve_kind kind)
     }
     if (e->flags & CACHE_ENTRY_VARY_AE)
         HB_LINE(&h, "Vary", "Accept-Encoding", 15);
-    if (v != CACHE_IDENTITY) {
+    if (v != CACHE_IDENTITY && status != 304) {
         const char *name = gw_encoding_name((gw_encoding)v);
         HB_LINE(&h, "Content-Encoding", name, strlen(name));
     }
     n = snprintf(num, sizeof num, "%lld", (long long)(age_ms / 1000));
     HB_LINE(&h, "Age", num, (size_t)n);
-    if (e->status != 204)
+    if (!no_body)
         HB_LINE(&h, "X-Cache", xcache[kind], strlen(xcache[kind]));
     HB_LINE(&h, "X-Cache-Key", r->cache_key, r->cache_key_len);
     long long ttl = (long long)((e->fresh_ms - age_ms) / 1000);
@@ -842,7 +906,7 @@ static void serve_entry(gw_request *r, cache_entry *e, serve_kind kind)
     kv->value = h.p;
     TAILQ_INSERT_TAIL(evhttp_request_get_output_headers(r->req), kv, next);
     add_drain_header(r);
-    if (!head && e->body_len[v] > 0) {
+    if (!head && !no_body && e->body_len[v] > 0) {
         cache_entry_ref(e);
         if (evbuffer_add_reference(body, e->body[v], e->body_len[v], entry_body_cleanup, e) != 0)
             cache_entry_unref(e);
@@ -851,9 +915,9 @@ static void serve_entry(gw_request *r, cache_entry *e, serve_kind kind)
                                  CACHE_RESULT_STALE, CACHE_RESULT_MISS, CACHE_RESULT_MISS};
     count_cache(r, result[kind]);
     r->cache_counted = true;
-    r->status = e->status;
-    r->bytes = head ? 0 : e->body_len[v];
-    evhttp_send_reply(r->req, e->status, NULL, e->status == 204 ? NULL : body);
+    r->status = status;
+    r->bytes = head || no_body ? 0 : e->body_len[v];
+    evhttp_send_reply(r->req, status, NULL, no_body ? NULL : body);
     evbuffer_free(body);
     request_end(r);
 }

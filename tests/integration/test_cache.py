@@ -905,6 +905,27 @@ def test_compressed_variants_from_one_entry(cenv, first_ae):
     assert up.count(path=path_of(p)) == 1
 
 
+def test_if_none_match_on_hits(cenv):
+    """A hit whose request names the entry's ETag (weak comparison) is a 304
+    with the validator this client's variant carries, and no body; another
+    tag gets the 200. Like nginx's proxy_cache."""
+    gw, up = cenv.gw, cenv.up
+    p = respond("/cz/inm", size=5000, seed=8, headers=[("ETag", '"t8"'), ("Cache-Control", "public")])
+    assert_miss(req(gw, p))
+    for ae, inm, etag in ((None, '"t8"', '"t8"'), (None, 'W/"t8"', '"t8"'), (None, '"x", "t8"', '"t8"'),
+                          ("br", 'W/"t8"', 'W/"t8"'), ("gzip", '"t8"', 'W/"t8"'), (None, "*", '"t8"')):
+        b = req(gw, p, ae=ae, headers={"If-None-Match": inm})
+        assert b.status == 304, (ae, inm, b)
+        assert b.body == b"" and b.h("ETag") == etag, (ae, inm, b)
+        assert b.h("Cache-Control") == "public" and vary_ae(b), b
+        assert b.h("Content-Encoding") is None and b.h("Content-Type") is None, b
+        assert b.cstatus.startswith("gateway; hit"), b
+    b = req(gw, p, headers={"If-None-Match": '"other"'})
+    assert b.status == 200 and len(b.body) == 5000, b
+    assert_hit(b)
+    assert up.count(path=path_of(p)) == 1
+
+
 def test_uncompressible_and_small_with_cache(cenv):
     gw, up = cenv.gw, cenv.up
     # Random bytes: no coding is smaller, so everyone gets identity (still Vary).
