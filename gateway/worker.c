@@ -1305,7 +1305,7 @@ static bool status_storable(const config_route_cache *rc, int status)
 /* An entry from an answer (status, its fields as "Name: value\r\n" lines,
  * its identity body), with each compressed variant when it qualifies. */
 static cache_entry *entry_make(gw_request *r, int status, const char *lines, size_t lines_len,
-                               struct evbuffer *body, bool compressible, int64_t fresh_ms)
+                               struct evbuffer *body, bool compressible, int64_t fresh_ms, bool may_be_stale)
 {
     const config_t *cfg = r->gen->rt->cfg;
     const config_compression *cc = &cfg->compression;
@@ -1335,6 +1335,8 @@ static cache_entry *entry_make(gw_request *r, int status, const char *lines, siz
     int64_t stale = cfg->cache.stale_while_revalidate_ms > cfg->cache.stale_if_error_ms
                         ? cfg->cache.stale_while_revalidate_ms
                         : cfg->cache.stale_if_error_ms;
+    if (!may_be_stale) /* must-revalidate, proxy-revalidate: never served past its freshness */
+        stale = 0;
     cache_entry *e = cache_entry_make(status, flags, wall_ms(), fresh_ms, fresh_ms + stale, lines, lines_len,
                                       bodies, lens);
     for (size_t i = 0; i < CACHE_VARIANTS; i++)
@@ -1978,6 +1980,23 @@ static void pass_response_fields(gw_request *r, const upstream_response *resp, s
     TAILQ_INSERT_TAIL(oh, kv, next);
 }
 
+/* An IMF-fixdate ("Sun, 06 Nov 1994 08:49:37 GMT") as seconds since the
+ * epoch; -2 when it does not parse (RFC 9111: an invalid Expires means
+ * already expired). */
+static int64_t http_date_seconds(const char *v, size_t len)
+{
+    char buf[64];
+    struct tm tm = {0};
+    if (len >= sizeof buf)
+        return -2;
+    memcpy(buf, v, len);
+    buf[len] = '\0';
+    const char *end = strptime(buf, "%a, %d %b %Y %H:%M:%S GMT", &tm);
+    if (!end || *end)
+        return -2;
+    return (int64_t)timegm(&tm);
+}
+
 /* The seconds of a Cache-Control directive (max-age=N), or -1. */
 static int64_t directive_seconds(const http1_field *f, const char *name)
 {
@@ -2019,12 +2038,19 @@ static cache_entry *upstream_entry(gw_request *r, const upstream_response *resp)
     if (!status_storable(&route->cache, resp->status) ||
         evbuffer_get_length(resp->body) > (size_t)cfg->cache.max_object_bytes)
         return NULL;
-    int64_t max_age = -1, s_maxage = -1;
+    int64_t max_age = -1, s_maxage = -1, age = 0, expires = -1, date = -1;
+    bool may_be_stale = true;
     const http1_field *connection = NULL;
     for (size_t i = 0; i < resp->field_count; i++) {
         const http1_field *f = &resp->fields[i];
         if (field_is(f, "Set-Cookie", 10) || field_is(f, "Content-Range", 13))
             return NULL;
+        if (field_is(f, "Age", 3))
+            age = strtoll(f->value, NULL, 10) > 0 ? strtoll(f->value, NULL, 10) : 0;
+        if (field_is(f, "Expires", 7))
+            expires = http_date_seconds(f->value, f->value_len);
+        if (field_is(f, "Date", 4))
+            date = http_date_seconds(f->value, f->value_len);
         if (field_is(f, "Content-Encoding", 16) &&
             !(f->value_len == 8 && strncasecmp(f->value, "identity", 8) == 0))
             return NULL;
@@ -2042,6 +2068,8 @@ static cache_entry *upstream_entry(gw_request *r, const upstream_response *resp)
         if (field_is(f, "Cache-Control", 13)) {
             if (field_lists(f, "no-store") || field_lists(f, "private") || field_lists(f, "no-cache"))
                 return NULL;
+            if (field_lists(f, "must-revalidate") || field_lists(f, "proxy-revalidate"))
+                may_be_stale = false;
             int64_t v = directive_seconds(f, "max-age");
             if (v >= 0)
                 max_age = v;
@@ -2052,7 +2080,18 @@ static cache_entry *upstream_entry(gw_request *r, const upstream_response *resp)
         if (field_is(f, "Connection", 10))
             connection = f;
     }
-    int64_t fresh_ms = s_maxage >= 0 ? s_maxage * 1000 : max_age >= 0 ? max_age * 1000 : route->cache.ttl_ms;
+    /* RFC 9111 4.2.1: s-maxage, max-age, then Expires - Date (an Expires that
+     * does not parse, "0" say, is in the past); then the route's ttl. Of a
+     * lifetime the upstream gave, its Age (it came through another cache) is
+     * already spent. */
+    int64_t fresh_ms = s_maxage >= 0  ? s_maxage * 1000
+                       : max_age >= 0 ? max_age * 1000
+                       : expires != -1 && expires != -2
+                           ? (expires - (date >= 0 ? date : wall_ms() / 1000)) * 1000
+                       : expires == -2 ? 0
+                                       : route->cache.ttl_ms;
+    if (s_maxage >= 0 || max_age >= 0 || expires != -1) /* the route's ttl is ours, from now */
+        fresh_ms -= age * 1000;
     if (fresh_ms <= 0)
         return NULL;
     bool varies;
@@ -2080,7 +2119,7 @@ static cache_entry *upstream_entry(gw_request *r, const upstream_response *resp)
     }
     size_t n = evbuffer_get_length(lines);
     const char *text = n ? (const char *)evbuffer_pullup(lines, -1) : "";
-    cache_entry *e = entry_make(r, resp->status, text, n, resp->body, compressible, fresh_ms);
+    cache_entry *e = entry_make(r, resp->status, text, n, resp->body, compressible, fresh_ms, may_be_stale);
     evbuffer_free(lines);
     return e;
 }
@@ -2551,7 +2590,7 @@ static void sql_done(void *arg, const pool_result *result)
         size_t n = lines ? evbuffer_get_length(lines) : 0;
         const char *text = n ? (const char *)evbuffer_pullup(lines, -1) : "";
         bool json = status == 200 && gw_compress_type_ok(&cfg->compression, "application/json", 16);
-        cache_entry *e = lines ? entry_make(r, status, text, n, body, json, route->cache.ttl_ms) : NULL;
+        cache_entry *e = lines ? entry_make(r, status, text, n, body, json, route->cache.ttl_ms, true) : NULL;
         if (lines)
             evbuffer_free(lines);
         if (e) {

@@ -505,6 +505,46 @@ def test_upstream_max_age_and_s_maxage(env):
     assert [up.count(path=path_of(p)) for p in paths.values()] == [2, 2, 1]
 
 
+def test_expires_and_age(env):
+    """Without max-age: Expires - Date is the lifetime (an Expires that does
+    not parse, "0", is in the past: not stored); an upstream Age is spent."""
+    from email.utils import formatdate
+    gw, up = env.gw, env.up
+    now = time.time()
+    paths = {
+        "exp100": respond("/basic/exp100", headers=[("Expires", formatdate(now + 100, usegmt=True))]),
+        "exp0": respond("/basic/exp0", headers=[("Expires", "0")]),
+        "past": respond("/basic/exppast", headers=[("Expires", formatdate(now - 10, usegmt=True))]),
+        "aged": respond("/basic/aged", headers=[("Cache-Control", "max-age=100"), ("Age", "40")]),
+        "spent": respond("/basic/spent", headers=[("Cache-Control", "max-age=10"), ("Age", "11")]),
+    }
+    for p in paths.values():
+        req(gw, p)
+    got = {name: req(gw, p) for name, p in paths.items()}
+    assert_hit(got["exp100"])
+    assert 95 <= cs_ttl(got["exp100"]) <= 100, got["exp100"]
+    assert_miss(got["exp0"], stored=False)
+    assert_miss(got["past"], stored=False)
+    assert_hit(got["aged"])
+    assert 55 <= cs_ttl(got["aged"]) <= 60, got["aged"]
+    assert_miss(got["spent"], stored=False)
+
+
+def test_must_revalidate_never_stale(stack):
+    """must-revalidate: past its freshness the entry is not served stale even
+    within stale_if_error; the upstream's failure is passed on."""
+    gw, up = stale_gateway(stack, stale_if_error="30s", up_timeout="600ms")
+    up.set_answer("mr", body=b'{"v": 1}', headers=[("Cache-Control", "max-age=1, must-revalidate")])
+    p = "/st/answer/mr"
+    t0 = time.monotonic()
+    assert_miss(req(gw, p), body=b'{"v": 1}')
+    assert_hit(req(gw, p), body=b'{"v": 1}')
+    up.set_answer("mr", body=b'{"error": "boom"}', status=503)
+    time.sleep(max(0.0, 1.2 - (time.monotonic() - t0)))
+    a = req(gw, p)
+    assert a.status == 503 and a.xcache != "STALE", a
+
+
 def test_statuses(env):
     gw, up = env.gw, env.up
     # 404 on a route with the default statuses: not stored.
