@@ -518,6 +518,7 @@ void cache_rsub_configure(cache_rsub *sub, const config_t *cfg)
     }
     if (c && !sub->redis) {
         sub->redis = gw_redis_create_subscriber(sub->base, sub->log, c, sub_message, sub_subscribed, sub);
+        free(sub->channel); /* left from a create that failed */
         sub->channel = c;
         c = NULL;
     }
