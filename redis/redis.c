@@ -19,6 +19,28 @@
  * A call therefore costs one malloc and no libevent work of ours; its RESP
  * text is built by us on the stack (hiredis's own formatting allocates).
  *
+ * Up means answered. TCP connecting proves nothing (a paused or sleeping
+ * Redis still completes it from the kernel's backlog), so the handshake
+ * always ends with a command whose reply must come within the connect
+ * deadline: AUTH and SELECT when needed, then PING (the subscriber: SUBSCRIBE,
+ * its confirmation). The backoff is reset only by such a real reply. A
+ * connection dropped for a command deadline backs off as a failed connect
+ * does, and its slot stays "timed out" until a command (not only the
+ * handshake) is answered again: a Redis that answers PING but stalls the
+ * commands (CLIENT PAUSE WRITE) is retried at a growing interval, not once
+ * per redis.timeout. While a slot waits, commands are refused at once.
+ *
+ * Liveness. Every socket has TCP keepalive. The subscriber, which sends
+ * nothing of its own once subscribed, checks its connection every
+ * GW_REDIS_CHECK_INTERVAL_MS by subscribing again to its channel (a no-op for
+ * Redis, answered with a "subscribe" confirmation) within the check deadline
+ * (redis.timeout, at least GW_REDIS_CHECK_MIN_TIMEOUT_MS); no answer: the
+ * connection is dropped and made again, which subscribes again and calls
+ * on_subscribed. Not PING: hiredis 0.14 parks a subscribed context's PING
+ * callback for a non-array reply and looks the ["pong", ""] array up as a
+ * pattern subscription, so the pong reaches no callback (and each PING would
+ * leave a callback behind until the context is freed).
+ *
  * Code that may run a user callback runs between enter() and leave(): a
  * gw_redis_free from inside a callback drops everything at once but leaves
  * the memory to the outermost leave().
@@ -38,6 +60,8 @@
 #define GW_REDIS_DEFAULT_TIMEOUT_MS 1000 /* when the config has none */
 #define GW_REDIS_MAX_CONNECTIONS 64      /* as redis.connections_per_worker's bound */
 #define GW_REDIS_COMMAND_STACK_BYTES 512 /* commands up to this size are formatted on the stack */
+#define GW_REDIS_CHECK_INTERVAL_MS 2000  /* the subscriber's liveness check */
+#define GW_REDIS_CHECK_MIN_TIMEOUT_MS 1000
 
 typedef struct slot slot;
 typedef struct conn conn;
@@ -55,8 +79,9 @@ struct conn {
     redisAsyncContext *ac;
     struct event *timer;        /* the connect deadline, then the calls' */
     gw_redis_call *head, *tail; /* sent, reply not yet in (answered or not) */
-    int handshake;              /* AUTH/SELECT replies still due */
+    int handshake;              /* AUTH/SELECT/PING replies still due (subscriber: AUTH/SELECT) */
     bool ready;                 /* commands may go out (subscriber: subscribed) */
+    bool checking;              /* subscriber: a liveness check is out */
 };
 
 struct slot {
@@ -65,6 +90,9 @@ struct slot {
     struct event *retry;
     int backoff_ms;
     int index;
+    /* The last conn was dropped for a deadline and no command was answered
+     * since: a handshake alone does not reset the backoff. */
+    bool timed_out;
 };
 
 /* Where to connect and as whom; compared whole on configure. */
@@ -179,18 +207,38 @@ static void retry_cb(evutil_socket_t fd, short what, void *arg)
     connect_slot(arg);
 }
 
+/* Redis answered a command on s's connection: it is healthy again. */
+static void slot_answered(slot *s)
+{
+    gw_redis *r = s->r;
+    if (s->timed_out)
+        logf_(r, CONFIG_LOG_INFO, "redis %s:%d: answering again (connection %d of %d)", r->target.host,
+              r->target.port, s->index + 1, r->nslots);
+    s->backoff_ms = 0;
+    s->timed_out = false;
+}
+
+/* The handshake's last reply came within the connect deadline. */
 static void conn_ready(conn *c)
 {
     gw_redis *r = c->r;
+    slot *s = c->slot;
     c->ready = true;
     r->ready++;
-    c->slot->backoff_ms = 0;
     evtimer_del(c->timer);
+    if (s->timed_out) {
+        /* Redis answered the handshake but stalled a command before: the
+         * backoff keeps growing until a command is answered. */
+        logf_(r, CONFIG_LOG_DEBUG, "redis %s:%d: connection %d of %d up again", r->target.host,
+              r->target.port, s->index + 1, r->nslots);
+        return;
+    }
+    slot_answered(s);
     if (r->ready == 1)
         logf_(r, CONFIG_LOG_INFO, "redis %s:%d: connected", r->target.host, r->target.port);
     else
         logf_(r, CONFIG_LOG_DEBUG, "redis %s:%d: connection %d of %d up", r->target.host, r->target.port,
-              c->slot->index + 1, r->nslots);
+              s->index + 1, r->nslots);
 }
 
 /* Take c off its slot (a reconnect is scheduled) and answer its calls as
@@ -250,6 +298,22 @@ static void conn_lost(conn *c)
     conn_detach(c);
 }
 
+/* Redis did not answer c in time (a command, or the subscriber's check): it
+ * is not trusted with the commands behind either, they are answered as
+ * failed, and the slot backs off as after a failed connect. One warning per
+ * stall: the retries that time out again log at debug. The caller has
+ * entered c->r. */
+static void conn_timed_out(conn *c, uint64_t timeout_ns)
+{
+    gw_redis *r = c->r;
+    slot *s = c->slot;
+    logf_(r, s->timed_out ? CONFIG_LOG_DEBUG : CONFIG_LOG_WARN,
+          "redis %s:%d: no answer within %llu ms; reconnecting", r->target.host, r->target.port,
+          (unsigned long long)(timeout_ns / 1000000));
+    s->timed_out = true;
+    conn_drop(c);
+}
+
 static void on_connect(const redisAsyncContext *ac, int status)
 {
     conn *c = ac->data;
@@ -264,10 +328,8 @@ static void on_connect(const redisAsyncContext *ac, int status)
          * handshake callbacks with NULL: they must find no conn. */
         ((redisAsyncContext *)ac)->data = NULL;
         free(c);
-        return;
     }
-    if (c->handshake == 0 && !r->subscriber)
-        conn_ready(c);
+    /* Connected is not up: the handshake's replies decide (see the top). */
 }
 
 static void on_disconnect(const redisAsyncContext *ac, int status)
@@ -309,7 +371,15 @@ static bool reply_is(const redisReply *rep, const char *word)
     return rep->type == REDIS_REPLY_STRING && rep->len == n && memcmp(rep->str, word, n) == 0;
 }
 
-/* Subscriber mode: the SUBSCRIBE confirmation, then each message. */
+static uint64_t check_timeout_ns(const gw_redis *r)
+{
+    uint64_t min = (uint64_t)GW_REDIS_CHECK_MIN_TIMEOUT_MS * 1000000ULL;
+    return r->timeout_ns > min ? r->timeout_ns : min;
+}
+
+/* Subscriber mode: the SUBSCRIBE confirmation, then each message, and the
+ * confirmations of the liveness checks (SUBSCRIBE again, see the top). Only
+ * "message" arrays reach on_message. */
 static void on_subscription(redisAsyncContext *ac, void *reply, void *privdata)
 {
     conn *c = ac->data;
@@ -323,14 +393,46 @@ static void on_subscription(redisAsyncContext *ac, void *reply, void *privdata)
             r->on_message(r->arg, rep->element[2]->str, rep->element[2]->len);
             leave(r);
         }
-    } else if (reply_is(rep->element[0], "subscribe") && !c->ready) {
+    } else if (reply_is(rep->element[0], "subscribe")) {
+        if (c->ready) { /* a check answered */
+            c->checking = false;
+            slot_answered(c->slot);
+            timer_arm_ns(c->timer, (uint64_t)GW_REDIS_CHECK_INTERVAL_MS * 1000000ULL);
+            return;
+        }
         conn_ready(c);
+        timer_arm_ns(c->timer, (uint64_t)GW_REDIS_CHECK_INTERVAL_MS * 1000000ULL);
         if (r->on_subscribed) {
             enter(r);
             r->on_subscribed(r->arg);
             leave(r);
         }
     }
+}
+
+static int send_subscribe(conn *c)
+{
+    gw_redis *r = c->r;
+    const char *argv[] = {"SUBSCRIBE", r->channel};
+    size_t len[] = {9, r->channel_len};
+    return redisAsyncCommandArgv(c->ac, on_subscription, NULL, 2, argv, len);
+}
+
+/* The subscriber's timer once subscribed: send a check, or its deadline
+ * passed. The caller has entered c->r. */
+static void subscriber_check(conn *c)
+{
+    gw_redis *r = c->r;
+    if (c->checking) {
+        conn_timed_out(c, check_timeout_ns(r));
+        return;
+    }
+    if (send_subscribe(c) != REDIS_OK) { /* out of memory */
+        conn_drop(c);
+        return;
+    }
+    c->checking = true;
+    timer_arm_ns(c->timer, check_timeout_ns(r));
 }
 
 /* The connect deadline, then the oldest call's (armed lazily, see the top). */
@@ -340,19 +442,17 @@ static void conn_deadline_cb(evutil_socket_t fd, short what, void *arg)
     gw_redis *r = c->r;
     enter(r);
     if (!c->ready) {
+        /* A failed connect: the slot's backoff grows. */
         logf_(r, CONFIG_LOG_DEBUG, "redis %s:%d: connect timed out", r->target.host, r->target.port);
         conn_drop(c);
+    } else if (r->subscriber) {
+        subscriber_check(c);
     } else if (c->head) {
         uint64_t now = now_ns();
-        if (c->head->deadline_ns > now) {
+        if (c->head->deadline_ns > now)
             timer_arm_ns(c->timer, c->head->deadline_ns - now);
-        } else {
-            /* A Redis that does not answer in time is not trusted with the
-             * commands behind either: they are answered as failed. */
-            logf_(r, CONFIG_LOG_WARN, "redis %s:%d: no answer within %llu ms; reconnecting", r->target.host,
-                  r->target.port, (unsigned long long)(r->timeout_ns / 1000000));
-            conn_drop(c);
-        }
+        else
+            conn_timed_out(c, r->timeout_ns);
     }
     leave(r);
 }
@@ -377,6 +477,13 @@ static void connect_slot(slot *s)
         logf_(r, CONFIG_LOG_DEBUG, "redis %s:%d: connect failed: %s", t->host, t->port, ac->errstr);
         goto fail;
     }
+    /* A peer gone without a word (no RST) is noticed by the kernel even on an
+     * idle connection: hiredis's interval (15 s idle, then 3 probes 5 s
+     * apart). The subscriber checks its connection itself as well. */
+    if (redisEnableKeepAlive(&ac->c) != REDIS_OK) {
+        logf_(r, CONFIG_LOG_DEBUG, "redis %s:%d: keepalive: %s", t->host, t->port, ac->c.errstr);
+        goto fail;
+    }
     if (redisLibeventAttach(ac, r->base) != REDIS_OK)
         goto fail;
     ac->data = c;
@@ -387,7 +494,9 @@ static void connect_slot(slot *s)
     redisAsyncSetConnectCallback(ac, on_connect);
     redisAsyncSetDisconnectCallback(ac, on_disconnect);
 
-    /* Pipelined behind the connect; each reply is checked in on_handshake. */
+    /* Pipelined behind the connect; each reply is checked in on_handshake,
+     * and the last one (PING's, the subscriber's SUBSCRIBE confirmation)
+     * makes the connection up. */
     int sent = REDIS_OK;
     if (t->password[0]) {
         /* AUTH [user] password: with a user, Redis 6 ACLs. */
@@ -409,9 +518,11 @@ static void connect_slot(slot *s)
         c->handshake++;
     }
     if (r->subscriber) {
-        const char *argv[] = {"SUBSCRIBE", r->channel};
-        size_t len[] = {9, r->channel_len};
-        sent |= redisAsyncCommandArgv(ac, on_subscription, NULL, 2, argv, len);
+        sent |= send_subscribe(c);
+    } else {
+        sent |=
+            redisAsyncCommandArgv(ac, on_handshake, NULL, 1, (const char *[]){"PING"}, (const size_t[]){4});
+        c->handshake++;
     }
     if (sent != REDIS_OK) { /* out of memory */
         conn_drop(c);       /* schedules the retry */
@@ -577,6 +688,7 @@ void gw_redis_configure(gw_redis *r, const config_redis *cfg)
             slot *s = &r->slots[i];
             evtimer_del(s->retry);
             s->backoff_ms = 0;
+            s->timed_out = false;
             if (s->conn)
                 conn_drop(s->conn); /* may run done callbacks */
         }
@@ -624,6 +736,8 @@ static void on_reply(redisAsyncContext *ac, void *reply, void *privdata)
         enter(r);
         if (!reply)
             conn_lost(c); /* hiredis is freeing the context: answers all, this one first */
+        else if (c->slot->timed_out)
+            slot_answered(c->slot); /* Redis answers commands again */
     }
     if (c->head != call)
         abort(); /* replies come in order: broken invariant */

@@ -7,15 +7,24 @@
  * touched by another thread. It holds redis.connections_per_worker
  * connections (commands go round-robin over the connected ones), made again
  * with capped backoff (GW_REDIS_BACKOFF_MIN_MS doubling to
- * GW_REDIS_BACKOFF_MAX_MS) after a failure. hiredis 0.14 has no timeouts, so
- * the connect and every command have our own deadline, redis.timeout: a
- * command past it is answered as failed and its connection is dropped (a Redis
- * that stalls is not trusted with the next commands); the commands queued
- * behind it on that connection are answered as failed too.
+ * GW_REDIS_BACKOFF_MAX_MS) after a failure. A connection is up only once Redis
+ * has answered its handshake (AUTH and SELECT when needed, then PING) within
+ * the connect deadline; connecting TCP is not enough (a paused Redis still
+ * accepts). hiredis 0.14 has no timeouts, so the connect and every command
+ * have our own deadline, redis.timeout: a command past it is answered as
+ * failed and its connection is dropped (a Redis that stalls is not trusted
+ * with the next commands); the commands queued behind it on that connection
+ * are answered as failed too, and the connection backs off as after a failed
+ * connect (reset only once a command is answered again), so while Redis
+ * stalls most commands are refused at once (gw_redis_command NULL) instead
+ * of waiting out redis.timeout. Every connection has TCP keepalive.
  *
  * A client made with gw_redis_create_subscriber() instead holds one
- * connection in pub/sub mode (SUBSCRIBE channel, again after each reconnect)
- * and only delivers messages.
+ * connection in pub/sub mode (SUBSCRIBE channel after AUTH/SELECT, again
+ * after each reconnect) and only delivers messages. It checks that
+ * connection every few seconds (a SUBSCRIBE again, answered within
+ * redis.timeout but at least 1 s): a connection that went silent is dropped
+ * and made again, and on_subscribed says so.
  */
 #ifndef GATEWAY_REDIS_H
 #define GATEWAY_REDIS_H

@@ -10,6 +10,15 @@
  * answers the rest before it returns; done is never called from inside
  * gw_redis_command; subscriber mode delivers binary messages and subscribes
  * again after a reconnect.
+ *
+ * Stalls and liveness: a connection is up only once its handshake's PING is
+ * answered (not at TCP connect); a Redis that accepts TCP but answers nothing
+ * makes the client back off (a handful of connects a second, one warning,
+ * commands refused at once instead of each waiting out the timeout); a Redis
+ * that answers PING but stalls commands keeps the backoff growing until a
+ * command is answered; every connection has TCP keepalive; the subscriber
+ * checks its connection every few seconds and makes it again when the check
+ * goes unanswered.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -23,6 +32,7 @@
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/socket.h>
 
 #include <cmocka.h>
@@ -45,8 +55,10 @@ typedef struct fake_conn {
     struct bufferevent *bev;
     int id;
     int commands; /* answered or not */
-    bool stalled; /* saw STALL: answers nothing more */
+    bool stalled; /* saw STALL (or set by the test): answers nothing more */
     bool subscribed;
+    int held_pings; /* PINGs not answered yet (fake.hold_pings) */
+    int peer_port;  /* the client's end */
 } fake_conn;
 
 struct fake {
@@ -58,6 +70,8 @@ struct fake {
     char cmds[FAKE_MAX_CMDS][128];    /* "conn-id: ARG ARG ..." */
     int ncmds;
     const char *auth_reply; /* RESP, default +OK */
+    bool hold_pings;        /* PING is not answered until fake_release_pings */
+    bool stall_new;         /* new connections answer nothing (accepted by TCP only) */
 };
 
 static void fake_conn_close(fake_conn *fc)
@@ -161,7 +175,10 @@ static void fake_read_cb(struct bufferevent *bev, void *arg)
         if (fc->stalled)
             continue;
         if (arg_is(a0, strlen(a0), "PING")) {
-            fake_sendf(fc, "+PONG\r\n");
+            if (f->hold_pings)
+                fc->held_pings++;
+            else
+                fake_sendf(fc, "+PONG\r\n");
         } else if (arg_is(a0, strlen(a0), "ECHO")) {
             /* answered above */
         } else if (arg_is(a0, strlen(a0), "STALL")) {
@@ -200,6 +217,8 @@ static void fake_accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct 
     fc->f = f;
     fc->id = f->accepted++;
     assert_true(fc->id < FAKE_MAX_CONNS);
+    fc->stalled = f->stall_new;
+    fc->peer_port = ntohs(((struct sockaddr_in *)sa)->sin_port);
     fc->bev = bufferevent_socket_new(f->base, fd, BEV_OPT_CLOSE_ON_FREE);
     bufferevent_setcb(fc->bev, fake_read_cb, NULL, fake_event_cb, fc);
     bufferevent_enable(fc->bev, EV_READ | EV_WRITE);
@@ -247,6 +266,49 @@ static bool fake_saw(const fake *f, const char *line)
     return false;
 }
 
+static int fake_count(const fake *f, const char *line)
+{
+    int n = 0;
+    for (int i = 0; i < f->ncmds; i++)
+        n += strcmp(f->cmds[i], line) == 0;
+    return n;
+}
+
+/* Where line was seen first, -1 if never. */
+static int fake_index(const fake *f, const char *line)
+{
+    for (int i = 0; i < f->ncmds; i++)
+        if (strcmp(f->cmds[i], line) == 0)
+            return i;
+    return -1;
+}
+
+static void fake_release_pings(fake *f)
+{
+    f->hold_pings = false;
+    for (int i = 0; i < FAKE_MAX_CONNS; i++) {
+        fake_conn *fc = f->conns[i];
+        for (; fc && fc->held_pings > 0; fc->held_pings--)
+            fake_sendf(fc, "+PONG\r\n");
+    }
+}
+
+/* The client's socket of fc (same process): the fd whose local port is fc's
+ * peer port and whose peer is the fake. -1 if none. */
+static int client_fd(const fake *f, const fake_conn *fc)
+{
+    for (int fd = 3; fd < 1024; fd++) {
+        struct sockaddr_in self, peer;
+        socklen_t sl = sizeof self, pl = sizeof peer;
+        if (getsockname(fd, (struct sockaddr *)&self, &sl) != 0 || self.sin_family != AF_INET ||
+            getpeername(fd, (struct sockaddr *)&peer, &pl) != 0)
+            continue;
+        if (ntohs(self.sin_port) == fc->peer_port && ntohs(peer.sin_port) == f->port)
+            return fd;
+    }
+    return -1;
+}
+
 static void fake_publish(fake *f, const char *channel, const char *payload, size_t len)
 {
     for (int i = 0; i < FAKE_MAX_CONNS; i++) {
@@ -285,12 +347,21 @@ static void run_for(struct event_base *base, int ms)
     } while (0)
 
 static int log_lines;
+static int warn_lines; /* CONFIG_LOG_WARN and worse */
 static char last_log[512];
+static char last_warn[512];
+static int answering_again; /* "answering again" lines (the backoff reset after a stall) */
 
 static void test_log(config_log_level level, const char *message)
 {
     log_lines++;
     snprintf(last_log, sizeof last_log, "%s", message);
+    if (level <= CONFIG_LOG_WARN) {
+        warn_lines++;
+        snprintf(last_warn, sizeof last_warn, "%s", message);
+    }
+    if (strstr(message, "answering again"))
+        answering_again++;
 }
 
 typedef struct env {
@@ -474,7 +545,7 @@ static void test_round_robin_over_connections(void **state)
     }
     RUN_UNTIL(e.base, a.n == 9, 2000);
     for (int i = 0; i < 3; i++)
-        assert_int_equal(e.f->conns[i]->commands, 3);
+        assert_int_equal(e.f->conns[i]->commands, 1 + 3); /* the handshake's PING, then ours */
     env_stop(&e);
 }
 
@@ -622,6 +693,162 @@ static void test_connect_deadline(void **state)
     env_stop(&e);
 }
 
+/* ---- stalls ----------------------------------------------------------------------------- */
+
+static void test_up_only_after_ping_reply(void **state)
+{
+    /* TCP up and AUTH/SELECT answered, PING held: not up, commands refused. */
+    env e;
+    env_start(&e, "bob:pw@", "/1", 500, 1);
+    e.f->hold_pings = true;
+    e.r = gw_redis_create(e.base, test_log);
+    gw_redis_configure(e.r, &e.cfg);
+    RUN_UNTIL(e.base, fake_saw(e.f, "0: PING"), 2000);
+    run_for(e.base, 100);
+    assert_false(gw_redis_up(e.r));
+    answers a = {0};
+    probe p = {&a, 0};
+    assert_null(cmd(e.r, &a, &p, "PING", NULL, 0));
+    int auth = fake_index(e.f, "0: AUTH bob pw"), sel = fake_index(e.f, "0: SELECT 1");
+    int ping = fake_index(e.f, "0: PING");
+    assert_true(auth >= 0 && auth < sel && sel < ping); /* PING ends the handshake */
+
+    /* Every connection has TCP keepalive (hiredis's 15 s). */
+    int fd = client_fd(e.f, e.f->conns[0]);
+    assert_true(fd >= 0);
+    int on = 0, idle = 0;
+    socklen_t len = sizeof on;
+    assert_int_equal(getsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &on, &len), 0);
+    assert_int_equal(on, 1);
+    len = sizeof idle;
+    assert_int_equal(getsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, &len), 0);
+    assert_int_equal(idle, REDIS_KEEPALIVE_INTERVAL);
+
+    fake_release_pings(e.f); /* PONG within the connect deadline: up */
+    RUN_UNTIL(e.base, gw_redis_up(e.r), 2000);
+    assert_int_equal(e.f->accepted, 1);
+    assert_non_null(cmd(e.r, &a, &p, "PING", NULL, 0));
+    RUN_UNTIL(e.base, a.n == 1, 2000);
+    assert_int_equal(a.type[0], REDIS_REPLY_STATUS);
+    env_stop(&e);
+}
+
+static void test_ping_past_connect_deadline_is_a_failed_connect(void **state)
+{
+    env e;
+    env_start(&e, "", "", 60, 1);
+    e.f->hold_pings = true;
+    e.r = gw_redis_create(e.base, test_log);
+    gw_redis_configure(e.r, &e.cfg);
+    RUN_UNTIL(e.base, e.f->accepted >= 2, 2000); /* dropped at the deadline, made again */
+    assert_false(gw_redis_up(e.r));
+    RUN_UNTIL(e.base, fake_open(e.f) <= 1, 2000);
+    fake_release_pings(e.f);
+    RUN_UNTIL(e.base, gw_redis_up(e.r), 3000);
+    env_stop(&e);
+}
+
+static void test_stalled_redis_backs_off(void **state)
+{
+    /* Redis stalls (CLIENT PAUSE, DEBUG SLEEP): TCP still connects, nothing
+     * is answered. A command every 5 ms for 1 s: the first ones wait out the
+     * 50 ms timeout, then the connection is remade with a growing backoff and
+     * is never up, so every later command is refused at once. */
+    env e;
+    env_start(&e, "", "", 50, 1);
+    e.r = gw_redis_create(e.base, test_log);
+    gw_redis_configure(e.r, &e.cfg);
+    RUN_UNTIL(e.base, gw_redis_up(e.r), 2000);
+    e.f->stall_new = true;
+    e.f->conns[0]->stalled = true;
+    int accepted0 = e.f->accepted, warns0 = warn_lines;
+
+    answers a = {0};
+    static probe p[MAX_ANSWERS];
+    int sent = 0, refused = 0, sent_after_failure = 0;
+    uint64_t end = ms_now() + 1000;
+    while (ms_now() < end) {
+        if (sent < MAX_ANSWERS) {
+            p[sent] = (probe){&a, sent};
+            if (cmd(e.r, &a, &p[sent], "PING", NULL, 0)) {
+                sent_after_failure += a.n > 0;
+                sent++;
+            } else {
+                refused++;
+            }
+        }
+        run_for(e.base, 5);
+    }
+    int connects = e.f->accepted - accepted0;
+    /* 50 + 100 + 200 + 400 ms of backoff, 50 ms of connect deadline each. */
+    assert_true(connects >= 2 && connects <= 6);
+    assert_int_equal(sent_after_failure, 0);
+    assert_true(sent >= 1 && sent <= 20);
+    assert_true(refused >= 5 * sent);
+    assert_int_equal(a.n, sent);
+    for (int i = 0; i < a.n; i++)
+        assert_int_equal(a.type[i], -1);
+    assert_int_equal(warn_lines - warns0, 1); /* one warning for the stall, not one per retry */
+    assert_non_null(strstr(last_warn, "no answer within 50 ms"));
+
+    /* Redis is back: connected within the capped backoff, answering. */
+    e.f->stall_new = false;
+    RUN_UNTIL(e.base, gw_redis_up(e.r), 3000);
+    probe q = {&a, 99};
+    assert_non_null(cmd(e.r, &a, &q, "PING", NULL, 0));
+    RUN_UNTIL(e.base, a.n == sent + 1, 2000);
+    assert_int_equal(a.type[a.n - 1], REDIS_REPLY_STATUS);
+    env_stop(&e);
+}
+
+/* Run until fake f accepts its n-th connection; the time it took in ms. */
+static uint64_t ms_until_accepted(env *e, int n)
+{
+    uint64_t t0 = ms_now();
+    RUN_UNTIL(e->base, e->f->accepted >= n && gw_redis_up(e->r), 3000);
+    return ms_now() - t0;
+}
+
+static void test_commands_stalled_ping_answered_keeps_backing_off(void **state)
+{
+    /* PING is answered but commands stall (CLIENT PAUSE WRITE): the handshake
+     * alone does not reset the backoff, a command's answer does. */
+    env e;
+    env_start(&e, "", "", 50, 1);
+    e.r = gw_redis_create(e.base, test_log);
+    gw_redis_configure(e.r, &e.cfg);
+    RUN_UNTIL(e.base, gw_redis_up(e.r), 2000);
+    int warns0 = warn_lines, again0 = answering_again;
+    answers a = {0};
+    probe p[8];
+    for (int i = 0; i < 8; i++)
+        p[i] = (probe){&a, i};
+
+    assert_non_null(cmd(e.r, &a, &p[0], "STALL", NULL, 0));
+    RUN_UNTIL(e.base, a.n == 1, 2000);
+    assert_false(gw_redis_up(e.r));
+    ms_until_accepted(&e, 2); /* 50 ms */
+    assert_non_null(cmd(e.r, &a, &p[1], "STALL", NULL, 0));
+    RUN_UNTIL(e.base, a.n == 2, 2000);
+    assert_true(ms_until_accepted(&e, 3) >= 95); /* 100 ms: kept growing */
+    assert_non_null(cmd(e.r, &a, &p[2], "STALL", NULL, 0));
+    RUN_UNTIL(e.base, a.n == 3, 2000);
+    assert_true(ms_until_accepted(&e, 4) >= 195); /* 200 ms */
+    assert_int_equal(warn_lines - warns0, 1);     /* one warning for the whole stall */
+
+    /* A command answered: healthy again, the next stall warns again. */
+    assert_int_equal(answering_again, again0);
+    assert_non_null(cmd(e.r, &a, &p[3], "PING", NULL, 0));
+    RUN_UNTIL(e.base, a.n == 4, 2000);
+    assert_int_equal(a.type[3], REDIS_REPLY_STATUS);
+    assert_int_equal(answering_again, again0 + 1);
+    assert_non_null(cmd(e.r, &a, &p[4], "STALL", NULL, 0));
+    RUN_UNTIL(e.base, a.n == 5, 2000);
+    assert_int_equal(warn_lines - warns0, 2);
+    ms_until_accepted(&e, 5);
+    env_stop(&e);
+}
+
 /* ---- subscriber ------------------------------------------------------------------------ */
 
 typedef struct sub_state {
@@ -689,6 +916,52 @@ static void test_subscriber(void **state)
     env_stop(&e);
 }
 
+static void test_subscriber_checks_its_connection(void **state)
+{
+    /* redis.timeout 100 ms: the check's deadline is 1 s (its minimum). */
+    env e;
+    env_start(&e, ":pw@", "/2", 100, 1);
+    sub_state s = {0};
+    e.r = gw_redis_create_subscriber(e.base, test_log, "gw:inv", on_message, on_subscribed, &s);
+    gw_redis_configure(e.r, &e.cfg);
+    RUN_UNTIL(e.base, s.subscribed == 1, 2000);
+    assert_true(fake_index(e.f, "0: AUTH pw") < fake_index(e.f, "0: SELECT 2"));
+    assert_true(fake_index(e.f, "0: SELECT 2") < fake_index(e.f, "0: SUBSCRIBE gw:inv"));
+    assert_false(fake_saw(e.f, "0: PING")); /* the subscriber's handshake ends with SUBSCRIBE */
+
+    /* Checked every few seconds; the answer is neither a message nor a new
+     * subscription. */
+    uint64_t t0 = ms_now();
+    RUN_UNTIL(e.base, fake_count(e.f, "0: SUBSCRIBE gw:inv") == 2, 4000);
+    assert_true(ms_now() - t0 >= 1500);
+    run_for(e.base, 50);
+    assert_int_equal(s.subscribed, 1);
+    assert_int_equal(s.messages, 0);
+    assert_true(gw_redis_up(e.r));
+    fake_publish(e.f, "gw:inv", "a", 1);
+    RUN_UNTIL(e.base, s.messages == 1, 2000);
+
+    /* The connection goes silent (no RST): the next check is not answered,
+     * the connection is made again and subscribes again. */
+    int warns0 = warn_lines;
+    e.f->conns[0]->stalled = true;
+    t0 = ms_now();
+    RUN_UNTIL(e.base, s.subscribed == 2, 6000);
+    uint64_t took = ms_now() - t0;
+    assert_true(took >= 1000 && took < 4500);
+    assert_int_equal(fake_count(e.f, "0: SUBSCRIBE gw:inv"), 3); /* the unanswered check */
+    assert_int_equal(e.f->accepted, 2);
+    assert_true(fake_saw(e.f, "1: AUTH pw"));
+    assert_true(fake_saw(e.f, "1: SUBSCRIBE gw:inv"));
+    assert_int_equal(warn_lines - warns0, 1);
+    assert_non_null(strstr(last_warn, "no answer within 1000 ms"));
+    assert_true(gw_redis_up(e.r));
+    fake_publish(e.f, "gw:inv", "b", 1);
+    RUN_UNTIL(e.base, s.messages == 2, 2000);
+    assert_memory_equal(s.last, "b", 1);
+    env_stop(&e);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -702,7 +975,12 @@ int main(void)
         cmocka_unit_test(test_free_with_pending_and_cancelled),
         cmocka_unit_test(test_reconfigure_moves_and_disable_disconnects),
         cmocka_unit_test(test_connect_deadline),
+        cmocka_unit_test(test_up_only_after_ping_reply),
+        cmocka_unit_test(test_ping_past_connect_deadline_is_a_failed_connect),
+        cmocka_unit_test(test_stalled_redis_backs_off),
+        cmocka_unit_test(test_commands_stalled_ping_answered_keeps_backing_off),
         cmocka_unit_test(test_subscriber),
+        cmocka_unit_test(test_subscriber_checks_its_connection),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
