@@ -1,0 +1,109 @@
+"""Rate limiting with store: redis: decisions for one key batched per worker.
+
+While a worker's script call for a key is in flight, its further requests for
+that key wait and then go as one EVALSHA asking for n; each still gets the
+decision it would have had as one of n calls in sequence. Made visible with
+CLIENT PAUSE: the first request's EVALSHA is held by Redis, every other request
+sent meanwhile waits in the batch, so the whole burst costs exactly two script
+runs per gateway worker (INFO commandstats), and the RateLimit-Remaining
+values of the allowed answers are each of limit-1 .. 0 exactly once, across
+two gateway instances too (each script run is atomic).
+"""
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from harness import gateway_config, route, session, upstream_config
+from redis_server import redis_server  # noqa: F401 - the fixture
+
+FALLBACKS = "gateway_ratelimit_store_fallbacks_total"
+PAUSE = 0.8
+
+
+def one_worker_gateway(stack, redis, policies, routes, up, name):
+    cfg = gateway_config({"up": upstream_config([up], keepalive=16)}, routes=routes,
+                         server={"workers": 1, "request_timeout": "5s"},
+                         ratelimit={"store": "redis", "on_store_error": "deny", "policies": policies},
+                         redis=redis.redis_section(timeout="3s"))
+    return stack.gateway(cfg, name=name)
+
+
+def limited_routes(prefix, policy):
+    r = route("lim", "up", prefix=prefix)
+    r["ratelimit"] = [policy]
+    return [r, route("free", "up", prefix="/free/")]
+
+
+def burst_while_paused(redis, urls, per_url):
+    """Open keep-alive sessions, pause Redis, then fire per_url requests at each
+    url at once: [(status, RateLimit-Remaining)], and the seconds it took."""
+    jobs = [u for u in urls for _ in range(per_url)]
+    sessions = [session() for _ in jobs]
+    for s, u in zip(sessions, jobs):
+        assert s.get(u.replace("/lim/", "/free/"), timeout=5).status_code == 200
+    barrier = threading.Barrier(len(jobs))
+
+    def one(i):
+        barrier.wait()
+        r = sessions[i].get(jobs[i], timeout=10)
+        return r.status_code, r.headers.get("RateLimit-Remaining"), r.headers.get("Retry-After")
+
+    redis.pause(PAUSE)
+    start = time.monotonic()
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        got = list(pool.map(one, range(len(jobs))))
+    took = time.monotonic() - start
+    for s in sessions:
+        s.close()
+    return got, took
+
+
+def test_burst_is_two_script_runs_and_exact(stack, redis_server):
+    """limit 30 per 5 min, one worker: 1 request, then 40 at once while Redis
+    is paused: 2 EVALSHA for the 40; 29 allowed with Remaining 28..0 each once,
+    11 refused with Retry-After."""
+    up = stack.upstream("up")
+    gw = one_worker_gateway(stack, redis_server, {"rb_one": {"limit": 30, "window": "5m", "key": "route"}},
+                            limited_routes("/lim/", "rb_one"), up, "gw-batch")
+    with session() as s:
+        r = s.get(gw.url("/lim/echo"), timeout=5)
+    assert r.status_code == 200 and r.headers["RateLimit-Remaining"] == "29", dict(r.headers)
+    before = redis_server.command_calls("evalsha")
+    got, took = burst_while_paused(redis_server, [gw.url("/lim/echo")], 40)
+    assert took >= PAUSE - 0.2, "answered before Redis was back (%.2fs): %s" % (took, got)
+    runs = redis_server.command_calls("evalsha") - before
+    assert runs == 2, "EVALSHA runs for the burst: %d (one alone, then one batch expected)" % runs
+    allowed = sorted(int(rem) for code, rem, _ in got if code == 200)
+    assert allowed == list(range(29)), "Remaining of the allowed answers: %s" % allowed
+    refused = [(rem, retry) for code, rem, retry in got if code != 200]
+    assert len(refused) == 11, got
+    for code, rem, retry in got:
+        assert code in (200, 429), got
+        if code == 429:
+            assert rem == "0" and retry is not None and int(retry) >= 1, got
+    m = gw.metrics()
+    assert m.value("gateway_ratelimit_requests_total", policy="rb_one", decision="allowed") == 30
+    assert m.value("gateway_ratelimit_requests_total", policy="rb_one", decision="limited") == 11
+    assert m.value(FALLBACKS) == 0
+    assert up.count(prefix="/lim/") == 30
+
+
+def test_batches_from_two_gateways_stay_exact(stack, redis_server):
+    """Two gateways (one worker each) share limit 20: 25 requests at each at
+    once while Redis is paused: 4 EVALSHA in all, 20 allowed in total, their
+    Remaining 19..0 each once whichever gateway answered."""
+    up = stack.upstream("up")
+    pol = {"rb_two": {"limit": 20, "window": "5m", "key": "route"}}
+    gw1 = one_worker_gateway(stack, redis_server, pol, limited_routes("/lim/", "rb_two"), up, "gw-batch-a")
+    gw2 = one_worker_gateway(stack, redis_server, pol, limited_routes("/lim/", "rb_two"), up, "gw-batch-b")
+    before = redis_server.command_calls("evalsha")
+    got, _ = burst_while_paused(redis_server, [gw1.url("/lim/echo"), gw2.url("/lim/echo")], 25)
+    runs = redis_server.command_calls("evalsha") - before
+    assert runs == 4, "EVALSHA runs: %d" % runs
+    allowed = sorted(int(rem) for code, rem, _ in got if code == 200)
+    assert allowed == list(range(20)), "Remaining of the allowed answers: %s" % allowed
+    assert sum(1 for code, _, _ in got if code == 429) == 30
+    assert up.count(prefix="/lim/") == 20
+    for gw in (gw1, gw2):
+        assert gw.metrics().value(FALLBACKS) == 0
