@@ -308,40 +308,52 @@ void cache_mem_free(cache_mem *m)
 
 bool cache_mem_pending_add(cache_mem *m, const char *pattern, size_t len, int64_t since_ms)
 {
-    char *copy = malloc(len + 1);
-    if (!copy)
-        return false;
-    memcpy(copy, pattern, len);
-    copy[len] = '\0';
     pthread_mutex_lock(&m->pending_lock);
     size_t n = atomic_load_explicit(&m->pending_count, memory_order_relaxed);
+    for (size_t i = 0; i < n; i++) {
+        if (m->pending[i].len == len && memcmp(m->pending[i].pattern, pattern, len) == 0) {
+            if (since_ms > m->pending[i].since_ms) /* one entry per pattern, its latest write */
+                m->pending[i].since_ms = since_ms;
+            pthread_mutex_unlock(&m->pending_lock);
+            return true;
+        }
+    }
+    char *copy = NULL;
     if (n == m->pending_cap) {
         size_t cap = m->pending_cap ? 2 * m->pending_cap : 16;
         mem_pending *p = realloc(m->pending, cap * sizeof *p);
         if (!p) {
             pthread_mutex_unlock(&m->pending_lock);
-            free(copy);
             return false;
         }
         m->pending = p;
         m->pending_cap = cap;
     }
+    copy = malloc(len + 1);
+    if (!copy) {
+        pthread_mutex_unlock(&m->pending_lock);
+        return false;
+    }
+    memcpy(copy, pattern, len);
+    copy[len] = '\0';
     m->pending[n] = (mem_pending){copy, len, since_ms};
     atomic_store_explicit(&m->pending_count, n + 1, memory_order_release);
     pthread_mutex_unlock(&m->pending_lock);
     return true;
 }
 
-void cache_mem_pending_remove(cache_mem *m, const char *pattern, size_t len)
+void cache_mem_pending_done(cache_mem *m, const char *pattern, size_t len, int64_t started_ms)
 {
     char *gone = NULL;
     pthread_mutex_lock(&m->pending_lock);
     size_t n = atomic_load_explicit(&m->pending_count, memory_order_relaxed);
     for (size_t i = 0; i < n; i++) {
         if (m->pending[i].len == len && memcmp(m->pending[i].pattern, pattern, len) == 0) {
-            gone = m->pending[i].pattern;
-            m->pending[i] = m->pending[n - 1];
-            atomic_store_explicit(&m->pending_count, n - 1, memory_order_release);
+            if (m->pending[i].since_ms <= started_ms) { /* no write of it came after the deletion began */
+                gone = m->pending[i].pattern;
+                m->pending[i] = m->pending[n - 1];
+                atomic_store_explicit(&m->pending_count, n - 1, memory_order_release);
+            }
             break;
         }
     }

@@ -70,10 +70,12 @@ bool cache_mem_invalidated_since(cache_mem *m, uint64_t epoch, const char *key, 
  * pending, an entry found there whose key matches and that was stored at or
  * before since_ms is not to be served (cache_mem_pending_blocks), so a write's
  * invalidation that Redis missed cannot bring the old answer back before it is
- * done again. Each add is undone by one remove of the same pattern. Lock-free
- * when nothing is pending. */
+ * done again. One entry per pattern, with the latest since_ms added;
+ * cache_mem_pending_done(pattern, started_ms) says a deletion of pattern that
+ * began at started_ms succeeded: the entry goes unless a write added it after
+ * that deletion began. Lock-free when nothing is pending. */
 bool cache_mem_pending_add(cache_mem *m, const char *pattern, size_t len, int64_t since_ms);
-void cache_mem_pending_remove(cache_mem *m, const char *pattern, size_t len);
+void cache_mem_pending_done(cache_mem *m, const char *pattern, size_t len, int64_t started_ms);
 bool cache_mem_pending_blocks(cache_mem *m, const char *key, size_t key_len, int64_t stored_ms);
 
 /* Entries and bytes held now. */

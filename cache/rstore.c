@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "cache/key.h"
 
@@ -173,8 +174,13 @@ bool cache_rstore_put(cache_rstore *s, const char *key, size_t key_len, const ca
 {
     if (!cache_rstore_up(s))
         return false;
+    /* Kept until stored_ms + keep_ms (stored_ms may lie in the past: an
+     * upstream Age). */
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    int64_t left = e->stored_ms + e->keep_ms - ((int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000);
     char px[24];
-    int n = snprintf(px, sizeof px, "%lld", (long long)(e->keep_ms > 0 ? e->keep_ms : 1));
+    int n = snprintf(px, sizeof px, "%lld", (long long)(left > 0 ? left : 1));
     const char *argv[5] = {"SET", key, e->blob, "PX", px};
     size_t lens[5] = {3, key_len, e->blob_len, 2, (size_t)n};
     return gw_redis_command(s->redis, count_reply, s, 5, argv, lens) != NULL;

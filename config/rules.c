@@ -711,6 +711,19 @@ static void check_sql_cache_key(config_loader *ld, config_route *route, yaml_nod
                         "it), found %s",
                         param, found);
     }
+    /* result: array pages by the client's ?limit= and ?offset= (unless its SQL
+     * binds query.limit, checked above): the key must hold them too. */
+    bool own_paging = false;
+    for (size_t i = 0; i < route->sql.param_count; i++)
+        own_paging = own_paging || strcmp(route->sql.params[i], "query.limit") == 0;
+    if (key && route->sql.result == CONFIG_RESULT_ARRAY && !own_paging && !template_names(key, "query") &&
+        !(template_names(key, "query.limit") && template_names(key, "query.offset"))) {
+        config_quote(key, found, sizeof found);
+        config_error_at(ld, written, child,
+                        "expected a key that names {query}, or {query.limit} and {query.offset} (the route "
+                        "answers pages by them), found %s",
+                        found);
+    }
 }
 
 static void check_cache_templates(config_loader *ld, config_route *route, yaml_node_t *node, const char *path)

@@ -1305,7 +1305,8 @@ static bool status_storable(const config_route_cache *rc, int status)
 /* An entry from an answer (status, its fields as "Name: value\r\n" lines,
  * its identity body), with each compressed variant when it qualifies. */
 static cache_entry *entry_make(gw_request *r, int status, const char *lines, size_t lines_len,
-                               struct evbuffer *body, bool compressible, int64_t fresh_ms, bool may_be_stale)
+                               struct evbuffer *body, bool compressible, int64_t fresh_ms, bool may_be_stale,
+                               int64_t age_ms)
 {
     const config_t *cfg = r->gen->rt->cfg;
     const config_compression *cc = &cfg->compression;
@@ -1337,8 +1338,8 @@ static cache_entry *entry_make(gw_request *r, int status, const char *lines, siz
                         : cfg->cache.stale_if_error_ms;
     if (!may_be_stale) /* must-revalidate, proxy-revalidate: never served past its freshness */
         stale = 0;
-    cache_entry *e = cache_entry_make(status, flags, wall_ms(), fresh_ms, fresh_ms + stale, lines, lines_len,
-                                      bodies, lens);
+    cache_entry *e = cache_entry_make(status, flags, wall_ms() - age_ms, fresh_ms, fresh_ms + stale, lines,
+                                      lines_len, bodies, lens);
     for (size_t i = 0; i < CACHE_VARIANTS; i++)
         if (packed[i])
             evbuffer_free(packed[i]);
@@ -1411,12 +1412,14 @@ static void inval_retry_add(gw_worker *w, const char *pattern, size_t len, bool 
             *o++ = *p;
         }
         strcpy(o, "*");
-        cache_mem_pending_add(mem, all, strlen(all), wall_ms());
+        /* From now on "<prefix>*" covers what was waiting. */
+        int64_t now = wall_ms();
+        cache_mem_pending_add(mem, all, strlen(all), now);
         for (size_t i = 0; i < w->inval_retry_count; i++) {
-            cache_mem_pending_remove(mem, w->inval_retry[i], strlen(w->inval_retry[i]));
+            cache_mem_pending_done(mem, w->inval_retry[i], strlen(w->inval_retry[i]), now);
             free(w->inval_retry[i]);
         }
-        cache_mem_pending_remove(mem, pattern, len);
+        cache_mem_pending_done(mem, pattern, len, now);
         w->inval_retry[0] = all;
         w->inval_retry_count = 1;
         gw_warn("worker %d: more than %d invalidations waiting for Redis: all of %s* will go", w->id,
@@ -1436,6 +1439,7 @@ static void inval_retried(void *arg, bool ok, size_t deleted);
 typedef struct inval_again {
     gw_worker *w;
     char *pattern;
+    int64_t started_ms; /* when this deletion was sent */
 } inval_again;
 
 static void inval_retried(void *arg, bool ok, size_t deleted)
@@ -1445,7 +1449,7 @@ static void inval_retried(void *arg, bool ok, size_t deleted)
     if (!ok) {
         inval_retry_add(ia->w, ia->pattern, strlen(ia->pattern), false);
     } else {
-        cache_mem_pending_remove(ia->w->srv->cache, ia->pattern, strlen(ia->pattern));
+        cache_mem_pending_done(ia->w->srv->cache, ia->pattern, strlen(ia->pattern), ia->started_ms);
         gw_info("worker %d: invalidation of %s done in Redis after all (%zu keys)", ia->w->id, ia->pattern,
                 deleted);
     }
@@ -1469,6 +1473,7 @@ static void inval_retry_cb(evutil_socket_t fd, short what, void *arg)
         if (ia) {
             ia->w = w;
             ia->pattern = pattern;
+            ia->started_ms = wall_ms();
             if (cache_rstore_invalidate(w->cstore, pattern, strlen(pattern), inval_retried, ia))
                 continue;
             free(ia);
@@ -1682,6 +1687,16 @@ static bool is_gateway_set_header(const char *name)
     }
 }
 
+/* A cache fill asks for the whole representation: the client's validators
+ * and ranges are answered from the entry (304) instead, as nginx does when it
+ * fills its cache; an upstream 304 or 206 could not be stored. */
+static bool is_conditional_header(const char *name)
+{
+    return strcasecmp(name, "If-None-Match") == 0 || strcasecmp(name, "If-Modified-Since") == 0 ||
+           strcasecmp(name, "If-Match") == 0 || strcasecmp(name, "If-Unmodified-Since") == 0 ||
+           strcasecmp(name, "If-Range") == 0 || strcasecmp(name, "Range") == 0;
+}
+
 /* "Name: value\r\n" without printf: this runs for every header of every request. */
 static void add_header_line(struct evbuffer *out, const char *name, const char *value)
 {
@@ -1713,12 +1728,15 @@ static void fill_upstream_request(void *arg, struct evbuffer *headers, struct ev
     const char *host = NULL;
     bool xff_seen = false;
     const struct evkeyval *h;
+    bool fill = r->cache_key && !r->cache_bypass;
 
     TAILQ_FOREACH(h, in, next)
     {
         if (!host && strcasecmp(h->key, "Host") == 0)
             host = h->value;
-        if (gw_header_is_hop_by_hop(h->key, connection) || is_gateway_set_header(h->key))
+        if (gw_header_is_hop_by_hop(h->key, connection) || is_gateway_set_header(h->key) ||
+            (fill && (h->key[0] == 'I' || h->key[0] == 'i' || h->key[0] == 'R' || h->key[0] == 'r') &&
+             is_conditional_header(h->key)))
             continue;
         add_header_line(headers, h->key, h->value);
     }
@@ -1980,21 +1998,28 @@ static void pass_response_fields(gw_request *r, const upstream_response *resp, s
     TAILQ_INSERT_TAIL(oh, kv, next);
 }
 
-/* An IMF-fixdate ("Sun, 06 Nov 1994 08:49:37 GMT") as seconds since the
- * epoch; -2 when it does not parse (RFC 9111: an invalid Expires means
- * already expired). */
-static int64_t http_date_seconds(const char *v, size_t len)
+/* An HTTP-date as seconds since the epoch: IMF-fixdate ("Sun, 06 Nov 1994
+ * 08:49:37 GMT") and the two obsolete forms RFC 9110 5.6.7 asks recipients to
+ * accept (RFC 850 "Sunday, 06-Nov-94 08:49:37 GMT", asctime "Sun Nov  6
+ * 08:49:37 1994"). False when it is none of them. */
+static bool http_date(const char *v, size_t len, int64_t *out)
 {
+    static const char *const formats[] = {"%a, %d %b %Y %H:%M:%S GMT", "%A, %d-%b-%y %H:%M:%S GMT",
+                                          "%a %b %e %H:%M:%S %Y"};
     char buf[64];
-    struct tm tm = {0};
     if (len >= sizeof buf)
-        return -2;
+        return false;
     memcpy(buf, v, len);
     buf[len] = '\0';
-    const char *end = strptime(buf, "%a, %d %b %Y %H:%M:%S GMT", &tm);
-    if (!end || *end)
-        return -2;
-    return (int64_t)timegm(&tm);
+    for (size_t i = 0; i < sizeof formats / sizeof formats[0]; i++) {
+        struct tm tm = {0};
+        const char *end = strptime(buf, formats[i], &tm);
+        if (end && !*end) {
+            *out = (int64_t)timegm(&tm);
+            return true;
+        }
+    }
+    return false;
 }
 
 /* The seconds of a Cache-Control directive (max-age=N), or -1. */
@@ -2038,19 +2063,24 @@ static cache_entry *upstream_entry(gw_request *r, const upstream_response *resp)
     if (!status_storable(&route->cache, resp->status) ||
         evbuffer_get_length(resp->body) > (size_t)cfg->cache.max_object_bytes)
         return NULL;
-    int64_t max_age = -1, s_maxage = -1, age = 0, expires = -1, date = -1;
+    int64_t max_age = -1, s_maxage = -1, age = 0, expires = 0, date = 0;
+    bool has_expires = false, expires_ok = false, has_date = false;
     bool may_be_stale = true;
     const http1_field *connection = NULL;
     for (size_t i = 0; i < resp->field_count; i++) {
         const http1_field *f = &resp->fields[i];
         if (field_is(f, "Set-Cookie", 10) || field_is(f, "Content-Range", 13))
             return NULL;
-        if (field_is(f, "Age", 3))
-            age = strtoll(f->value, NULL, 10) > 0 ? strtoll(f->value, NULL, 10) : 0;
-        if (field_is(f, "Expires", 7))
-            expires = http_date_seconds(f->value, f->value_len);
+        if (field_is(f, "Age", 3)) {
+            long long a = strtoll(f->value, NULL, 10);
+            age = a > 0 ? (a < INT32_MAX ? a : INT32_MAX) : 0; /* RFC 9111 1.2.2: cap, never wrap */
+        }
+        if (field_is(f, "Expires", 7)) {
+            has_expires = true;
+            expires_ok = http_date(f->value, f->value_len, &expires);
+        }
         if (field_is(f, "Date", 4))
-            date = http_date_seconds(f->value, f->value_len);
+            has_date = http_date(f->value, f->value_len, &date);
         if (field_is(f, "Content-Encoding", 16) &&
             !(f->value_len == 8 && strncasecmp(f->value, "identity", 8) == 0))
             return NULL;
@@ -2086,13 +2116,16 @@ static cache_entry *upstream_entry(gw_request *r, const upstream_response *resp)
      * already spent. */
     int64_t fresh_ms = s_maxage >= 0  ? s_maxage * 1000
                        : max_age >= 0 ? max_age * 1000
-                       : expires != -1 && expires != -2
-                           ? (expires - (date >= 0 ? date : wall_ms() / 1000)) * 1000
-                       : expires == -2 ? 0
-                                       : route->cache.ttl_ms;
-    if (s_maxage >= 0 || max_age >= 0 || expires != -1) /* the route's ttl is ours, from now */
-        fresh_ms -= age * 1000;
-    if (fresh_ms <= 0)
+                       : has_expires
+                           ? (expires_ok ? (expires - (has_date ? date : wall_ms() / 1000)) * 1000 : 0)
+                           : route->cache.ttl_ms;
+    /* The entry counts its age from when the upstream's answer was made
+     * (stored_ms = now - Age), so the Age we send includes the time it spent in
+     * caches before us; the route's ttl is ours, from now. */
+    int64_t age_ms = age * 1000;
+    if (!(s_maxage >= 0 || max_age >= 0 || has_expires))
+        fresh_ms += age_ms;
+    if (fresh_ms <= age_ms)
         return NULL;
     bool varies;
     bool compressible = upstream_compressible(&cfg->compression, resp, &varies);
@@ -2119,7 +2152,8 @@ static cache_entry *upstream_entry(gw_request *r, const upstream_response *resp)
     }
     size_t n = evbuffer_get_length(lines);
     const char *text = n ? (const char *)evbuffer_pullup(lines, -1) : "";
-    cache_entry *e = entry_make(r, resp->status, text, n, resp->body, compressible, fresh_ms, may_be_stale);
+    cache_entry *e =
+        entry_make(r, resp->status, text, n, resp->body, compressible, fresh_ms, may_be_stale, age_ms);
     evbuffer_free(lines);
     return e;
 }
@@ -2590,7 +2624,8 @@ static void sql_done(void *arg, const pool_result *result)
         size_t n = lines ? evbuffer_get_length(lines) : 0;
         const char *text = n ? (const char *)evbuffer_pullup(lines, -1) : "";
         bool json = status == 200 && gw_compress_type_ok(&cfg->compression, "application/json", 16);
-        cache_entry *e = lines ? entry_make(r, status, text, n, body, json, route->cache.ttl_ms, true) : NULL;
+        cache_entry *e =
+            lines ? entry_make(r, status, text, n, body, json, route->cache.ttl_ms, true, 0) : NULL;
         if (lines)
             evbuffer_free(lines);
         if (e) {

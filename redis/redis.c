@@ -81,6 +81,7 @@ struct conn {
     gw_redis_call *head, *tail; /* sent, reply not yet in (answered or not) */
     int handshake;              /* AUTH/SELECT/PING replies still due (subscriber: AUTH/SELECT) */
     bool ready;                 /* commands may go out (subscriber: subscribed) */
+    uint64_t ready_ns;          /* when it became ready */
     bool checking;              /* subscriber: a liveness check is out */
 };
 
@@ -224,6 +225,7 @@ static void conn_ready(conn *c)
     gw_redis *r = c->r;
     slot *s = c->slot;
     c->ready = true;
+    c->ready_ns = now_ns();
     r->ready++;
     evtimer_del(c->timer);
     if (s->timed_out) {
@@ -736,8 +738,11 @@ static void on_reply(redisAsyncContext *ac, void *reply, void *privdata)
         enter(r);
         if (!reply)
             conn_lost(c); /* hiredis is freeing the context: answers all, this one first */
-        else if (c->slot->timed_out)
-            slot_answered(c->slot); /* Redis answers commands again */
+        else if (c->slot->timed_out && now_ns() - c->ready_ns >= r->timeout_ns)
+            /* Redis answers commands again, and has for a whole timeout: a
+             * Redis that answers reads but stalls writes (CLIENT PAUSE WRITE)
+             * times a command out within that window and keeps backing off. */
+            slot_answered(c->slot);
     }
     if (c->head != call)
         abort(); /* replies come in order: broken invariant */

@@ -638,8 +638,9 @@ def test_unusable_key_bypasses(env):
 
 
 def test_upstream_cache_fields_not_kept(env):
-    """An upstream's own Age / X-Cache / Cache-Status do not come back from the
-    entry: one X-Cache (ours), our Age."""
+    """An upstream's own X-Cache / Cache-Status do not come back from the
+    entry: one X-Cache (ours). One Age: the upstream's (the time the answer
+    spent in caches before us) plus ours."""
     gw, up = env.gw, env.up
     theirs = [("X-Cache", "HIT"), ("Age", "77"), ("Cache-Status", "upstream; hit")]
     p = respond("/basic/theirs", size=20, headers=theirs)
@@ -649,7 +650,7 @@ def test_upstream_cache_fields_not_kept(env):
     assert_hit(b)
     for x in (a, b):
         assert x.all("X-Cache") == [x.xcache], x
-        assert x.all("Age") == ["0"], x
+        assert x.all("Age") in (["77"], ["78"]), x
         assert x.all("Cache-Status") == [x.cstatus] and x.cstatus.startswith("gateway;"), x
 
 
@@ -964,6 +965,24 @@ def test_if_none_match_on_hits(cenv):
     assert b.status == 200 and len(b.body) == 5000, b
     assert_hit(b)
     assert up.count(path=path_of(p)) == 1
+
+
+def test_fill_asks_for_the_whole_representation(cenv):
+    """A miss carrying validators or a Range: the fill goes upstream without
+    them (a 304 or 206 could not be stored), the entry is stored, and the
+    client gets its 304 from it."""
+    gw, up = cenv.gw, cenv.up
+    p = respond("/cz/fill", size=3000, seed=9, headers=[("ETag", '"t9"')])
+    a = req(gw, p, headers={"If-None-Match": '"t9"', "If-Modified-Since": "Sun, 06 Nov 1994 08:49:37 GMT",
+                            "Range": "bytes=0-10"})
+    assert a.status == 304 and a.body == b"" and a.h("ETag") == '"t9"', a
+    seen = up.seen(path=path_of(p))
+    assert len(seen) == 1
+    for name in ("If-None-Match", "If-Modified-Since", "Range"):
+        assert seen[0].header(name) is None, (name, seen[0])
+    b = req(gw, p)
+    assert_hit(b)
+    assert len(b.body) == 3000
 
 
 def test_uncompressible_and_small_with_cache(cenv):

@@ -54,7 +54,7 @@ ROUTES = [
                {"ttl": "60s"}, result="array", max_rows=5),
     # Big enough to be compressed; its key is under p: too, so the write below drops it.
     cached_sql("plist", "/c/plist", "select id, name, repeat(md5(id::text), 4) as pad from cache_items order by id",
-               {"key": "p:list"}, result="array", max_rows=100),
+               {"key": "p:list:{query}"}, result="array", max_rows=100),
     cached_sql("slow", "/c/slow/:id", "select row_to_json(t) from cache_items t, pg_sleep(0.6) where t.id = $1",
                {"key": "p:slow:{path.id}"}, params=["path.id"], result="object"),
     cached_sql("hitem", "/h/items/:id", OBJECT_Q, {"key": "h:{path.id}"}, params=["path.id"], result="object"),
@@ -217,7 +217,7 @@ def test_write_invalidates_and_compressed_variants(env):
     a = req(gw, "/c/plist", ae="br")
     assert a.status == 200, a
     assert_miss(a)
-    assert a.key == "cache:p:list"
+    assert a.key == "cache:p:list:"
     assert a.h("Content-Encoding") == "br", a
     plain = BROTLI.decompress(a.body)
     rows = json.loads(plain)

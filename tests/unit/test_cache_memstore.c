@@ -537,6 +537,31 @@ static void test_put_since(void **state)
     cache_mem_free(m);
 }
 
+/* One pending entry per pattern, with its latest write; a deletion that
+ * began before that write does not clear it. */
+static void test_pending(void **state)
+{
+    (void)state;
+    cache_mem *m = cache_mem_new(1 << 20);
+    assert_non_null(m);
+    assert_false(cache_mem_pending_blocks(m, "cache:GET:/a", 12, 100));
+    assert_true(cache_mem_pending_add(m, "cache:GET:/a*", 13, 1000));
+    assert_true(cache_mem_pending_blocks(m, "cache:GET:/a?x", 14, 1000));  /* stored at the write */
+    assert_false(cache_mem_pending_blocks(m, "cache:GET:/a?x", 14, 1001)); /* stored after it */
+    assert_false(cache_mem_pending_blocks(m, "cache:GET:/b", 12, 10));     /* another key */
+    /* The same pattern again, from a later write: one entry, the later time. */
+    assert_true(cache_mem_pending_add(m, "cache:GET:/a*", 13, 2000));
+    assert_true(cache_mem_pending_blocks(m, "cache:GET:/a", 12, 1500));
+    /* A deletion that began before the later write leaves it pending... */
+    cache_mem_pending_done(m, "cache:GET:/a*", 13, 1500);
+    assert_true(cache_mem_pending_blocks(m, "cache:GET:/a", 12, 1500));
+    /* ... one that began after it clears it. */
+    cache_mem_pending_done(m, "cache:GET:/a*", 13, 2000);
+    assert_false(cache_mem_pending_blocks(m, "cache:GET:/a", 12, 1500));
+    cache_mem_pending_done(m, "cache:GET:/a*", 13, 3000); /* nothing left: no effect */
+    cache_mem_free(m);
+}
+
 static void test_threads_stress(void **state)
 {
     (void)state;
@@ -599,7 +624,7 @@ int main(void)
         cmocka_unit_test(test_many_keys_grow), cmocka_unit_test(test_expiry),
         cmocka_unit_test(test_delete),         cmocka_unit_test(test_delete_matching),
         cmocka_unit_test(test_epochs),         cmocka_unit_test(test_put_since),
-        cmocka_unit_test(test_threads_stress),
+        cmocka_unit_test(test_pending),        cmocka_unit_test(test_threads_stress),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

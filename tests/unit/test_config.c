@@ -1268,13 +1268,20 @@ static void test_error_sql_cache_key(void **state)
         "    match: { path: \"/ok/:id\" }\n"
         "    sql: { database: main, query: \"select $1, $2, $3\", params: [path.id, query.q, header.X-T],\n"
         "           result: object }\n"
-        "    cache: { key: \"ok:{path}:{query}:{header.x-t}\" }\n",
+        "    cache: { key: \"ok:{path}:{query}:{header.x-t}\" }\n"
+        "  - name: list\n"
+        "    match: { path: /list }\n"
+        "    sql: { database: main, query: \"select 1\", result: array }\n"
+        "    cache: { key: \"list:{query.limit}\" }\n",
         "7:12: routes[0].cache.key: expected a key that names {header.X-User} (the route's SQL binds it, so "
         "its "
         "answer depends on it), found \"cache:<method>:<path>?<sorted query>\"\n"
         "11:19: routes[1].cache.key: expected a key that names {query.q} (the route's SQL binds it, so its "
         "answer "
-        "depends on it), found \"p:{path.id}\"\n");
+        "depends on it), found \"p:{path.id}\"\n"
+        "20:19: routes[3].cache.key: expected a key that names {query}, or {query.limit} and {query.offset} "
+        "(the "
+        "route answers pages by them), found \"list:{query.limit}\"\n");
 }
 
 static void test_error_compression_and_redis(void **state)
