@@ -1098,25 +1098,34 @@ static void cache_consider(gw_request *r, cache_entry *e)
 
 static void cluster_wait(gw_request *r);
 
+/* A Redis lookup answered: an entry found is served (and copied into the hot
+ * tier) unless a write's invalidation Redis has not done yet covers it, then
+ * it counts as not found (*st). True when r was handed on. */
+static bool redis_answered(gw_request *r, cache_r_status *st, cache_entry *e)
+{
+    r->cache_op = NULL;
+    sync_store_errors(r->w);
+    if (*st != CACHE_R_FOUND)
+        return false;
+    if (cache_mem_pending_blocks(r->w->srv->cache, r->cache_key, r->cache_key_len, e->stored_ms)) {
+        cache_entry_unref(e);
+        *st = CACHE_R_NOT_FOUND;
+        return false;
+    }
+    if (r->gen->rt->cfg->cache.hot_tier)
+        cache_mem_put_since(r->w->srv->cache, r->cache_key, r->cache_key_len, e, r->cache_epoch);
+    cache_consider(r, e);
+    return true;
+}
+
 /* cache_rstore_poll_fn: the entry another instance was fetching, or still
  * its lock, or neither (it let go without storing: fetch alone, as nginx's
  * proxy_cache_lock waiters do). */
 static void cluster_polled(void *arg, cache_r_status st, cache_entry *e, bool locked)
 {
     gw_request *r = arg;
-    r->cache_op = NULL;
-    sync_store_errors(r->w);
-    if (st == CACHE_R_FOUND &&
-        cache_mem_pending_blocks(r->w->srv->cache, r->cache_key, r->cache_key_len, e->stored_ms)) {
-        cache_entry_unref(e); /* from before a write whose invalidation Redis has not done yet */
-        st = CACHE_R_NOT_FOUND;
-    }
-    if (st == CACHE_R_FOUND) {
-        if (r->gen->rt->cfg->cache.hot_tier)
-            cache_mem_put_since(r->w->srv->cache, r->cache_key, r->cache_key_len, e, r->cache_epoch);
-        cache_consider(r, e);
+    if (redis_answered(r, &st, e))
         return;
-    }
     if (st == CACHE_R_NOT_FOUND && locked) {
         cluster_wait(r);
         return;
@@ -1182,19 +1191,8 @@ static void cluster_lock(gw_request *r)
 static void cache_redis_got(void *arg, cache_r_status st, cache_entry *e)
 {
     gw_request *r = arg;
-    r->cache_op = NULL;
-    sync_store_errors(r->w);
-    if (st == CACHE_R_FOUND &&
-        cache_mem_pending_blocks(r->w->srv->cache, r->cache_key, r->cache_key_len, e->stored_ms)) {
-        cache_entry_unref(e); /* from before a write whose invalidation Redis has not done yet */
-        st = CACHE_R_NOT_FOUND;
-    }
-    if (st == CACHE_R_FOUND) {
-        if (r->gen->rt->cfg->cache.hot_tier)
-            cache_mem_put_since(r->w->srv->cache, r->cache_key, r->cache_key_len, e, r->cache_epoch);
-        cache_consider(r, e);
+    if (redis_answered(r, &st, e))
         return;
-    }
     if (st == CACHE_R_ERROR) {
         r->cache_bypass = "store-unavailable";
         flight_end(r, NULL, SERVE_MISS);
