@@ -16,9 +16,10 @@
  * The local store (rl_local) is one table for the whole process, shared by
  * all workers without a lock: each slot is a key hash and a TAT, updated by
  * compare-and-swap. A key lives in one of RL_PROBE slots from its home; when
- * they are all held by other keys still counting, the request is decided as
- * "no room" (the caller counts a fallback and allows it), so the table's
- * memory is bounded whatever the number of keys.
+ * they are all held by other keys still counting, the slot whose key is done
+ * soonest is taken over (as nginx's limit_req zone drops its oldest entries;
+ * counted as a fallback), so the table's memory is bounded whatever the number
+ * of keys and no request goes undecided.
  */
 #ifndef GATEWAY_RATELIMIT_H
 #define GATEWAY_RATELIMIT_H

@@ -48,8 +48,10 @@
  * and returns {k, max(TAT, now) - now} (us): rl_redis_batch_decision() makes
  * each request's decision from it. Redis's clock, so every gateway instance
  * sees the same time. k is computed with exact integer checks around the
- * division (Lua numbers are doubles). */
+ * division (Lua numbers are doubles). redis.replicate_commands() first: before
+ * Redis 5 a script may not write after a non-deterministic TIME otherwise. */
 static const char script[] =
+    "redis.replicate_commands()\n" /* writes after TIME: needed by Redis 3.2 to 4, a no-op from 5 */
     "local t = redis.call('TIME')\n"
     "local now = tonumber(t[1]) * 1000000 + tonumber(t[2])\n"
     "local period = tonumber(ARGV[1])\n"

@@ -2,8 +2,8 @@
 
 One gateway (2 workers) for most of the file, in front of one test upstream, with
 a route and a policy of its own per test so the budgets do not meet. Gateways of
-their own for trusted_proxies and for store: redis (no Redis store is built yet,
-so on_store_error decides). Each test checks what the client got, what the
+their own for trusted_proxies and for store: redis with no Redis running (so
+on_store_error decides; test_ratelimit_redis.py has a real Redis). Each test checks what the client got, what the
 upstream saw and gateway_ratelimit_* in /metrics."""
 
 import random
