@@ -7,20 +7,25 @@ loopback ports:
     (keep-alive, one worker);
   * (a) the gateway with W workers proxying to it, upstream keep-alive on;
   * (b) nginx with W worker_processes proxying to it with `proxy_http_version 1.1;
-    proxy_set_header Connection "";` and an upstream block with `keepalive 64`.
-Then it runs the same `wrk -tT -cC -dD --latency` against (a) and (b), alternating
-which goes first, for R rounds, and prints req/s, P50 and P99 of every run, the
-median of each, and the ratio gateway/nginx (req/s: higher is better; latencies:
-lower is better). Non-2xx answers and socket errors are printed too: a run with
-errors is not a fair figure.
+    proxy_set_header Connection "";` and an upstream block with `keepalive 64`,
+    in two configs: "nginx" also adds what the gateway adds to every request
+    (X-Forwarded-For/Proto/Host, an X-Request-Id sent upstream and returned),
+    so both do the same job; "nginx-bare" is proxy_pass alone.
+Then it runs the same `wrk -tT -cC -dD --latency` against each, rotating which
+goes first, for R rounds, and prints req/s, P50, P99 and the proxy's own CPU
+time per request (from /proc) of every run, the median of each, and the ratios
+gateway/nginx (req/s: higher is better; latencies and CPU: lower is better),
+with the median of the per-round ratios. Non-2xx answers and socket errors are
+printed too: a run with errors is not a fair figure.
 
 Everything it starts is stopped on the way out, on errors and Ctrl-C too. All
-traffic stays on 127.0.0.1. Time is bounded: about rounds * 2 * (duration + 2) s
+traffic stays on 127.0.0.1. Time is bounded: about rounds * 3 * (duration + 2) s
 plus start-up.
 
 Usage:
   tests/bench/bench_proxy.py [--workers 1] [--rounds 3] [--duration 10]
                              [--connections 64] [--threads 2] [--gateway build/gateway]
+                             [--against both|same|bare]
 On a 2-core machine keep --workers 1: wrk needs a core of its own.
 """
 
@@ -172,7 +177,20 @@ def start_upstream(scratch, nginx, port, body):
     return start_nginx("upstream", scratch, nginx, 1, http, port)
 
 
-def start_nginx_proxy(scratch, nginx, port, upstream_port, workers):
+# What the gateway adds to every proxied request and answer (PRODUCT.md), as
+# nginx would be told to: the client's Host passed on, X-Forwarded-For/Proto/Host,
+# and a request id sent upstream and returned to the client. (nginx has no
+# traceparent of its own; the gateway also mints one.)
+SAME_HEADERS = """
+            proxy_set_header Host $http_host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_set_header X-Forwarded-Host $http_host;
+            proxy_set_header X-Request-Id $request_id;
+            add_header X-Request-Id $request_id always;"""
+
+
+def start_nginx_proxy(scratch, nginx, port, upstream_port, workers, name="nginx-proxy", same_headers=False):
     http = """\
     upstream backend {
         server 127.0.0.1:%d;
@@ -183,10 +201,25 @@ def start_nginx_proxy(scratch, nginx, port, upstream_port, workers):
         location / {
             proxy_pass http://backend;
             proxy_http_version 1.1;
-            proxy_set_header Connection "";
+            proxy_set_header Connection "";%s
         }
-    }""" % (upstream_port, port)
-    return start_nginx("nginx-proxy", scratch, nginx, workers, http, port)
+    }""" % (upstream_port, port, SAME_HEADERS if same_headers else "")
+    return start_nginx(name, scratch, nginx, workers, http, port)
+
+
+def cpu_seconds(pids):
+    """User + system CPU time of the processes, in seconds (from /proc)."""
+    total = 0
+    for pid in pids:
+        fields = Path("/proc/%d/stat" % pid).read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def nginx_workers(proc):
+    """The worker processes of an nginx master (the ones doing the work)."""
+    out = subprocess.run(["pgrep", "-P", str(proc.proc.pid)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
 
 
 def start_gateway(scratch, gateway, port, upstream_port, workers):
@@ -268,7 +301,7 @@ def fmt_row(label, r):
     errs = ""
     if r["non2xx"] or r["socket_errors"]:
         errs = "  non-2xx %d, socket errors %d" % (r["non2xx"], r["socket_errors"])
-    return "  %-16s %12.0f %10.3f %10.3f%s" % (label, r["rps"], r["p50"], r["p99"], errs)
+    return "  %-16s %12.0f %10.3f %10.3f %12.1f%s" % (label, r["rps"], r["p50"], r["p99"], r.get("cpu_us", 0.0), errs)
 
 
 def main():
@@ -283,6 +316,9 @@ def main():
     ap.add_argument("--gateway", default=DEFAULT_GATEWAY)
     ap.add_argument("--nginx", default=shutil.which("nginx") or "/usr/sbin/nginx")
     ap.add_argument("--wrk", default=shutil.which("wrk") or "/usr/bin/wrk")
+    ap.add_argument("--against", dest="nginx_variants", choices=("both", "same", "bare"), default="both",
+                    help="nginx configs to run against: 'same' adds the headers the gateway adds "
+                         "(X-Forwarded-*, X-Request-Id both ways), 'bare' is proxy_pass alone (default both)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory (logs, configs)")
     args = ap.parse_args()
 
@@ -301,55 +337,74 @@ def main():
     scratch = Path(tempfile.mkdtemp(prefix="bench-proxy-"))
     procs = []
     status = 0
-    estimate = args.rounds * 2 * (args.duration + 2) + 2 * (args.warmup + 2) + 5
+    variants = {"both": ["nginx", "nginx-bare"], "same": ["nginx"], "bare": ["nginx-bare"]}[args.nginx_variants]
+    names = ["gateway"] + variants
+    estimate = args.rounds * len(names) * (args.duration + 2) + len(names) * (args.warmup + 2) + 5
     print("bench_proxy: workers %d, wrk -t%d -c%d -d%ds, %d rounds, ~%ds; scratch %s" % (
         args.workers, args.threads, args.connections, args.duration, args.rounds, estimate, scratch), flush=True)
     try:
         body = fixed_body(args.body_bytes)
         up_port, gw_port, ngx_port = free_port(), free_port(), free_port()
         procs.append(start_upstream(scratch, args.nginx, up_port, body))
-        procs.append(start_gateway(scratch, args.gateway, gw_port, up_port, args.workers))
-        procs.append(start_nginx_proxy(scratch, args.nginx, ngx_port, up_port, args.workers))
-        targets = {"gateway": gw_port, "nginx": ngx_port}
+        gw = start_gateway(scratch, args.gateway, gw_port, up_port, args.workers)
+        procs.append(gw)
+        targets = {"gateway": gw_port}
+        pids = {"gateway": [gw.proc.pid]}
+        for name in variants:
+            port = ngx_port if name == "nginx" else free_port()
+            p = start_nginx_proxy(scratch, args.nginx, port, up_port, args.workers, name=name,
+                                  same_headers=(name == "nginx"))
+            procs.append(p)
+            targets[name] = port
+            pids[name] = nginx_workers(p)
         for name, port in targets.items():
             status_code, got = http_get(port)
             if status_code != 200 or got != body.encode():
                 raise RuntimeError("%s does not pass the upstream's body through (%d, %d bytes)" % (
                     name, status_code, len(got)))
-        print("upstream body %d bytes; both proxies pass it through unchanged" % len(body), flush=True)
+        print("upstream body %d bytes; every proxy passes it through unchanged" % len(body), flush=True)
+        if "nginx" in variants:
+            print("'nginx' adds the headers the gateway adds (X-Forwarded-For/Proto/Host, X-Request-Id);"
+                  " 'nginx-bare' is proxy_pass alone", flush=True)
 
         if args.warmup:
             for name, port in targets.items():
                 run_wrk(args.wrk, port, args.threads, args.connections, args.warmup)
 
-        results = {"gateway": [], "nginx": []}
-        print("\n  %-16s %12s %10s %10s" % ("run", "req/s", "P50 ms", "P99 ms"))
+        results = {name: [] for name in names}
+        print("\n  %-16s %12s %10s %10s %12s" % ("run", "req/s", "P50 ms", "P99 ms", "CPU us/req"))
         for rnd in range(args.rounds):
-            order = ["gateway", "nginx"] if rnd % 2 == 0 else ["nginx", "gateway"]
+            # Rotate who goes first, so no one always meets the machine in the same state.
+            order = names[rnd % len(names):] + names[:rnd % len(names)]
             for name in order:
                 for p in procs:
                     if p.poll() is not None:
                         raise RuntimeError("%s died (exit %s):\n%s" % (p.name, p.returncode, p.stderr_tail()))
+                cpu0 = cpu_seconds(pids[name])
                 r = run_wrk(args.wrk, targets[name], args.threads, args.connections, args.duration)
+                r["cpu_us"] = (cpu_seconds(pids[name]) - cpu0) * 1e6 / r["requests"] if r["requests"] else 0.0
                 results[name].append(r)
                 print(fmt_row("%s #%d" % (name, rnd + 1), r), flush=True)
 
-        med = {name: {k: statistics.median(r[k] for r in rs) for k in ("rps", "p50", "p99")}
-               for name, rs in results.items()}
-        print("\n  %-16s %12s %10s %10s" % ("median", "req/s", "P50 ms", "P99 ms"))
-        for name in ("gateway", "nginx"):
-            print("  %-16s %12.0f %10.3f %10.3f" % (name, med[name]["rps"], med[name]["p50"], med[name]["p99"]))
-        ratio = {k: med["gateway"][k] / med["nginx"][k] if med["nginx"][k] else float("nan")
-                 for k in ("rps", "p50", "p99")}
-        print("  %-16s %12.2f %10.2f %10.2f" % ("gateway/nginx", ratio["rps"], ratio["p50"], ratio["p99"]))
-        # Each round runs both back to back, so the ratio within a round shares the
-        # machine's state of the moment; its median is steadier on a shared box.
-        paired = [g["rps"] / n["rps"] for g, n in zip(results["gateway"], results["nginx"]) if n["rps"]]
-        if paired:
-            print("  %-16s %12.2f   (per round: %s)" % ("paired median", statistics.median(paired),
-                                                     " ".join("%.2f" % x for x in paired)))
+        keys = ("rps", "p50", "p99", "cpu_us")
+        med = {name: {k: statistics.median(r[k] for r in rs) for k in keys} for name, rs in results.items()}
+        print("\n  %-16s %12s %10s %10s %12s" % ("median", "req/s", "P50 ms", "P99 ms", "CPU us/req"))
+        for name in names:
+            print("  %-16s %12.0f %10.3f %10.3f %12.1f" % (name, med[name]["rps"], med[name]["p50"],
+                                                            med[name]["p99"], med[name]["cpu_us"]))
+        for ref in variants:
+            ratio = {k: med["gateway"][k] / med[ref][k] if med[ref][k] else float("nan") for k in keys}
+            print("  %-16s %12.2f %10.2f %10.2f %12.2f" % ("gateway/" + ref, ratio["rps"], ratio["p50"],
+                                                            ratio["p99"], ratio["cpu_us"]))
+            # Each round runs all back to back, so the ratio within a round shares the
+            # machine's state of the moment; its median is steadier on a shared box.
+            paired = [g["rps"] / n["rps"] for g, n in zip(results["gateway"], results[ref]) if n["rps"]]
+            if paired:
+                print("  %-16s %12.2f   (per round: %s)" % ("  paired median", statistics.median(paired),
+                                                         " ".join("%.2f" % x for x in paired)))
         print("\n  req/s ratio >= 1.00 means the gateway is at least as fast as nginx proxy_pass;"
-              "\n  latency ratios <= 1.00 mean it is at least as quick.")
+              "\n  latency and CPU ratios <= 1.00 mean it is at least as quick and as frugal."
+              "\n  CPU us/req is the proxy's own processes (user + system), the upstream and wrk excluded.")
         errors = {name: sum(r["non2xx"] + r["socket_errors"] for r in rs) for name, rs in results.items()}
         if any(errors.values()):
             print("  WARNING: errors during the runs: %s" % errors)
