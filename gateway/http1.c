@@ -83,27 +83,49 @@ const http1_field *http1_find(const http1_response *r, const char *name)
 }
 
 /* Where the header block ends (just past its blank line), or 0 when it has not
- * arrived yet. Lines end in CRLF or a bare LF. evbuffer_search walks the chains
- * in place: nothing is copied, and only the first `limit` bytes are looked at. */
+ * arrived yet. Lines end in CRLF or a bare LF, so the block ends at the first
+ * LF followed by LF or by CR LF. One pass over the chains in place (nothing is
+ * copied), jumping from LF to LF, looking at no more than the first `limit`
+ * bytes; the state carries across a chain boundary. */
 static size_t find_head_end(struct evbuffer *in, size_t limit)
 {
+    struct evbuffer_iovec vec[8];
     size_t avail = evbuffer_get_length(in);
-    struct evbuffer_ptr start, end;
-    evbuffer_ptr_set(in, &start, 0, EVBUFFER_PTR_SET);
-    evbuffer_ptr_set(in, &end, avail < limit ? avail : limit, EVBUFFER_PTR_SET);
-    /* The block ends at the first blank line, however its lines end: the
-     * earliest of the three ways of spelling one. */
-    static const struct {
-        const char *what;
-        size_t len;
-    } blanks[] = {{"\r\n\r\n", 4}, {"\n\n", 2}, {"\n\r\n", 3}};
-    size_t best = 0;
-    for (size_t i = 0; i < sizeof blanks / sizeof blanks[0]; i++) {
-        struct evbuffer_ptr p = evbuffer_search_range(in, blanks[i].what, blanks[i].len, &start, &end);
-        if (p.pos >= 0 && (best == 0 || (size_t)p.pos + blanks[i].len < best))
-            best = (size_t)p.pos + blanks[i].len;
+    if (avail > limit)
+        avail = limit;
+    int n = evbuffer_peek(in, (ev_ssize_t)avail, NULL, vec, 8);
+    if (n > 8) {
+        /* In more pieces than that (an upstream that trickles): make them one. */
+        vec[0].iov_base = evbuffer_pullup(in, (ev_ssize_t)avail);
+        vec[0].iov_len = avail;
+        n = vec[0].iov_base ? 1 : 0;
     }
-    return best;
+    size_t off = 0;
+    int after_lf = 0; /* 0: no; 1: just after an LF; 2: after LF CR */
+    for (int i = 0; i < n && off < avail; i++) {
+        const char *base = vec[i].iov_base;
+        size_t len = vec[i].iov_len < avail - off ? vec[i].iov_len : avail - off;
+        const char *p = base, *end = base + len;
+        while (p < end) {
+            if (after_lf) {
+                if (*p == '\n')
+                    return off + (size_t)(p - base) + 1;
+                if (after_lf == 1 && *p == '\r') {
+                    after_lf = 2;
+                    p++;
+                    continue;
+                }
+                after_lf = 0;
+            }
+            const char *lf = memchr(p, '\n', (size_t)(end - p));
+            if (!lf)
+                break;
+            p = lf + 1;
+            after_lf = 1;
+        }
+        off += len;
+    }
+    return 0;
 }
 
 /* Cut the next line out of [*p, end): returns it NUL-terminated (CR dropped). */

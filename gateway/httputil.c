@@ -52,13 +52,21 @@ void gw_rng_seed(gw_rng *rng)
 void gw_rng_hex(gw_rng *rng, char *out, size_t nbytes)
 {
     static const char hex[] = "0123456789abcdef";
-    uint64_t v = 0;
-    for (size_t i = 0; i < nbytes; i++) {
-        if (i % 8 == 0)
-            v = gw_rng_next(rng);
-        unsigned char b = (unsigned char)(v >> ((i % 8) * 8));
-        out[2 * i] = hex[b >> 4];
-        out[2 * i + 1] = hex[b & 15];
+    size_t i = 0;
+    /* Eight bytes from each draw, each byte two digits; no division. */
+    for (; i + 8 <= nbytes; i += 8) {
+        uint64_t v = gw_rng_next(rng);
+        for (int k = 0; k < 8; k++, v >>= 8) {
+            out[2 * (i + k)] = hex[(v >> 4) & 15];
+            out[2 * (i + k) + 1] = hex[v & 15];
+        }
+    }
+    if (i < nbytes) {
+        uint64_t v = gw_rng_next(rng);
+        for (; i < nbytes; i++, v >>= 8) {
+            out[2 * i] = hex[(v >> 4) & 15];
+            out[2 * i + 1] = hex[v & 15];
+        }
     }
     out[2 * nbytes] = '\0';
 }
@@ -113,16 +121,28 @@ bool gw_traceparent_is_valid(const char *tp)
     return is_lower_hex(tp + 53, 2, &zero);
 }
 
+/* Are the n digits at s all '0'? */
+static bool all_zero_digits(const char *s, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (s[i] != '0')
+            return false;
+    return true;
+}
+
 void gw_traceparent_mint(gw_rng *rng, char *out)
 {
-    char trace[33], span[17];
+    /* "00-" trace-id "-" parent-id "-01", written in place (this runs for
+     * every request without one); all-zero ids are invalid, so draw again. */
+    memcpy(out, "00-", 3);
     do
-        gw_rng_hex(rng, trace, 16);
-    while (strspn(trace, "0") == 32);
+        gw_rng_hex(rng, out + 3, 16);
+    while (all_zero_digits(out + 3, 32));
+    out[35] = '-';
     do
-        gw_rng_hex(rng, span, 8);
-    while (strspn(span, "0") == 16);
-    snprintf(out, GW_TRACEPARENT_LEN + 1, "00-%s-%s-01", trace, span);
+        gw_rng_hex(rng, out + 36, 8);
+    while (all_zero_digits(out + 36, 16));
+    memcpy(out + 52, "-01", 4); /* the NUL included */
 }
 
 bool gw_header_list_has_token(const char *list, const char *name)

@@ -177,6 +177,50 @@ static void test_mixed_line_endings(void **state)
     assert_body(f, "ab\r\n\r\ncdef");
 }
 
+/* Each piece its own chain (evbuffer_add_buffer moves chains), so the blank
+ * line can fall across chain boundaries; fed in `pieces` pieces. */
+static void feed_in_chains(fixture *f, const char *msg, size_t pieces)
+{
+    size_t len = strlen(msg), at = 0;
+    for (size_t i = 0; i < pieces; i++) {
+        size_t n = (len - at) / (pieces - i);
+        struct evbuffer *one = evbuffer_new();
+        assert_non_null(one);
+        evbuffer_add(one, msg + at, n);
+        evbuffer_add_buffer(f->in, one);
+        evbuffer_free(one);
+        at += n;
+    }
+}
+
+static void test_head_across_chains(void **state)
+{
+    fixture *f = *state;
+    /* The blank line split LF | CR | LF over three chains. */
+    static const char *parts[] = {"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n", "\r", "\nok"};
+    for (size_t i = 0; i < 3; i++) {
+        struct evbuffer *one = evbuffer_new();
+        assert_non_null(one);
+        evbuffer_add(one, parts[i], strlen(parts[i]));
+        evbuffer_add_buffer(f->in, one);
+        evbuffer_free(one);
+    }
+    assert_int_equal(evbuffer_peek(f->in, -1, NULL, NULL, 0), 3);
+    assert_int_equal(http1_parse(&f->r, f->in, false), HTTP1_DONE);
+    assert_body(f, "ok");
+    /* More chains than the scan looks at in place (it makes them one). */
+    http1_response_reset(&f->r, false);
+    feed_in_chains(f, "HTTP/1.1 200 OK\r\nX-A: 1\r\nX-B: 2\r\nContent-Length: 5\r\n\r\nhello", 40);
+    assert_true(evbuffer_peek(f->in, -1, NULL, NULL, 0) > 8);
+    assert_int_equal(http1_parse(&f->r, f->in, false), HTTP1_DONE);
+    assert_string_equal(http1_find(&f->r, "X-B")->value, "2");
+    assert_body(f, "hello");
+    /* An LF, then a CR not followed by LF, is no blank line: not done yet. */
+    http1_response_reset(&f->r, false);
+    feed_in_chains(f, "HTTP/1.1 200 OK\n\rX-A: 1\n", 3);
+    assert_int_equal(http1_parse(&f->r, f->in, false), HTTP1_NEED_MORE);
+}
+
 static void test_chunk_size_strict(void **state)
 {
     fixture *f = *state;
@@ -243,6 +287,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_eof_too_early, setup, teardown),
         cmocka_unit_test_setup_teardown(test_nul_in_header, setup, teardown),
         cmocka_unit_test_setup_teardown(test_mixed_line_endings, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_head_across_chains, setup, teardown),
         cmocka_unit_test_setup_teardown(test_chunk_size_strict, setup, teardown),
         cmocka_unit_test_setup_teardown(test_header_limit, setup, teardown),
     };

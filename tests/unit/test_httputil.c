@@ -41,6 +41,14 @@ static void test_minted_ids(void **state)
     assert_int_equal(strspn(a, "0123456789abcdef"), 32);
     assert_string_not_equal(a, b);
     assert_true(gw_request_id_is_sane(a));
+    /* Lengths that are not a multiple of a draw's eight bytes. */
+    for (size_t n = 0; n <= 13; n++) {
+        char c[40];
+        memset(c, 'x', sizeof c);
+        gw_rng_hex(&rng, c, n);
+        assert_int_equal(strlen(c), 2 * n);
+        assert_int_equal(strspn(c, "0123456789abcdef"), 2 * n);
+    }
 }
 
 static void test_traceparent(void **state)
@@ -62,6 +70,15 @@ static void test_traceparent(void **state)
     assert_true(gw_traceparent_is_valid(tp));
     assert_memory_equal(tp, "00-", 3);
     assert_string_equal(tp + 52, "-01");
+    /* Every one valid, no two alike. */
+    char prev[GW_TRACEPARENT_LEN + 1];
+    for (int i = 0; i < 1000; i++) {
+        memcpy(prev, tp, sizeof prev);
+        gw_traceparent_mint(&rng, tp);
+        assert_int_equal(strlen(tp), GW_TRACEPARENT_LEN);
+        assert_true(gw_traceparent_is_valid(tp));
+        assert_string_not_equal(tp, prev);
+    }
 }
 
 static void test_hop_by_hop(void **state)
