@@ -496,8 +496,11 @@ static const config_key compression_keys[] = {
      .def = "8MiB",
      .min = 1,
      .max = CONFIG_GIB,
-     .help = "Larger answers are sent as they are: a worker compresses on its event loop, and brotli's "
-             "highest qualities take seconds per MiB."},
+     .help =
+         "The most compressed in one go (a buffered answer, a cache entry's codings; a worker compresses "
+         "on its event loop, and brotli's highest qualities take seconds per MiB): larger buffered answers "
+         "are sent as they are. Answers that stream (over 1 MiB) are compressed piece by piece whatever "
+         "their size."},
     {.name = "types",
      .type = CONFIG_TYPE_STRING_LIST,
      .flags = CONFIG_F_UNIQUE,

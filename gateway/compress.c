@@ -1,5 +1,11 @@
 /*
- * compress.c - gzip (zlib, windowBits 31) and brotli for answers.
+ * compress.c - gzip (zlib, windowBits 31) and brotli for answers, whole or
+ * streamed. Runs on the worker that owns the gw_compressor.
+ *
+ * Both ways go through one encoder type: a whole body is one write with
+ * FINISH over its chunks as they lie in the evbuffer (nothing copied); a
+ * streamed body is one write per piece that arrived. The zlib streams of ended
+ * encoders are kept (at most GW_COMPRESS_IDLE_GZIP) and reset for the next.
  */
 #include "gateway/compress.h"
 
@@ -14,132 +20,240 @@
 #include <brotli/encode.h>
 #include <zlib.h>
 
-#define OUT_CHUNK (16 * 1024) /* output space reserved per step */
+#define OUT_CHUNK (16 * 1024)   /* output space reserved per step */
+#define GW_COMPRESS_IDLE_GZIP 4 /* reset zlib streams a worker keeps for its next answers */
+#define PEEK_VECS 16            /* input extents taken per step (more: another round) */
+
+struct gw_encoder {
+    gw_compressor *owner;
+    gw_encoding enc;
+    int level;
+    bool z_ready;
+    bool failed;
+    z_stream z;
+    BrotliEncoderState *br;
+    struct gw_encoder *next; /* in owner->idle */
+};
 
 struct gw_compressor {
-    z_stream z;
-    bool z_ready;
-    int z_level;
+    gw_encoder *idle; /* gzip encoders with a live zlib stream, for reuse */
+    unsigned idle_count;
+    gw_encoder whole; /* gw_compress's own, reused answer after answer */
 };
 
 gw_compressor *gw_compressor_create(void)
 {
-    return calloc(1, sizeof(gw_compressor));
+    gw_compressor *c = calloc(1, sizeof(gw_compressor));
+    if (c)
+        c->whole.owner = c;
+    return c;
+}
+
+static void encoder_release(gw_encoder *e)
+{
+    if (e->z_ready)
+        deflateEnd(&e->z);
+    e->z_ready = false;
+    if (e->br)
+        BrotliEncoderDestroyInstance(e->br);
+    e->br = NULL;
 }
 
 void gw_compressor_free(gw_compressor *c)
 {
     if (!c)
         return;
-    if (c->z_ready)
-        deflateEnd(&c->z);
+    while (c->idle) {
+        gw_encoder *e = c->idle;
+        c->idle = e->next;
+        encoder_release(e);
+        free(e);
+    }
+    encoder_release(&c->whole);
     free(c);
 }
 
-/* A zlib stream for level: made once, reset per answer, remade when a reload
- * changed the level. */
-static int gzip_ready(gw_compressor *c, int level)
+/* Make e ready for a new answer: a zlib stream for level (reset when it has
+ * one at that level, remade when a reload changed the level), or a new
+ * brotli encoder. */
+static int encoder_prepare(gw_encoder *e, const config_compression *cfg, gw_encoding enc, size_t size_hint)
 {
-    if (c->z_ready && c->z_level == level)
-        return deflateReset(&c->z) == Z_OK ? 0 : -1;
-    if (c->z_ready)
-        deflateEnd(&c->z);
-    memset(&c->z, 0, sizeof c->z);
-    c->z_ready = deflateInit2(&c->z, level, Z_DEFLATED, 31, 8, Z_DEFAULT_STRATEGY) == Z_OK;
-    c->z_level = level;
-    return c->z_ready ? 0 : -1;
-}
-
-static int gzip_body(gw_compressor *c, int level, struct evbuffer *in, struct evbuffer *out)
-{
-    if (gzip_ready(c, level) != 0)
-        return -1;
-    int n = evbuffer_peek(in, -1, NULL, NULL, 0);
-    struct evbuffer_iovec *vec = n > 0 ? calloc((size_t)n, sizeof *vec) : NULL;
-    if (n > 0 && !vec)
-        return -1;
-    if (n > 0)
-        evbuffer_peek(in, -1, NULL, vec, n);
-    int rc = 0;
-    for (int i = 0; i <= n && rc == 0; i++) {
-        bool last = i == n;
-        c->z.next_in = last ? NULL : (Bytef *)vec[i].iov_base;
-        c->z.avail_in = last ? 0 : (uInt)vec[i].iov_len;
-        int flush = last ? Z_FINISH : Z_NO_FLUSH;
-        for (;;) {
-            struct evbuffer_iovec space;
-            if (evbuffer_reserve_space(out, OUT_CHUNK, &space, 1) < 1) {
-                rc = -1;
-                break;
-            }
-            c->z.next_out = space.iov_base;
-            c->z.avail_out = (uInt)space.iov_len;
-            int zr = deflate(&c->z, flush);
-            space.iov_len -= c->z.avail_out;
-            evbuffer_commit_space(out, &space, 1);
-            if (zr == Z_STREAM_ERROR) {
-                rc = -1;
-                break;
-            }
-            if (last ? zr == Z_STREAM_END : (c->z.avail_in == 0 && c->z.avail_out > 0))
-                break;
-        }
+    e->failed = false;
+    e->enc = enc;
+    if (e->br) {
+        BrotliEncoderDestroyInstance(e->br);
+        e->br = NULL;
     }
-    free(vec);
-    return rc;
+    if (enc == GW_ENC_GZIP) {
+        int level = cfg->gzip_level;
+        if (e->z_ready && e->level == level)
+            return deflateReset(&e->z) == Z_OK ? 0 : -1;
+        if (e->z_ready)
+            deflateEnd(&e->z);
+        memset(&e->z, 0, sizeof e->z);
+        e->z_ready = deflateInit2(&e->z, level, Z_DEFLATED, 31, 8, Z_DEFAULT_STRATEGY) == Z_OK;
+        e->level = level;
+        return e->z_ready ? 0 : -1;
+    }
+    if (enc != GW_ENC_BR)
+        return -1;
+    e->br = BrotliEncoderCreateInstance(NULL, NULL, NULL);
+    if (!e->br)
+        return -1;
+    BrotliEncoderSetParameter(e->br, BROTLI_PARAM_QUALITY, (uint32_t)cfg->brotli_quality);
+    if (size_hint)
+        BrotliEncoderSetParameter(e->br, BROTLI_PARAM_SIZE_HINT,
+                                  (uint32_t)(size_hint < (1u << 30) ? size_hint : (1u << 30)));
+    return 0;
 }
 
-static int brotli_body(int quality, struct evbuffer *in, struct evbuffer *out)
+/* Compress n input extents into out, then do op (with n == 0 too). */
+static int encode_vec(gw_encoder *e, const struct evbuffer_iovec *vec, int n, struct evbuffer *out,
+                      gw_encoder_op op)
 {
-    BrotliEncoderState *s = BrotliEncoderCreateInstance(NULL, NULL, NULL);
-    if (!s)
-        return -1;
-    BrotliEncoderSetParameter(s, BROTLI_PARAM_QUALITY, (uint32_t)quality);
-    BrotliEncoderSetParameter(s, BROTLI_PARAM_SIZE_HINT, (uint32_t)evbuffer_get_length(in));
-    int n = evbuffer_peek(in, -1, NULL, NULL, 0);
-    struct evbuffer_iovec *vec = n > 0 ? calloc((size_t)n, sizeof *vec) : NULL;
-    int rc = n > 0 && !vec ? -1 : 0;
-    if (n > 0 && vec)
-        evbuffer_peek(in, -1, NULL, vec, n);
-    for (int i = 0; i <= n && rc == 0; i++) {
+    for (int i = 0; i <= n; i++) {
         bool last = i == n;
-        size_t avail_in = last ? 0 : vec[i].iov_len;
+        if (last && op == GW_ENCODER_PROCESS)
+            break;
         const uint8_t *next_in = last ? NULL : vec[i].iov_base;
-        BrotliEncoderOperation op = last ? BROTLI_OPERATION_FINISH : BROTLI_OPERATION_PROCESS;
+        size_t avail_in = last ? 0 : vec[i].iov_len;
         for (;;) {
             struct evbuffer_iovec space;
-            if (evbuffer_reserve_space(out, OUT_CHUNK, &space, 1) < 1) {
-                rc = -1;
-                break;
+            if (evbuffer_reserve_space(out, OUT_CHUNK, &space, 1) < 1)
+                return -1;
+            bool done;
+            if (e->enc == GW_ENC_GZIP) {
+                int flush = !last ? Z_NO_FLUSH : op == GW_ENCODER_FINISH ? Z_FINISH : Z_SYNC_FLUSH;
+                e->z.next_in = (Bytef *)next_in;
+                e->z.avail_in = (uInt)avail_in;
+                e->z.next_out = space.iov_base;
+                e->z.avail_out = (uInt)space.iov_len;
+                int zr = deflate(&e->z, flush);
+                space.iov_len -= e->z.avail_out;
+                evbuffer_commit_space(out, &space, 1);
+                if (zr == Z_STREAM_ERROR)
+                    return -1;
+                next_in = e->z.next_in;
+                avail_in = e->z.avail_in;
+                /* Done when all input is in and zlib had room left over (so
+                 * it has nothing more to say for this flush). */
+                done = flush == Z_FINISH ? zr == Z_STREAM_END : avail_in == 0 && e->z.avail_out > 0;
+            } else {
+                BrotliEncoderOperation bop = !last                     ? BROTLI_OPERATION_PROCESS
+                                             : op == GW_ENCODER_FINISH ? BROTLI_OPERATION_FINISH
+                                                                       : BROTLI_OPERATION_FLUSH;
+                size_t avail_out = space.iov_len;
+                uint8_t *next_out = space.iov_base;
+                if (!BrotliEncoderCompressStream(e->br, bop, &avail_in, &next_in, &avail_out, &next_out,
+                                                 NULL)) {
+                    evbuffer_commit_space(out, &space, 0);
+                    return -1;
+                }
+                space.iov_len -= avail_out;
+                evbuffer_commit_space(out, &space, 1);
+                done = bop == BROTLI_OPERATION_FINISH ? BrotliEncoderIsFinished(e->br)
+                                                      : avail_in == 0 && !BrotliEncoderHasMoreOutput(e->br);
             }
-            size_t avail_out = space.iov_len;
-            uint8_t *next_out = space.iov_base;
-            if (!BrotliEncoderCompressStream(s, op, &avail_in, &next_in, &avail_out, &next_out, NULL)) {
-                rc = -1;
-                break;
-            }
-            space.iov_len -= avail_out;
-            evbuffer_commit_space(out, &space, 1);
-            if (last ? BrotliEncoderIsFinished(s) : (avail_in == 0 && !BrotliEncoderHasMoreOutput(s)))
+            if (done)
                 break;
         }
     }
-    free(vec);
-    BrotliEncoderDestroyInstance(s);
-    return rc;
+    return 0;
+}
+
+/* Compress `in` (read in place, left as it is) into out, then do op. */
+static int encode_buffer(gw_encoder *e, struct evbuffer *in, struct evbuffer *out, gw_encoder_op op)
+{
+    struct evbuffer_ptr pos;
+    evbuffer_ptr_set(in, &pos, 0, EVBUFFER_PTR_SET);
+    size_t left = evbuffer_get_length(in);
+    struct evbuffer_iovec vec[PEEK_VECS];
+    while (left > 0) {
+        int n = evbuffer_peek(in, (ev_ssize_t)left, &pos, vec, PEEK_VECS);
+        if (n <= 0)
+            return -1;
+        if (n > PEEK_VECS)
+            n = PEEK_VECS;
+        size_t took = 0;
+        for (int i = 0; i < n; i++)
+            took += vec[i].iov_len;
+        if (took > left) { /* the last extent runs past what was asked */
+            vec[n - 1].iov_len -= took - left;
+            took = left;
+        }
+        if (encode_vec(e, vec, n, out, GW_ENCODER_PROCESS) != 0)
+            return -1;
+        left -= took;
+        if (left && evbuffer_ptr_set(in, &pos, took, EVBUFFER_PTR_ADD) != 0)
+            return -1;
+    }
+    return op == GW_ENCODER_PROCESS ? 0 : encode_vec(e, NULL, 0, out, op);
+}
+
+gw_encoder *gw_encoder_start(gw_compressor *c, const config_compression *cfg, gw_encoding enc,
+                             size_t size_hint)
+{
+    gw_encoder *e = NULL;
+    if (enc == GW_ENC_GZIP && c->idle) {
+        e = c->idle;
+        c->idle = e->next;
+        c->idle_count--;
+    } else {
+        e = calloc(1, sizeof *e);
+        if (!e)
+            return NULL;
+    }
+    e->owner = c;
+    e->next = NULL;
+    if (encoder_prepare(e, cfg, enc, size_hint) != 0) {
+        encoder_release(e);
+        free(e);
+        return NULL;
+    }
+    return e;
+}
+
+int gw_encoder_write(gw_encoder *e, struct evbuffer *in, struct evbuffer *out, gw_encoder_op op)
+{
+    if (e->failed || encode_buffer(e, in, out, op) != 0) {
+        e->failed = true;
+        return -1;
+    }
+    evbuffer_drain(in, evbuffer_get_length(in));
+    return 0;
+}
+
+void gw_encoder_end(gw_encoder *e)
+{
+    if (!e)
+        return;
+    gw_compressor *c = e->owner;
+    if (e->br) {
+        BrotliEncoderDestroyInstance(e->br);
+        e->br = NULL;
+    }
+    if (e->z_ready && !e->failed && c->idle_count < GW_COMPRESS_IDLE_GZIP) {
+        e->next = c->idle;
+        c->idle = e;
+        c->idle_count++;
+        return;
+    }
+    encoder_release(e);
+    free(e);
 }
 
 int gw_compress(gw_compressor *c, const config_compression *cfg, gw_encoding enc, struct evbuffer *in,
                 struct evbuffer *out)
 {
-    switch (enc) {
-    case GW_ENC_GZIP:
-        return gzip_body(c, cfg->gzip_level, in, out);
-    case GW_ENC_BR:
-        return brotli_body(cfg->brotli_quality, in, out);
-    default:
-        return -1;
+    gw_encoder *e = &c->whole;
+    int rc = encoder_prepare(e, cfg, enc, evbuffer_get_length(in));
+    if (rc == 0)
+        rc = encode_buffer(e, in, out, GW_ENCODER_FINISH);
+    if (e->br) { /* no reset in brotli 1.0.9: made per answer */
+        BrotliEncoderDestroyInstance(e->br);
+        e->br = NULL;
     }
+    return rc;
 }
 
 bool gw_compress_type_ok(const config_compression *cfg, const char *ct, size_t len)
@@ -170,7 +284,6 @@ bool gw_compress_type_ok(const config_compression *cfg, const char *ct, size_t l
     }
     return false;
 }
-
 struct evbuffer *gw_compress_own(gw_compressor *c, const config_compression *cfg, const char *accept_encoding,
                                  bool head, int status, const char *content_type, struct evbuffer *body,
                                  struct evkeyvalq *headers, struct evbuffer **packed)

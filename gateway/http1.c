@@ -52,6 +52,8 @@ void http1_response_reset(http1_response *r, bool head_request)
     r->keep_alive = false;
     r->error = NULL;
     r->got_bytes = false;
+    r->head_done = false;
+    r->content_length = -1;
     r->state = ST_HEAD;
     r->remaining = 0;
     r->trailer_bytes = 0;
@@ -200,6 +202,7 @@ static http1_result frame_body(http1_response *r)
     bool close = connection && gw_header_list_has_token(connection->value, "close");
     bool keep_token = connection && gw_header_list_has_token(connection->value, "keep-alive");
     r->keep_alive = r->minor_version == 1 ? !close : keep_token && !close;
+    r->head_done = true;
 
     if (r->head_request || r->status == 204 || r->status == 304) {
         r->state = ST_DONE;
@@ -239,8 +242,9 @@ static http1_result frame_body(http1_response *r)
         unsigned long long n = strtoull(cl, &endp, 10);
         if (*endp != '\0')
             return fail(r, "malformed Content-Length");
-        if (n > r->max_body_bytes)
-            return fail(r, "response body too large");
+        if (n > (unsigned long long)INT64_MAX)
+            return fail(r, "malformed Content-Length");
+        r->content_length = (int64_t)n;
         r->remaining = n;
         r->state = n ? ST_BODY_LENGTH : ST_DONE;
         return n ? HTTP1_NEED_MORE : HTTP1_DONE;
@@ -359,8 +363,6 @@ http1_result http1_parse(http1_response *r, struct evbuffer *in, bool eof)
             if (digits == 0 || digits > 15 ||
                 (*endp != '\0' && *endp != ';' && *endp != ' ' && *endp != '\t'))
                 return fail(r, "malformed chunk size");
-            if (n > r->max_body_bytes)
-                return fail(r, "response body too large");
             r->remaining = n;
             r->state = n ? ST_CHUNK_DATA : ST_TRAILERS;
             break;

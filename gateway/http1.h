@@ -37,7 +37,9 @@ typedef struct http1_field {
 } http1_field;
 
 typedef struct http1_response {
-    /* Limits, set by init. */
+    /* Limits, set by init. max_body_bytes bounds what waits in `body` at once,
+     * not the body's length: a caller that streams takes the body out as it
+     * comes, and a Content-Length or chunk size over it is no error. */
     size_t max_header_bytes;
     size_t max_body_bytes;
     bool head_request; /* the request was HEAD: no body whatever the headers say */
@@ -48,10 +50,12 @@ typedef struct http1_response {
     const char *reason; /* points into the header buffer; "" when none */
     http1_field fields[HTTP1_MAX_FIELDS];
     size_t field_count;
-    struct evbuffer *body; /* owned; the caller may move its contents out */
-    bool keep_alive;       /* the connection may carry another request */
-    const char *error;     /* with HTTP1_ERROR: what was wrong (static text) */
-    bool got_bytes;        /* any byte of a response arrived */
+    struct evbuffer *body;  /* owned; the caller may move its contents out */
+    bool keep_alive;        /* the connection may carry another request */
+    const char *error;      /* with HTTP1_ERROR: what was wrong (static text) */
+    bool got_bytes;         /* any byte of a response arrived */
+    bool head_done;         /* the final header block is parsed: status and fields are valid */
+    int64_t content_length; /* the body's length when framed by Content-Length; -1 otherwise */
 
     /* Parser state. */
     char *head; /* the header block, NUL-separated after parsing */

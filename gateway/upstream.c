@@ -10,9 +10,18 @@
  * re-arms its events for every request, which is why it is not used here.
  *
  * Deadlines are ours: one timer per call, first at the connect deadline, then
- * at the call deadline (min of the upstream's `timeout` and the request's).
+ * at the call deadline (min of the upstream's `timeout` and the request's),
+ * and once the answer streams, the idle deadline (the upstream's `timeout`
+ * after the last read; moved lazily: the timer re-arms itself when it fires
+ * early, so a read costs no timer work).
  * Connections are plain memory and a socket: they may be closed anywhere, as
  * long as the code that closes one returns without touching it again.
+ *
+ * Reads are bounded per event (UPSTREAM_READ_BUDGET): an edge-triggered socket
+ * that still has data after that keeps its `readable` mark and is read again
+ * from a zero-delay timer, i.e. after the loop has polled everyone else. A
+ * streamed call that its caller paused keeps the mark too and is read again
+ * when it goes on.
  */
 #include "gateway/upstream.h"
 
@@ -23,6 +32,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -43,9 +53,12 @@ enum { CONN_CONNECTING, CONN_BUSY, CONN_IDLE };
 typedef struct up_conn {
     int fd;
     int state;
-    bool reused;   /* has carried a complete exchange before */
-    bool peer_eof; /* the upstream closed its side */
+    bool reused;      /* has carried a complete exchange before */
+    bool peer_eof;    /* the upstream closed its side */
+    bool readable;    /* a read edge seen and the socket not read dry since */
+    bool peer_closed; /* EV_CLOSED seen: read to the end, no edge will follow */
     struct event *ev;
+    struct event more_ev; /* zero-delay timer: read on after the next poll */
     up_target *target;
     struct up_conn *next; /* idle stack */
     struct evbuffer *out;
@@ -87,7 +100,7 @@ struct upstream_pool {
     struct evbuffer *scratch; /* request body being assembled */
 };
 
-enum { CALL_TIMER_NONE, CALL_TIMER_CONNECT, CALL_TIMER_DEADLINE, CALL_TIMER_DEFERRED };
+enum { CALL_TIMER_NONE, CALL_TIMER_CONNECT, CALL_TIMER_DEADLINE, CALL_TIMER_DEFERRED, CALL_TIMER_IDLE };
 
 /* Why an attempt failed: decides the status, the metric and the blame. */
 enum { FAIL_CONNECT, FAIL_IO, FAIL_TIMEOUT, FAIL_PROTOCOL, FAIL_LOCAL };
@@ -99,6 +112,12 @@ struct upstream_call {
     const char *uri; /* borrowed from the caller until the call ends */
     bool idempotent;
     bool stale_retry_used; /* one free retry after a reused connection died */
+    bool streaming;        /* the head went to the caller: body pieces follow */
+    bool paused;           /* streaming, and the caller asked us not to read */
+    bool head_checked;     /* this attempt's head was looked at for text/event-stream */
+    bool event_stream;
+    size_t buffer_max;     /* body buffered before the answer streams */
+    uint64_t last_read_ns; /* streaming: the idle deadline counts from here */
     uint64_t deadline_ns;  /* the request's */
     uint64_t attempt_start_ns;
     uint64_t attempt_deadline_ns; /* min(request deadline, start + upstream timeout) */
@@ -109,8 +128,7 @@ struct upstream_call {
     struct event *timer;   /* &timer_ev */
     int timer_phase;
     int deferred_fail;
-    upstream_fill_fn fill;
-    upstream_done_fn done;
+    const upstream_handlers *h;
     void *arg;
 };
 
@@ -162,11 +180,14 @@ static const char *method_token(enum evhttp_cmd_type cmd)
 /* ---- connections ---------------------------------------------------------- */
 
 static void conn_event_cb(evutil_socket_t fd, short what, void *arg);
+static void conn_more_cb(evutil_socket_t fd, short what, void *arg);
 
 static void conn_close(up_conn *c)
 {
-    if (c->ev)
+    if (c->ev) {
         event_free(c->ev);
+        event_del(&c->more_ev);
+    }
     if (c->fd >= 0)
         close(c->fd);
     if (c->out)
@@ -188,8 +209,8 @@ static up_conn *conn_open(up_target *t)
     c->target = t;
     c->out = evbuffer_new();
     c->in = evbuffer_new();
-    if (!c->out || !c->in ||
-        http1_response_init(&c->resp, UPSTREAM_MAX_RESPONSE_HEADER_BYTES, UPSTREAM_MAX_RESPONSE_BYTES) != 0)
+    /* The body limit is set per call (call_attempt). */
+    if (!c->out || !c->in || http1_response_init(&c->resp, UPSTREAM_MAX_RESPONSE_HEADER_BYTES, 0) != 0)
         goto fail;
     c->fd = socket(t->sa.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (c->fd < 0)
@@ -202,7 +223,8 @@ static up_conn *conn_open(up_target *t)
     c->state = CONN_CONNECTING;
     c->ev = event_new(t->up->pool->base, c->fd, EV_READ | EV_WRITE | EV_CLOSED | EV_PERSIST | EV_ET,
                       conn_event_cb, c);
-    if (!c->ev || event_add(c->ev, NULL) != 0)
+    if (!c->ev || evtimer_assign(&c->more_ev, t->up->pool->base, conn_more_cb, c) != 0 ||
+        event_add(c->ev, NULL) != 0)
         goto fail;
     return c;
 fail:;
@@ -244,6 +266,8 @@ static void conn_put(up_conn *c)
     }
     c->state = CONN_IDLE;
     c->call = NULL;
+    c->readable = false;
+    evtimer_del(&c->more_ev);
     c->next = c->target->idle;
     c->target->idle = c;
     u->idle_count++;
@@ -265,22 +289,24 @@ static int conn_flush(up_conn *c)
     return 0;
 }
 
-/* Read the answer so far. Past the largest answer we accept there is no point
- * reading on: the parser fails it and the connection is closed. Returns 1 at
- * end of stream, 0 otherwise, -1 on error. */
-static int conn_read(up_conn *c, bool peer_closed)
+/* Read what has arrived, at most UPSTREAM_READ_BUDGET bytes: c->readable
+ * stays set when the budget ran out first. Returns 1 at end of stream, 0
+ * otherwise, -1 on error; *got: bytes read. */
+static int conn_read(up_conn *c, size_t *got)
 {
-    size_t got;
     switch (gw_read_socket(c->fd, c->in, UPSTREAM_READ_CHUNK, 1,
-                           UPSTREAM_MAX_RESPONSE_BYTES + UPSTREAM_MAX_RESPONSE_HEADER_BYTES, peer_closed,
-                           &got)) {
+                           evbuffer_get_length(c->in) + UPSTREAM_READ_BUDGET, c->peer_closed, got)) {
     case GW_READ_EOF:
         c->peer_eof = true;
+        c->readable = false;
         return 1;
     case GW_READ_ERROR:
         return -1;
-    default:
+    case GW_READ_DRAINED:
+        c->readable = false;
         return 0;
+    default:
+        return 0; /* the budget: read on after the next poll */
     }
 }
 
@@ -443,12 +469,14 @@ static void call_free(upstream_call_t *call)
     free(call);
 }
 
+static void call_stream_failed(upstream_call_t *call, int kind);
+
 /* Free the call, then report: the callback may end the request (and release
  * the generation that owns this pool), so nothing here runs after it. */
 static void call_finish(upstream_call_t *call, const upstream_response *resp, int status)
 {
     const char *target = call->target ? call->target->addr->label : NULL; /* owned by the runtime */
-    upstream_done_fn done = call->done;
+    upstream_done_fn done = call->h->done;
     void *arg = call->arg;
     call_free(call);
     done(arg, resp, status, target);
@@ -460,6 +488,11 @@ static void arm_timer(upstream_call_t *call, int phase, uint64_t at_ns)
     struct timeval tv = ns_to_tv(at_ns > now ? at_ns - now : 0);
     call->timer_phase = phase;
     evtimer_add(call->timer, &tv);
+}
+
+static uint64_t idle_ns(const upstream_call_t *call)
+{
+    return (uint64_t)call->up->cfg->timeout_ms * 1000000ULL;
 }
 
 static void attempt_ended(upstream_call_t *call, uint64_t now)
@@ -518,7 +551,8 @@ static void defer_failure(upstream_call_t *call, int kind)
     event_active(call->timer, EV_TIMEOUT, 0);
 }
 
-/* The connection's exchange failed: close it and fail the attempt. */
+/* The connection's exchange failed: close it and fail the attempt (or, once
+ * the answer streams, cut the stream). */
 static void conn_failed(up_conn *c, int kind)
 {
     upstream_call_t *call = c->call;
@@ -526,10 +560,48 @@ static void conn_failed(up_conn *c, int kind)
     if (kind == FAIL_PROTOCOL && c->resp.error)
         gw_warn("upstream %s: target %s: %s", c->target->up->cfg->name, c->target->addr->label,
                 c->resp.error);
+    if (call && call->streaming) {
+        call_stream_failed(call, kind); /* closes c after the last callback */
+        return;
+    }
     c->call = NULL;
     conn_close(c);
     if (call)
         attempt_failed(call, kind, stale);
+}
+
+/* Is the answer a text/event-stream (streamed at once, whatever its size)? */
+static bool is_event_stream(const http1_response *r)
+{
+    const http1_field *f = http1_find(r, "Content-Type");
+    if (!f)
+        return false;
+    const char *v = f->value;
+    while (*v == ' ' || *v == '\t')
+        v++;
+    size_t n = strcspn(v, "; \t");
+    return n == 17 && strncasecmp(v, "text/event-stream", 17) == 0;
+}
+
+/* Can c carry another request after this answer? Nothing unread after it
+ * (a socket not read dry may hold more), and all of our request written (an
+ * upstream that answers early and leaves part of a body unread would read the
+ * rest as the next request). */
+static bool conn_reusable(const up_conn *c)
+{
+    return c->resp.keep_alive && !c->peer_eof && !c->peer_closed && !c->readable &&
+           evbuffer_get_length(c->in) == 0 && evbuffer_get_length(c->out) == 0;
+}
+
+/* After the exchange: back to the idle stack, or closed. */
+static void conn_release(up_conn *c, bool keep)
+{
+    if (keep) {
+        http1_response_reset(&c->resp, false);
+        conn_put(c);
+    } else {
+        conn_close(c);
+    }
 }
 
 /* A whole answer arrived on c. */
@@ -537,26 +609,171 @@ static void conn_answered(up_conn *c)
 {
     upstream_call_t *call = c->call;
     uint64_t now = gw_now_ns();
-    /* Reuse only a clean connection: nothing unread after the answer, and all
-     * of our request written (an upstream that answers early and leaves part of
-     * a body unread would read the rest as the next request). */
-    bool keep = c->resp.keep_alive && !c->peer_eof && evbuffer_get_length(c->in) == 0 &&
-                evbuffer_get_length(c->out) == 0;
+    bool keep = conn_reusable(c);
     c->call = NULL;
     c->reused = true;
     call->target->fails = 0;
+    if (call->streaming) {
+        upstream_body_fn body = call->h->body;
+        void *arg = call->arg;
+        attempt_ended(call, now);
+        call_free(call);
+        body(arg, c->resp.body, UPSTREAM_BODY_END, true);
+        conn_release(c, keep);
+        return;
+    }
     attempt_ended(call, now);
-    upstream_response resp = {c->resp.status, c->resp.reason, c->resp.fields, c->resp.field_count,
-                              c->resp.body};
+    upstream_response resp = {c->resp.status,      c->resp.reason, c->resp.fields,
+                              c->resp.field_count, c->resp.body,   c->resp.content_length};
     /* Report first: the answer lives in c. The done callback cannot free the
      * pool (generations are released from a reaper event), so c survives it. */
     call_finish(call, &resp, 0);
-    if (keep) {
-        http1_response_reset(&c->resp, false);
-        conn_put(c);
-    } else {
+    conn_release(c, keep);
+}
+
+/* A streamed answer broke off (the connection failed, the framing broke, or
+ * nothing came within the idle deadline): what arrived before goes with the
+ * report, then the connection is closed. Not the target's fault for passive
+ * health (nginx does not count it either); counted in the upstream's errors. */
+static void call_stream_failed(upstream_call_t *call, int kind)
+{
+    up_conn *c = call->conn;
+    metrics_series_t *err = kind == FAIL_TIMEOUT ? call->up->err_timeout : call->up->err_other;
+    if (err)
+        metrics_counter_add(err, 1);
+    if (c)
+        c->call = NULL;
+    upstream_body_fn body = call->h->body;
+    void *arg = call->arg;
+    attempt_ended(call, gw_now_ns());
+    call_free(call);
+    body(arg, c ? c->resp.body : NULL, kind == FAIL_TIMEOUT ? UPSTREAM_BODY_TIMEOUT : UPSTREAM_BODY_FAILED,
+         true);
+    if (c)
         conn_close(c);
+}
+
+/* The caller gave up on the call from one of its callbacks. */
+static void call_abandon(upstream_call_t *call)
+{
+    up_conn *c = call->conn;
+    if (c) {
+        c->call = NULL;
+        conn_close(c); /* mid-exchange: never reusable */
     }
+    call->conn = NULL;
+    if (call->target)
+        call->target->active--;
+    call_free(call);
+}
+
+/* The head is in and the answer does not complete within buffer_max (or is
+ * an event stream): hand it over and stream the rest. false: the call is
+ * gone (abandoned by the caller). */
+static bool call_stream_start(upstream_call_t *call, up_conn *c)
+{
+    call->streaming = true;
+    call->last_read_ns = gw_now_ns();
+    arm_timer(call, CALL_TIMER_IDLE, call->last_read_ns + idle_ns(call));
+    upstream_response resp = {c->resp.status,      c->resp.reason, c->resp.fields,
+                              c->resp.field_count, c->resp.body,   c->resp.content_length};
+    if (!call->h->head(call->arg, &resp, call->target->addr->label)) {
+        call_abandon(call);
+        return false;
+    }
+    evbuffer_drain(c->resp.body, evbuffer_get_length(c->resp.body));
+    return true;
+}
+
+/* What the socket has for the call on c: read (within the budget), parse,
+ * report. */
+static void conn_process(up_conn *c)
+{
+    upstream_call_t *call = c->call;
+    if (!call) /* busy without a call: cannot happen; do not leak it */
+        return;
+    if (evbuffer_get_length(c->out) > 0 && conn_flush(c) != 0) {
+        conn_failed(c, FAIL_IO);
+        return;
+    }
+    if (!c->readable || call->paused)
+        return;
+    size_t got = 0;
+    int eof = conn_read(c, &got);
+    if (eof < 0) {
+        conn_failed(c, FAIL_IO);
+        return;
+    }
+    if (eof == 1 && !c->resp.got_bytes && evbuffer_get_length(c->in) == 0) {
+        /* Closed before a byte of the answer: a connection failure (and, on a
+         * reused connection, a stale keep-alive), not a protocol error. */
+        conn_failed(c, FAIL_IO);
+        return;
+    }
+    if (call->streaming && got)
+        call->last_read_ns = gw_now_ns();
+    http1_result r = http1_parse(&c->resp, c->in, eof == 1);
+    if (r == HTTP1_DONE) {
+        /* Complete, but over buffer_max all the same (its end came in the
+         * read that passed it): it streams, so that whether an answer is
+         * buffered depends on its size only. */
+        if (!call->streaming && call->h->head && evbuffer_get_length(c->resp.body) > call->buffer_max &&
+            !call_stream_start(call, c))
+            return;
+        conn_answered(c);
+        return;
+    }
+    if (r == HTTP1_ERROR) {
+        conn_failed(c, FAIL_PROTOCOL);
+        return;
+    }
+    if (!c->readable && got > 0 && eof == 0) {
+        /* A short read, answer incomplete: dry, unless a reset came with
+         * the same edge (epoll reports it as READ|WRITE without EV_CLOSED,
+         * and no edge follows), or more came meanwhile. One peek tells
+         * (large answers only: a small one is complete by now). */
+        char b;
+        ssize_t n = recv(c->fd, &b, 1, MSG_PEEK);
+        if (n >= 0) {
+            c->readable = true;
+            c->peer_closed = c->peer_closed || n == 0;
+        } else if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+            conn_failed(c, FAIL_IO); /* (a streamed answer hands over what it got first) */
+            return;
+        }
+    }
+    if (call->streaming) {
+        /* Hand over what arrived; a failure below still delivers it first. */
+        if (eof != 1 && evbuffer_get_length(c->resp.body) > 0) {
+            if (!call->h->body(call->arg, c->resp.body, UPSTREAM_BODY_MORE, !c->readable)) {
+                call_abandon(call);
+                return;
+            }
+            evbuffer_drain(c->resp.body, evbuffer_get_length(c->resp.body));
+        }
+    } else if (c->resp.head_done && call->h->head) {
+        if (!call->head_checked) {
+            call->head_checked = true;
+            call->event_stream = is_event_stream(&c->resp);
+        }
+        if ((call->event_stream || c->resp.content_length > (int64_t)call->buffer_max ||
+             evbuffer_get_length(c->resp.body) > call->buffer_max) &&
+            eof != 1 && !call_stream_start(call, c))
+            return;
+    }
+    if (eof == 1) {
+        conn_failed(c, FAIL_IO);
+        return;
+    }
+    if (c->readable && !call->paused) {
+        static const struct timeval zero = {0, 0};
+        evtimer_add(&c->more_ev, &zero); /* the budget ran out: on after the next poll */
+    }
+}
+
+static void conn_more_cb(evutil_socket_t fd, short what, void *arg)
+{
+    conn_process(arg);
 }
 
 static void conn_event_cb(evutil_socket_t fd, short what, void *arg)
@@ -583,32 +800,11 @@ static void conn_event_cb(evutil_socket_t fd, short what, void *arg)
             return;
         c->state = CONN_BUSY;
     }
-    if (!c->call) /* busy without a call: cannot happen; do not leak it */
-        return;
-    if (evbuffer_get_length(c->out) > 0 && conn_flush(c) != 0) {
-        conn_failed(c, FAIL_IO);
-        return;
-    }
-    if (!(what & (EV_READ | EV_CLOSED)))
-        return;
-    int eof = conn_read(c, (what & EV_CLOSED) != 0);
-    if (eof < 0) {
-        conn_failed(c, FAIL_IO);
-        return;
-    }
-    if (eof == 1 && !c->resp.got_bytes && evbuffer_get_length(c->in) == 0) {
-        /* Closed before a byte of the answer: a connection failure (and, on a
-         * reused connection, a stale keep-alive), not a protocol error. */
-        conn_failed(c, FAIL_IO);
-        return;
-    }
-    http1_result r = http1_parse(&c->resp, c->in, eof == 1);
-    if (r == HTTP1_DONE)
-        conn_answered(c);
-    else if (r == HTTP1_ERROR)
-        conn_failed(c, FAIL_PROTOCOL);
-    else if (eof == 1)
-        conn_failed(c, FAIL_IO);
+    if (what & (EV_READ | EV_CLOSED))
+        c->readable = true;
+    if (what & EV_CLOSED)
+        c->peer_closed = true;
+    conn_process(c);
 }
 
 static void call_timer_cb(evutil_socket_t fd, short what, void *arg)
@@ -618,6 +814,19 @@ static void call_timer_cb(evutil_socket_t fd, short what, void *arg)
     case CALL_TIMER_DEFERRED:
         attempt_failed(call, call->deferred_fail, false);
         return;
+    case CALL_TIMER_IDLE: {
+        if (call->paused) /* waiting for the client, not the upstream: re-armed on resume */
+            return;
+        uint64_t due = call->last_read_ns + idle_ns(call);
+        if (gw_now_ns() < due) {
+            arm_timer(call, CALL_TIMER_IDLE, due);
+            return;
+        }
+        gw_warn("upstream %s: target %s: nothing for %lldms in a streamed answer; cut", call->up->cfg->name,
+                call->target->addr->label, (long long)call->up->cfg->timeout_ms);
+        call_stream_failed(call, FAIL_TIMEOUT);
+        return;
+    }
     case CALL_TIMER_CONNECT:
         if (call->conn && call->conn->state != CONN_CONNECTING) {
             arm_timer(call, CALL_TIMER_DEADLINE, call->attempt_deadline_ns);
@@ -646,7 +855,7 @@ static void build_request(upstream_call_t *call, up_conn *c)
     evbuffer_add(c->out, " ", 1);
     evbuffer_add(c->out, call->uri, strlen(call->uri));
     evbuffer_add(c->out, " HTTP/1.1\r\n", 11);
-    call->fill(call->arg, c->out, call->pool->scratch, c->target->addr->label);
+    call->h->fill(call->arg, c->out, call->pool->scratch, c->target->addr->label);
     evbuffer_add(c->out, "\r\n", 2);
     evbuffer_add_buffer(c->out, call->pool->scratch);
 }
@@ -657,6 +866,7 @@ static void call_attempt(upstream_call_t *call, up_target *t, bool fresh_conn)
     call->attempts++;
     call->target = t;
     call->attempt_start_ns = now;
+    call->head_checked = false;
     uint64_t attempt_deadline = now + (uint64_t)call->up->cfg->timeout_ms * 1000000ULL;
     call->attempt_deadline_ns = attempt_deadline < call->deadline_ns ? attempt_deadline : call->deadline_ns;
     t->active++;
@@ -676,6 +886,9 @@ static void call_attempt(upstream_call_t *call, up_target *t, bool fresh_conn)
     c->call = call;
     call->conn = c;
     http1_response_reset(&c->resp, call->cmd == EVHTTP_REQ_HEAD);
+    /* What may wait in the parser's body: a streaming caller takes it out
+     * once it passes buffer_max, at most a read's budget later. */
+    c->resp.max_body_bytes = call->h->head ? call->buffer_max + 2 * UPSTREAM_READ_BUDGET : call->buffer_max;
     build_request(call, c);
 
     uint64_t connect_deadline = now + (uint64_t)call->up->cfg->connect_timeout_ms * 1000000ULL;
@@ -705,7 +918,7 @@ static void call_attempt(upstream_call_t *call, up_target *t, bool fresh_conn)
 
 upstream_call_t *upstream_call_start(upstream_pool_t *pool, size_t index, enum evhttp_cmd_type cmd,
                                      const char *uri, bool idempotent, uint64_t deadline_ns,
-                                     upstream_fill_fn fill, upstream_done_fn done, void *arg)
+                                     size_t buffer_max, const upstream_handlers *h, void *arg)
 {
     upstream_call_t *call = calloc(1, sizeof *call);
     if (!call)
@@ -716,8 +929,8 @@ upstream_call_t *upstream_call_start(upstream_pool_t *pool, size_t index, enum e
     call->uri = uri;
     call->idempotent = idempotent;
     call->deadline_ns = deadline_ns;
-    call->fill = fill;
-    call->done = done;
+    call->buffer_max = buffer_max;
+    call->h = h;
     call->arg = arg;
     call->timer = &call->timer_ev;
     if (evtimer_assign(call->timer, pool->base, call_timer_cb, call) != 0) {
@@ -732,17 +945,26 @@ upstream_call_t *upstream_call_start(upstream_pool_t *pool, size_t index, enum e
     return call;
 }
 
+void upstream_call_pause(upstream_call_t *call, bool paused)
+{
+    if (!call || !call->streaming || call->paused == paused)
+        return;
+    call->paused = paused;
+    if (paused)
+        return;
+    call->last_read_ns = gw_now_ns(); /* the idle deadline starts afresh */
+    if (!evtimer_pending(call->timer, NULL))
+        arm_timer(call, CALL_TIMER_IDLE, call->last_read_ns + idle_ns(call));
+    if (call->conn && call->conn->readable) {
+        static const struct timeval zero = {0, 0};
+        evtimer_add(&call->conn->more_ev, &zero);
+    }
+}
+
 void upstream_call_cancel(upstream_call_t *call)
 {
     if (!call)
         return;
     evtimer_del(call->timer);
-    if (call->conn) {
-        call->conn->call = NULL;
-        conn_close(call->conn); /* mid-exchange: never reusable */
-        call->conn = NULL;
-    }
-    if (call->target)
-        call->target->active--; /* an attempt is under way, or failed and deferred */
-    call_free(call);
+    call_abandon(call);
 }

@@ -30,6 +30,7 @@
 #include <event2/event.h>
 #include <sys/queue.h>
 
+#include <event2/http_struct.h> /* the request's HTTP version (a streamed answer to HTTP/1.0) */
 #include <event2/keyvalq_struct.h>
 #include <event2/listener.h>
 
@@ -79,6 +80,7 @@ typedef struct gw_conn {
     bool dirty;  /* on w->dirty: output to write */
     bool closed; /* evhttp freed the connection; waits for the reaper */
     struct gw_conn *next_dirty, *next_dead;
+    gw_request *stream; /* streaming its answer here: told when evhttp closes the connection */
 } gw_conn;
 
 /* Open addressing by evhttp_connection pointer, linear probing, backward-shift
@@ -254,8 +256,9 @@ struct gw_request {
     uint64_t start_ns;
     int status;
     size_t bytes;
-    bool retry_body; /* body may be sent twice: reference, don't move */
-    char *uri_owned; /* the upstream request-target when it had to be built */
+    bool retry_body;          /* body may be sent twice: reference, don't move */
+    char *uri_owned;          /* the upstream request-target when it had to be built */
+    struct gw_stream *stream; /* the upstream's answer streams (see stream_head) */
     /* response cache */
     char *cache_key; /* a GET/HEAD the cache applies to; NULL otherwise */
     size_t cache_key_len;
@@ -288,6 +291,8 @@ struct gw_request {
 static void limit_state_free(gw_request *r);
 static void cache_request_end(gw_request *r);
 static void cache_request_drop(gw_request *r);
+static void stream_free(gw_request *r);
+static void stream_client_gone(gw_request *r);
 
 /* ---- generations ------------------------------------------------------------ */
 
@@ -466,6 +471,7 @@ static void request_end(gw_request *r)
     gen_unref(w, r->gen, true);
     limit_state_free(r);
     cache_request_end(r);
+    stream_free(r);
     sqlroute_params_free(&r->sql);
     free(r->uri_owned);
     free(r->log_path);
@@ -1369,10 +1375,16 @@ static void cache_store_serve(gw_request *r, cache_entry *e)
 
 /* ---- invalidation after writes ---- */
 
+static void stream_release(gw_request *r);
+
 static void invalidation_done(gw_request *r)
 {
     if (--r->inval_pending > 0)
         return;
+    if (r->stream) { /* a streamed answer's head waited */
+        stream_release(r);
+        return;
+    }
     struct evbuffer *body = r->held_body;
     r->held_body = NULL;
     evhttp_send_reply(r->req, r->held_status, r->held_reason, body);
@@ -1555,11 +1567,10 @@ static size_t invalidate_start(gw_request *r)
     return r->inval_pending;
 }
 
-/* The write's invalidations took too long: whatever Redis has not done is
- * handed to the worker's retries, and the answer goes. */
-static void hold_timeout_cb(evutil_socket_t fd, short what, void *arg)
+/* Whatever of the write's invalidations Redis has not done goes to the
+ * worker's retries (and is kept from being served meanwhile). */
+static void inval_hand_over(gw_request *r)
 {
-    gw_request *r = arg;
     for (size_t i = 0; i < r->inval_count; i++) {
         if (!r->inval[i].op)
             continue;
@@ -1570,34 +1581,51 @@ static void hold_timeout_cb(evutil_socket_t fd, short what, void *arg)
                INVAL_HOLD_MAX_MS);
         inval_retry_add(r->w, r->inval[i].pattern, strlen(r->inval[i].pattern), true);
     }
+}
+
+/* The write's invalidations took too long: whatever Redis has not done is
+ * handed to the worker's retries, and the answer goes. */
+static void hold_timeout_cb(evutil_socket_t fd, short what, void *arg)
+{
+    gw_request *r = arg;
+    inval_hand_over(r);
     r->inval_pending = 1;
     invalidation_done(r);
+}
+
+/* Does r's answer (status) wait for the route's invalidations? Starts them;
+ * true when some run in Redis, and then arms the hold: at most
+ * INVAL_HOLD_MAX_MS, or the request's deadline (a SCAN over a large database
+ * must not hold the answer for long; what is not done by then is done again
+ * later, and kept from being served meanwhile). */
+static bool hold_for_invalidations(gw_request *r, int status)
+{
+    const config_route *route = &r->gen->rt->cfg->routes[r->route_index];
+    if (!(route->invalidate_count && status >= 200 && status < 300 && r->method != CONFIG_METHOD_GET &&
+          r->method != CONFIG_METHOD_HEAD && invalidate_start(r) > 0))
+        return false;
+    uint64_t now = gw_now_ns();
+    uint64_t until = now + (uint64_t)INVAL_HOLD_MAX_MS * 1000000ULL;
+    uint64_t deadline = r->start_ns + (uint64_t)r->gen->rt->cfg->server.request_timeout_ms * 1000000ULL;
+    if (deadline < until)
+        until = deadline;
+    uint64_t wait = until > now ? until - now : 0;
+    struct timeval tv = {(time_t)(wait / 1000000000ULL), (suseconds_t)(wait % 1000000000ULL / 1000)};
+    r->hold_timer = evtimer_new(r->w->base, hold_timeout_cb, r);
+    if (r->hold_timer)
+        evtimer_add(r->hold_timer, &tv);
+    return true;
 }
 
 /* Send the answer, or hold it while the write's invalidations run; end r. */
 static void finish_reply(gw_request *r, int status, const char *reason, struct evbuffer *body)
 {
-    const config_route *route = &r->gen->rt->cfg->routes[r->route_index];
-    if (route->invalidate_count && status >= 200 && status < 300 && r->method != CONFIG_METHOD_GET &&
-        r->method != CONFIG_METHOD_HEAD && invalidate_start(r) > 0) {
+    if (hold_for_invalidations(r, status)) {
         r->held_body = body ? evbuffer_new() : NULL;
         if (r->held_body)
             evbuffer_add_buffer(r->held_body, body);
         r->held_status = status;
         r->held_reason = reason ? strdup(reason) : NULL;
-        /* At most INVAL_HOLD_MAX_MS, or the request's deadline: a SCAN over a
-         * large database must not hold the answer for long; what is not done
-         * by then is done again later (and kept from being served meanwhile). */
-        uint64_t now = gw_now_ns();
-        uint64_t until = now + (uint64_t)INVAL_HOLD_MAX_MS * 1000000ULL;
-        uint64_t deadline = r->start_ns + (uint64_t)r->gen->rt->cfg->server.request_timeout_ms * 1000000ULL;
-        if (deadline < until)
-            until = deadline;
-        uint64_t wait = until > now ? until - now : 0;
-        struct timeval tv = {(time_t)(wait / 1000000000ULL), (suseconds_t)(wait % 1000000000ULL / 1000)};
-        r->hold_timer = evtimer_new(r->w->base, hold_timeout_cb, r);
-        if (r->hold_timer)
-            evtimer_add(r->hold_timer, &tv);
         return;
     }
     evhttp_send_reply(r->req, status, reason, body);
@@ -1846,8 +1874,26 @@ static bool upstream_compressible(const config_compression *cc, const upstream_r
     return type_ok && types == 1; /* several Content-Types: which one is it? leave it alone */
 }
 
-/* The client's choice for an upstream answer in ac. */
-static void choose_coding(gw_request *r, const upstream_response *resp, answer_coding *ac)
+#define GW_STREAM_BUFFER_BYTES (1024 * 1024) /* upstream answers up to this are buffered whole */
+#define GW_STREAM_HIGH_BYTES (256 * 1024)    /* client output past which the upstream is not read */
+
+/* Most body an upstream answer to r buffers before it streams: 1 MiB, or the
+ * cache's max_object_bytes when r may fill the cache and that is larger (so
+ * whatever may be stored is buffered whole, as it must be to be stored). */
+static size_t stream_threshold(const gw_request *r)
+{
+    const config_t *cfg = r->gen->rt->cfg;
+    size_t t = GW_STREAM_BUFFER_BYTES;
+    if (r->cache_key && !r->cache_bypass && (size_t)cfg->cache.max_object_bytes > t)
+        t = (size_t)cfg->cache.max_object_bytes;
+    return t;
+}
+
+/* The client's choice for an upstream answer in ac. streamed: the answer is
+ * compressed piece by piece as it passes, so compression.max_bytes (the most
+ * compressed in one go) does not apply, and its size is its Content-Length
+ * (unknown, -1, when chunked or close-delimited: it qualifies). */
+static void choose_coding(gw_request *r, const upstream_response *resp, bool streamed, answer_coding *ac)
 {
     const config_compression *cc = &r->gen->rt->cfg->compression;
     bool varies;
@@ -1872,15 +1918,23 @@ static void choose_coding(gw_request *r, const upstream_response *resp, answer_c
     for (size_t i = 0; head && i < resp->field_count; i++) /* HEAD: the size a GET would have */
         if (field_is(&resp->fields[i], "Content-Length", 14))
             size = (size_t)strtoull(resp->fields[i].value, NULL, 10);
-    if (size < (size_t)cc->min_bytes || size > (size_t)cc->max_bytes ||
-        !upstream_compressible(cc, resp, &varies))
+    bool unknown = false;
+    if (streamed) {
+        unknown = resp->content_length < 0;
+        size = unknown ? 0 : (size_t)resp->content_length;
+    }
+    /* A HEAD is answered as its GET would be: streamed (max_bytes aside) past the threshold. */
+    bool stream_sized = streamed || (head && size > stream_threshold(r));
+    if (!unknown && (size < (size_t)cc->min_bytes || (size > (size_t)cc->max_bytes && !stream_sized)))
+        return;
+    if (!upstream_compressible(cc, resp, &varies))
         return;
     ac->add_vary = !varies; /* HEAD too: the same fields as the GET, uncompressed */
     if (!head)
         ac->enc = gw_encoding_choose(ae, prefs, n, NULL);
 }
 
-static void pass_response_fields(gw_request *r, const upstream_response *resp, struct evbuffer *body,
+static void pass_response_fields(gw_request *r, const upstream_response *resp, int64_t body_length,
                                  const answer_coding *ac, const char *extra, size_t extra_len)
 {
     struct evkeyvalq *oh = evhttp_request_get_output_headers(r->req);
@@ -1914,13 +1968,15 @@ static void pass_response_fields(gw_request *r, const upstream_response *resp, s
     }
     /* Our own lines: "\r\nVary: Accept-Encoding" (23), "\r\nContent-Encoding: gzip" (24). */
     len += 23 + 24 + 2 + extra_len;
-    /* With a body, the entry's key is Content-Length (so evhttp adds none) and
-     * its value starts with the length; otherwise the first field leads. */
-    bool with_length = !head && resp->status >= 200 && resp->status != 204 && resp->status != 304;
+    /* With a body of known length, the entry's key is Content-Length (so
+     * evhttp adds none, and a streamed answer is not chunked) and its value
+     * starts with the length; otherwise the first field leads. */
+    bool with_length =
+        !head && resp->status >= 200 && resp->status != 204 && resp->status != 304 && body_length >= 0;
     char length[24];
     size_t length_len = 0;
     if (with_length)
-        length_len = (size_t)snprintf(length, sizeof length, "%zu", evbuffer_get_length(body));
+        length_len = (size_t)snprintf(length, sizeof length, "%lld", (long long)body_length);
     size_t id_len = strlen(r->request_id);
     len += length_len + 2 + 12 + 2 + id_len;
     const char *key = with_length ? "Content-Length" : kept ? resp->fields[keep[0]].name : "X-Request-Id";
@@ -2185,7 +2241,7 @@ static void upstream_done(void *arg, const upstream_response *resp, int status, 
         return;
     }
     answer_coding ac;
-    choose_coding(r, resp, &ac);
+    choose_coding(r, resp, false, &ac);
     struct evbuffer *body = resp->body, *packed = NULL;
     if (ac.enc != GW_ENC_IDENTITY) {
         packed = evbuffer_new();
@@ -2203,7 +2259,8 @@ static void upstream_done(void *arg, const upstream_response *resp, int status, 
             cache_headers_plain(r, extra);
     }
     size_t extra_len = extra ? evbuffer_get_length(extra) : 0;
-    pass_response_fields(r, resp, body, &ac, extra_len ? (const char *)evbuffer_pullup(extra, -1) : NULL,
+    pass_response_fields(r, resp, (int64_t)evbuffer_get_length(body), &ac,
+                         extra_len ? (const char *)evbuffer_pullup(extra, -1) : NULL,
                          extra_len); /* X-Request-Id included */
     if (extra)
         evbuffer_free(extra);
@@ -2213,6 +2270,401 @@ static void upstream_done(void *arg, const upstream_response *resp, int status, 
     finish_reply(r, resp->status, resp->reason[0] ? resp->reason : NULL, body);
     if (packed)
         evbuffer_free(packed);
+}
+
+/* ---- streamed answers ----
+ *
+ * An upstream answer over stream_threshold() (or a text/event-stream) goes to
+ * the client as it arrives: the head (evhttp_send_reply_start), then each
+ * piece the upstream module hands over (compressed piece by piece when it
+ * qualifies), then the end (evhttp_send_reply_end). It is not stored in the
+ * cache. Flow control: once more than GW_STREAM_HIGH_BYTES wait in the client
+ * connection's output, the upstream is not read until evhttp says that output
+ * has drained (the chunk callback), so a slow client costs at most that much
+ * plus one read (UPSTREAM_READ_BUDGET) here. The upstream's `timeout` is then
+ * an idle one between reads (upstream.c). An upstream that fails or goes idle
+ * mid-stream: what arrived is sent, then the client connection is closed
+ * without the final chunk, so the client sees a cut answer (as with nginx). A
+ * client that goes away: evhttp's close callback (on_connection_closed) finds
+ * the stream through gw_conn.stream; the upstream connection is closed, not
+ * reused.
+ *
+ * Reentrancy: evhttp may close the client connection from inside a send (a
+ * TLS write error), i.e. inside this code. So every entry marks in_callback,
+ * the close only marks client_gone then, and stream_settle() acts on it when
+ * the entry is done. */
+
+typedef struct gw_stream {
+    gw_conn *conn;           /* the client connection, or NULL when not tracked */
+    struct bufferevent *bev; /* its bufferevent: flow control reads its output */
+    gw_encoder *enc;         /* compressing piece by piece, or NULL */
+    struct evbuffer *piece;  /* compressed bytes on their way to evhttp */
+    struct evbuffer *held;   /* what arrived while the head waits for invalidations */
+    const char *target;      /* borrowed from the runtime (the request pins it) */
+    char *reason;            /* the upstream's reason phrase, or NULL */
+    int status;
+    bool head_sent;
+    bool paused;           /* the upstream is not read: the client is behind */
+    bool in_callback;      /* one of the entries below is running */
+    bool client_gone;      /* evhttp closed the client connection */
+    bool cut;              /* the upstream broke off: close the client connection once its output drained */
+    bool ended;            /* the upstream's body ended while the head was held */
+    bool restore_timeouts; /* the bufferevent's read timeout was lifted for the stream */
+} gw_stream;
+
+static void stream_free(gw_request *r)
+{
+    gw_stream *s = r->stream;
+    if (!s)
+        return;
+    if (s->conn && s->conn->stream == r)
+        s->conn->stream = NULL;
+    gw_encoder_end(s->enc);
+    if (s->piece)
+        evbuffer_free(s->piece);
+    if (s->held)
+        evbuffer_free(s->held);
+    free(s->reason);
+    free(s);
+    r->stream = NULL;
+}
+
+static size_t stream_output_len(const gw_stream *s)
+{
+    return s->bev && !s->client_gone ? evbuffer_get_length(bufferevent_get_output(s->bev)) : 0;
+}
+
+/* The client connection's deadlines while the answer streams. Direct I/O
+ * (ours, see client_pump): the send deadline runs only while output waits,
+ * so between two pieces nothing runs but the upstream's idle timeout. evhttp's
+ * own bufferevent (TLS): its read timeout, armed for close detection, would
+ * cut a quiet stream (an event stream between events), so it is lifted until
+ * the end; its write timeout stays. */
+static void stream_client_deadlines(gw_request *r, bool streaming)
+{
+    gw_stream *s = r->stream;
+    if (!s->bev || s->client_gone || (s->conn && s->conn->fd >= 0))
+        return;
+    int64_t ms = r->gen->rt->cfg->server.read_timeout_ms;
+    struct timeval tv = {(time_t)(ms / 1000), (suseconds_t)(ms % 1000) * 1000};
+    if (streaming) {
+        bufferevent_set_timeouts(s->bev, NULL, &tv);
+        s->restore_timeouts = true;
+    } else if (s->restore_timeouts) {
+        bufferevent_set_timeouts(s->bev, &tv, &tv);
+        s->restore_timeouts = false;
+    }
+}
+
+static void stream_drained(struct evhttp_connection *evcon, void *arg);
+
+/* Send a piece (compressed first when the answer is), and stop reading the
+ * upstream when the client is behind. false: the encoder failed (the answer
+ * cannot go on). */
+static bool stream_push(gw_request *r, struct evbuffer *in, gw_encoder_op op)
+{
+    gw_stream *s = r->stream;
+    struct evbuffer *piece = in;
+    bool ok = true;
+    if (s->enc) {
+        if (in && gw_encoder_write(s->enc, in, s->piece, op) != 0) {
+            gw_log(CONFIG_LOG_ERROR, r->request_id, "upstream %s: compressing a streamed answer failed",
+                   r->upstream_name);
+            ok = false;
+        }
+        piece = s->piece;
+    }
+    size_t n = piece ? evbuffer_get_length(piece) : 0;
+    if (n && r->req && !s->client_gone) {
+        r->bytes += n;
+        evhttp_send_reply_chunk_with_cb(r->req, piece, stream_drained, r);
+    }
+    if (piece)
+        evbuffer_drain(piece, evbuffer_get_length(piece)); /* what evhttp did not take (client gone) */
+    if (!s->paused && r->call && !s->client_gone && stream_output_len(s) > GW_STREAM_HIGH_BYTES) {
+        s->paused = true;
+        upstream_call_pause(r->call, true);
+    }
+    return ok;
+}
+
+/* Close the client connection without the answer's end (its body is cut),
+ * and end r. */
+static void stream_cut_close(gw_request *r)
+{
+    gw_stream *s = r->stream;
+    struct evhttp_request *req = r->req;
+    struct evhttp_connection *evcon = req ? evhttp_request_get_connection(req) : NULL;
+    if (s->conn)
+        s->conn->stream = NULL; /* its close callback must not find r */
+    s->conn = NULL;
+    r->req = NULL;
+    request_end(r);
+    if (evcon)
+        evhttp_connection_free(evcon); /* frees req with it */
+    else if (req)
+        evhttp_request_free(req);
+}
+
+/* After an entry: act on a client that left or an upstream that broke off
+ * meanwhile. true: the upstream call goes on. from_upstream: called from one
+ * of the call's callbacks, which then returns false and upstream.c closes it;
+ * otherwise the call is cancelled here. r may be gone when this returns
+ * false. */
+static bool stream_settle(gw_request *r, bool from_upstream)
+{
+    gw_stream *s = r->stream;
+    s->in_callback = false;
+    if (!s->client_gone && !s->cut)
+        return true;
+    if (r->call && !from_upstream)
+        upstream_call_cancel(r->call);
+    r->call = NULL;
+    if (s->client_gone) {
+        gw_log(CONFIG_LOG_INFO, r->request_id, "client went away during a streamed answer, after %zu bytes",
+               r->bytes);
+        inval_hand_over(r);
+        request_end(r);
+    } else if (!s->head_sent || r->bytes == 0 || stream_output_len(s) == 0) {
+        /* (Before any piece evhttp has no chunk callback to call.) Otherwise
+         * stream_drained closes it once what arrived is out. */
+        stream_cut_close(r);
+    }
+    return false;
+}
+
+/* evhttp is closing the client connection (on_connection_closed): the client
+ * left, failed, or missed its send deadline. */
+static void stream_client_gone(gw_request *r)
+{
+    gw_stream *s = r->stream;
+    s->client_gone = true;
+    s->conn = NULL;
+    s->bev = NULL; /* freed with the connection */
+    /* A request evhttp let go of (an error while it was ours) is ours to
+     * free; one still on the connection goes with it. */
+    if (r->req && !evhttp_request_get_connection(r->req))
+        evhttp_request_free(r->req);
+    r->req = NULL;
+    if (!s->in_callback)
+        stream_settle(r, false);
+}
+
+/* The upstream's body ended: the last piece and the answer's end. */
+static void stream_finish(gw_request *r)
+{
+    gw_stream *s = r->stream;
+    stream_client_deadlines(r, false);
+    if (s->conn)
+        s->conn->stream = NULL;
+    s->conn = NULL;
+    if (r->req)
+        evhttp_send_reply_end(r->req);
+    r->req = NULL;
+    request_end(r);
+}
+
+/* The upstream broke off: what arrived goes out first, then the close. */
+static void stream_broke(gw_request *r, upstream_body_event ev)
+{
+    gw_stream *s = r->stream;
+    gw_log(CONFIG_LOG_WARN, r->request_id, "upstream %s (%s): streamed answer cut after %zu bytes: %s",
+           r->upstream_name, s->target ? s->target : "-", r->bytes,
+           ev == UPSTREAM_BODY_TIMEOUT ? "timed out" : "failed");
+    s->cut = true;
+}
+
+static void stream_send_head(gw_request *r)
+{
+    gw_stream *s = r->stream;
+    s->head_sent = true;
+    evhttp_send_reply_start(r->req, s->status, s->reason);
+    stream_client_deadlines(r, true);
+}
+
+/* upstream_head_fn: the answer streams. */
+static bool stream_head(void *arg, const upstream_response *resp, const char *target)
+{
+    gw_request *r = arg;
+    if (r->stale && cache_stale_on_error(r, resp->status)) { /* an error answer, and a stale copy to serve */
+        r->call = NULL;
+        return false;
+    }
+    struct evhttp_connection *evcon = evhttp_request_get_connection(r->req);
+    gw_stream *s = evcon ? calloc(1, sizeof *s) : NULL;
+    if (!s) {
+        r->call = NULL;
+        if (evcon) {
+            respond_error(r, 502, "out of memory");
+            return false;
+        }
+        /* The client left before the head (evhttp let go of req). */
+        evhttp_request_free(r->req);
+        r->req = NULL;
+        r->status = resp->status;
+        request_end(r);
+        return false;
+    }
+    r->stream = s;
+    s->conn = conn_find(&r->w->conns, evcon);
+    if (s->conn)
+        s->conn->stream = r;
+    s->bev = evhttp_connection_get_bufferevent(evcon);
+    s->target = target;
+    s->status = resp->status;
+    s->reason = resp->reason[0] ? strdup(resp->reason) : NULL;
+    s->in_callback = true;
+    r->status = resp->status;
+    /* Not stored (over max_object_bytes): whoever waits for this key fetches
+     * on its own now rather than at the stream's end. */
+    flight_end(r, NULL, SERVE_MISS);
+    if (r->cluster_lock) {
+        cache_rstore_unlock(r->w->cstore, r->cache_key, r->cache_key_len, r->lock_token);
+        r->cluster_lock = false;
+    }
+
+    answer_coding ac;
+    choose_coding(r, resp, true, &ac);
+    if (ac.enc != GW_ENC_IDENTITY) {
+        s->enc = gw_encoder_start(r->w->comp, &r->gen->rt->cfg->compression, ac.enc,
+                                  resp->content_length > 0 ? (size_t)resp->content_length : 0);
+        s->piece = evbuffer_new();
+        if (!s->enc || !s->piece) {
+            gw_encoder_end(s->enc);
+            s->enc = NULL;
+            ac.enc = GW_ENC_IDENTITY; /* as it came */
+        }
+    }
+    bool head = r->method == CONFIG_METHOD_HEAD;
+    int64_t length = ac.enc == GW_ENC_IDENTITY ? resp->content_length : -1;
+    struct evbuffer *extra = NULL;
+    if (r->cache_key || r->cache_bypass) {
+        extra = evbuffer_new();
+        if (extra)
+            cache_headers_plain(r, extra);
+    }
+    size_t extra_len = extra ? evbuffer_get_length(extra) : 0;
+    pass_response_fields(r, resp, length, &ac, extra_len ? (const char *)evbuffer_pullup(extra, -1) : NULL,
+                         extra_len);
+    if (extra)
+        evbuffer_free(extra);
+    add_drain_header(r);
+    /* No length and no chunked coding for HTTP/1.0: the close ends the body.
+     * evhttp judges keep-alive (and then adds Content-Length: 0) by the
+     * request's own Connection field, so that goes. */
+    if (length < 0 && !head && r->req->major == 1 && r->req->minor == 0) {
+        evhttp_remove_header(evhttp_request_get_input_headers(r->req), "Connection");
+        evhttp_add_header(evhttp_request_get_output_headers(r->req), "Connection", "close");
+    }
+    if (head) {
+        /* A HEAD fetched as GET to fill the cache, and the answer is too
+         * large to store: the head is all the client wants. */
+        r->call = NULL;
+        evhttp_send_reply(r->req, s->status, s->reason, NULL);
+        r->req = NULL;
+        request_end(r);
+        return false;
+    }
+    if (hold_for_invalidations(r, resp->status)) {
+        /* The head waits for the route's invalidations (as a buffered answer
+         * does), and so does the upstream: nothing more is read meanwhile. */
+        s->held = evbuffer_new();
+        if (s->held)
+            evbuffer_add_buffer(s->held, resp->body);
+        s->paused = true;
+        upstream_call_pause(r->call, true);
+        return stream_settle(r, true);
+    }
+    stream_send_head(r);
+    if (!stream_push(r, resp->body, GW_ENCODER_FLUSH))
+        s->cut = true;
+    return stream_settle(r, true);
+}
+
+/* The invalidations a streamed answer's head waited for are done (or
+ * timed out): the head, what arrived, and the upstream goes on. */
+static void stream_release(gw_request *r)
+{
+    gw_stream *s = r->stream;
+    if (r->hold_timer)
+        evtimer_del(r->hold_timer);
+    s->in_callback = true;
+    stream_send_head(r);
+    if (!stream_push(r, s->held, s->ended ? GW_ENCODER_FINISH : GW_ENCODER_FLUSH))
+        s->cut = true;
+    if (s->ended && !s->cut && !s->client_gone) {
+        s->in_callback = false;
+        stream_finish(r);
+        return;
+    }
+    if (s->paused && r->call && !s->cut && !s->client_gone && stream_output_len(s) <= GW_STREAM_HIGH_BYTES) {
+        s->paused = false;
+        upstream_call_pause(r->call, false);
+    }
+    stream_settle(r, false);
+}
+
+/* upstream_body_fn: more of the body, its end, or a break. */
+static bool stream_body(void *arg, struct evbuffer *body, upstream_body_event ev, bool drained)
+{
+    gw_request *r = arg;
+    gw_stream *s = r->stream;
+    if (ev != UPSTREAM_BODY_MORE)
+        r->call = NULL; /* already freed */
+    s->in_callback = true;
+    if (!s->head_sent) { /* held (cannot normally happen: the call is paused meanwhile) */
+        if (s->held && body)
+            evbuffer_add_buffer(s->held, body);
+        if (ev == UPSTREAM_BODY_END)
+            s->ended = true;
+        else if (ev != UPSTREAM_BODY_MORE)
+            stream_broke(r, ev);
+        return stream_settle(r, true);
+    }
+    switch (ev) {
+    case UPSTREAM_BODY_MORE:
+        /* Flush a compressor when the upstream has nothing more just now:
+         * the client gets all that arrived (an event stream's events at once);
+         * while data keeps coming, the encoder keeps its own pace. */
+        if (!stream_push(r, body, drained ? GW_ENCODER_FLUSH : GW_ENCODER_PROCESS))
+            s->cut = true;
+        break;
+    case UPSTREAM_BODY_END:
+        if (!stream_push(r, body, GW_ENCODER_FINISH)) {
+            s->cut = true;
+            break;
+        }
+        if (!s->client_gone) {
+            s->in_callback = false;
+            stream_finish(r);
+            return false;
+        }
+        break;
+    default:
+        stream_push(r, body, GW_ENCODER_FLUSH);
+        stream_broke(r, ev);
+        break;
+    }
+    return stream_settle(r, true);
+}
+
+/* evhttp's chunk callback: the client connection's output is empty. */
+static void stream_drained(struct evhttp_connection *evcon, void *arg)
+{
+    gw_request *r = arg;
+    gw_stream *s = r->stream;
+    if (!s)
+        return;
+    if (s->conn && s->conn->fd >= 0 && s->conn->read_timer)
+        evtimer_del(s->conn->read_timer); /* no send deadline while nothing waits (see client_pump) */
+    if (s->cut) {
+        stream_cut_close(r);
+        return;
+    }
+    if (s->paused && r->call && s->head_sent) {
+        s->paused = false;
+        upstream_call_pause(r->call, false);
+    }
 }
 
 /* The request-target to send upstream: origin-form path and query. Usually
@@ -2252,8 +2704,10 @@ static void proxy(gw_request *r, int upstream_index)
     /* A HEAD the cache may answer fetches the GET entry it is answered from. */
     if (cmd == EVHTTP_REQ_HEAD && r->cache_key && !r->cache_bypass)
         cmd = EVHTTP_REQ_GET;
+    static const upstream_handlers handlers = {fill_upstream_request, upstream_done, stream_head,
+                                               stream_body};
     r->call = upstream_call_start(r->gen->ups, (size_t)upstream_index, cmd, uri, idempotent, deadline,
-                                  fill_upstream_request, upstream_done, r);
+                                  stream_threshold(r), &handlers, r);
     if (!r->call)
         respond_error(r, 500, "out of memory");
 }
@@ -3006,6 +3460,11 @@ static void on_connection_closed(struct evhttp_connection *evcon, void *arg)
 {
     gw_conn *c = arg;
     gw_worker *w = c->w;
+    if (c->stream) { /* the client left (or timed out) while its answer streamed */
+        gw_request *r = c->stream;
+        c->stream = NULL;
+        stream_client_gone(r);
+    }
     if (c->replying)
         w->replying--;
     c->replying = false;
@@ -3027,8 +3486,11 @@ static void on_connection_closed(struct evhttp_connection *evcon, void *arg)
 static void read_deadline_cb(evutil_socket_t fd, short what, void *arg)
 {
     gw_conn *c = arg;
-    /* Not inside any evhttp callback and no request of ours is in flight on it
-     * (the timer stops when a request has been read): safe to free here. */
+    /* Not inside any evhttp callback, and the only request of ours that can be
+     * in flight on it is one streaming its answer to a client that stopped
+     * reading (the timer stops when a request has been read, and runs again
+     * only while an answer waits to be written): its close callback tells that
+     * request (stream_client_gone). Safe to free here. */
     evhttp_connection_free(c->evcon);
 }
 
@@ -3371,6 +3833,7 @@ static void worker_stop(gw_worker *w)
         r->sql_call = NULL;
         limit_state_free(r);
         cache_request_drop(r);
+        stream_free(r);
         sqlroute_params_free(&r->sql);
         w->requests = r->next;
         w->in_flight--;

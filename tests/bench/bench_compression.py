@@ -27,13 +27,25 @@ A program that prints figures, not a test. Two parts:
     each coding made once when it was stored, so br and gzip hits send stored
     bytes as identity hits do; the target is br/none and gzip/none >= 0.95.
 
+(4) A streamed answer: nginx serves a --stream-mib (default 32) MiB JSON file;
+    the gateway (the default levels) proxies it, over its 1 MiB buffer, so it
+    streams (compressed piece by piece for gzip and br); nginx proxy_pass
+    (proxy_buffering on, `gzip on` at level 6 for its gzip row; Debian's nginx
+    has no brotli) does the same. One curl at a time downloads it (-o
+    /dev/null, no decoding), R rounds, order alternating. Printed: MiB/s of
+    the identity body per second of download, the bytes on the wire against
+    the body compressed whole (what flushing each read costs), and the proxy's
+    CPU ms per MiB (from /proc). Every variant is decoded once and compared
+    with the file first.
+
 Everything it starts is stopped on the way out, on errors and Ctrl-C too. All
 traffic stays on 127.0.0.1. Time is bounded: part 1 takes about 36 cells x
 --cell-seconds (a single brotli-11 run on 1 MiB can take longer than that);
 part 2 about rounds * 4 * (duration + 1) s plus warm-up and start-up.
 
 Usage:
-  tests/bench/bench_compression.py [--part 1|2|3|both|all] [--cell-seconds 0.3]
+  tests/bench/bench_compression.py [--part 1|2|3|4|both|all] [--cell-seconds 0.3]
+       [--stream-mib 32]
        [--workers 1] [--rounds 3] [--duration 5] [--connections 64] [--threads 2]
        [--body-bytes 16384] [--gateway build/gateway]
 On a 2-core machine keep --workers 1: wrk needs a core of its own.
@@ -58,8 +70,8 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_proxy import (DEFAULT_GATEWAY, Proc, free_port, parse_wrk, start_nginx,  # noqa: E402
-                         wait_http)
+from bench_proxy import (DEFAULT_GATEWAY, Proc, cpu_seconds, free_port, nginx_workers,  # noqa: E402
+                         parse_wrk, start_nginx, wait_http)
 
 KIB = 1024
 MIB = 1024 * 1024
@@ -382,10 +394,133 @@ def part2(args, scratch, procs, cached=False):
         print("  WARNING: errors during the runs: %s" % errors)
 
 
+# ---------------------------------------------------------------------------
+# Part 4: a streamed answer
+
+def stream_body(mib):
+    """mib MiB of JSON-like text: 8 different 1 MiB documents, repeated (a
+    repeat is 8 MiB back, beyond brotli's 4 MiB window and gzip's 32 KiB)."""
+    docs = [json_body(MIB, seed=100 + i) for i in range(min(8, mib))]
+    return b"".join(docs[i % len(docs)] for i in range(mib))
+
+
+def start_stream_upstream(scratch, nginx, port, body):
+    www = scratch / "www-stream"
+    www.mkdir(exist_ok=True)
+    (www / "big.json").write_bytes(body)
+    http = """\
+    server {
+        listen 127.0.0.1:%d backlog=4096;
+        root %s;
+        etag off;
+        location / {
+            default_type application/json;
+            try_files /big.json =404;
+        }
+    }""" % (port, www)
+    return start_nginx("stream-upstream", scratch, nginx, 1, http, port)
+
+
+def start_stream_nginx(scratch, nginx, port, upstream_port):
+    http = """\
+    upstream backend {
+        server 127.0.0.1:%d;
+        keepalive 16;
+    }
+    server {
+        listen 127.0.0.1:%d backlog=4096;
+        gzip on;
+        gzip_comp_level 6;
+        gzip_min_length 1024;
+        gzip_types application/json;
+        gzip_proxied any;
+        location / {
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }""" % (upstream_port, port)
+    return start_nginx("stream-nginx", scratch, nginx, 1, http, port)
+
+
+def download(port, ae, pids):
+    """(seconds, bytes on the wire, proxy CPU seconds) of one download."""
+    argv = ["curl", "-s", "-o", "/dev/null", "-w", "%{time_total} %{size_download} %{http_code}",
+            "--max-time", "120"]
+    if ae:
+        argv += ["-H", "Accept-Encoding: %s" % ae]
+    argv.append("http://127.0.0.1:%d/big.json" % port)
+    cpu0 = cpu_seconds(pids)
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=130).stdout.split()
+    cpu = cpu_seconds(pids) - cpu0
+    if len(out) != 3 or out[2] != "200":
+        raise RuntimeError("download %r from port %d: %r" % (ae, port, out))
+    return float(out[0]), int(out[1]), cpu
+
+
+def check_stream(port, ae, body, br):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    try:
+        conn.putrequest("GET", "/big.json", skip_accept_encoding=True)
+        if ae:
+            conn.putheader("Accept-Encoding", ae)
+        conn.endheaders()
+        resp = conn.getresponse()
+        raw = resp.read()
+    finally:
+        conn.close()
+    ce = resp.getheader("Content-Encoding")
+    if resp.status != 200 or ce != ae:
+        raise RuntimeError("stream %r: %d, Content-Encoding %r" % (ae, resp.status, ce))
+    got = gunzip(raw) if ce == "gzip" else br.decompress(raw, len(body)) if ce == "br" else raw
+    if got != body:
+        raise RuntimeError("stream %r: the body does not decode to the file" % ae)
+
+
+def part4(args, scratch, procs):
+    br = Brotli()
+    body = stream_body(args.stream_mib)
+    up_port, gw_port, ngx_port = free_port(), free_port(), free_port()
+    procs.append(start_stream_upstream(scratch, args.nginx, up_port, body))
+    gw = start_gateway(scratch, args.gateway, "stream-gateway", gw_port, up_port, args.workers, True)
+    procs.append(gw)
+    ngx = start_stream_nginx(scratch, args.nginx, ngx_port, up_port)
+    procs.append(ngx)
+    variants = [("gateway identity", gw_port, None, gw), ("gateway gzip", gw_port, "gzip", gw),
+                ("gateway br", gw_port, "br", gw), ("nginx identity", ngx_port, None, ngx),
+                ("nginx gzip", ngx_port, "gzip", ngx)]
+    for name, port, ae, _ in variants:
+        check_stream(port, ae, body, br)
+    whole = {"gzip": len(gzip_compress(body, 6)), "br": len(br.compress(body, 5))}
+    print("\n(4) a streamed %d MiB JSON answer, one download at a time (curl, no decoding), %d rounds; "
+          "gateway workers %d, nginx 1 worker" % (args.stream_mib, args.rounds, args.workers))
+    res = {name: [] for name, _, _, _ in variants}
+    for rnd in range(args.rounds):
+        order = variants if rnd % 2 == 0 else list(reversed(variants))
+        for name, port, ae, proc in order:
+            pids = nginx_workers(proc) if name.startswith("nginx") else [proc.proc.pid]
+            res[name].append(download(port, ae, pids))
+    print("\n  %-18s %10s %14s %12s %14s" % ("median", "MiB/s", "wire bytes", "wire/whole", "CPU ms/MiB"))
+    for name, _, ae, _ in variants:
+        t = statistics.median(r[0] for r in res[name])
+        wire = statistics.median(r[1] for r in res[name])
+        cpu = statistics.median(r[2] for r in res[name])
+        rel = "%12.4f" % (wire / whole[ae]) if ae else "%12s" % "-"
+        print("  %-18s %10.1f %14d %s %14.2f" % (name, args.stream_mib / t, wire, rel,
+                                                 cpu * 1000 / args.stream_mib), flush=True)
+    print("  (MiB/s of the %d MiB body; wire/whole: bytes sent against the body compressed in one piece at the "
+          "same level, gzip %d, br %d)" % (args.stream_mib, whole["gzip"], whole["br"]))
+    for name in ("gateway identity", "gateway gzip"):
+        base = name.replace("gateway", "nginx")
+        paired = [b[0] / a[0] for a, b in zip(res[name], res[base])]
+        print("  %-34s throughput paired median %5.2f" % ("%s / %s" % (name, base), statistics.median(paired)))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--part", choices=["1", "2", "3", "both", "all"], default="both",
-                    help="both = 1 and 2; all = 1, 2 and 3")
+    ap.add_argument("--part", choices=["1", "2", "3", "4", "both", "all"], default="both",
+                    help="both = 1 and 2; all = 1, 2, 3 and 4")
+    ap.add_argument("--stream-mib", type=int, default=32, help="part 4: the streamed answer's size")
     ap.add_argument("--cell-seconds", type=float, default=0.3, help="timing budget per part-1 cell")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=3)
@@ -400,7 +535,7 @@ def main():
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory (logs, configs)")
     args = ap.parse_args()
 
-    if args.part in ("2", "3", "both", "all"):
+    if args.part in ("2", "3", "4", "both", "all"):
         for path, what in ((args.gateway, "gateway"), (args.nginx, "nginx"), (args.wrk, "wrk")):
             if not os.access(path, os.X_OK):
                 sys.exit("bench_compression: %s not found or not executable: %s" % (what, path))
@@ -422,6 +557,8 @@ def main():
             part2(args, scratch, procs)
         if args.part in ("3", "all"):
             part2(args, scratch, procs, cached=True)
+        if args.part in ("4", "all"):
+            part4(args, scratch, procs)
     except KeyboardInterrupt:
         print("\nbench_compression: interrupted; stopping everything", file=sys.stderr)
         status = 130
