@@ -23,6 +23,9 @@
 #define OUT_CHUNK (16 * 1024)   /* output space reserved per step */
 #define GW_COMPRESS_IDLE_GZIP 4 /* reset zlib streams a worker keeps for its next answers */
 #define PEEK_VECS 16            /* input extents taken per step (more: another round) */
+#define BR_KEEP_BLOCKS 16       /* freed brotli blocks a worker keeps for its next encoders */
+#define BR_KEEP_BYTES (8u << 20)
+#define BR_HEADER 16 /* before each brotli block: its size (keeps the block 16-aligned) */
 
 struct gw_encoder {
     gw_compressor *owner;
@@ -39,7 +42,68 @@ struct gw_compressor {
     gw_encoder *idle; /* gzip encoders with a live zlib stream, for reuse */
     unsigned idle_count;
     gw_encoder whole; /* gw_compress's own, reused answer after answer */
+    /* Brotli has no reset: each answer gets a new encoder, but the blocks the
+     * last ones freed (hash tables, ring buffer) are kept here and handed to
+     * the next, so a worker's brotli memory is reused rather than allocated
+     * per answer. At most BR_KEEP_BLOCKS blocks and BR_KEEP_BYTES. */
+    void *br_kept[BR_KEEP_BLOCKS];
+    unsigned br_kept_count;
+    size_t br_kept_bytes;
 };
+
+static size_t br_block_size(void *block)
+{
+    size_t size;
+    memcpy(&size, (char *)block - BR_HEADER, sizeof size);
+    return size;
+}
+
+/* brotli_alloc_func: the smallest kept block that fits and is at most twice
+ * the size asked (so a small encoder does not pin a large block), else a new one. */
+static void *br_alloc(void *opaque, size_t size)
+{
+    gw_compressor *c = opaque;
+    unsigned best = BR_KEEP_BLOCKS;
+    for (unsigned i = 0; i < c->br_kept_count; i++) {
+        size_t have = br_block_size(c->br_kept[i]);
+        if (have >= size && have / 2 <= size &&
+            (best == BR_KEEP_BLOCKS || have < br_block_size(c->br_kept[best])))
+            best = i;
+    }
+    if (best < BR_KEEP_BLOCKS) {
+        void *block = c->br_kept[best];
+        c->br_kept_bytes -= br_block_size(block);
+        c->br_kept[best] = c->br_kept[--c->br_kept_count];
+        return block;
+    }
+    if (size > SIZE_MAX - BR_HEADER)
+        return NULL;
+    char *raw = malloc(size + BR_HEADER);
+    if (!raw)
+        return NULL;
+    memcpy(raw, &size, sizeof size);
+    return raw + BR_HEADER;
+}
+
+/* brotli_free_func: keep the block for the next encoder while there is room. */
+static void br_free(void *opaque, void *block)
+{
+    gw_compressor *c = opaque;
+    if (!block)
+        return;
+    size_t size = br_block_size(block);
+    if (c->br_kept_count < BR_KEEP_BLOCKS && size <= BR_KEEP_BYTES - c->br_kept_bytes) {
+        c->br_kept[c->br_kept_count++] = block;
+        c->br_kept_bytes += size;
+        return;
+    }
+    free((char *)block - BR_HEADER);
+}
+
+size_t gw_compressor_kept_bytes(const gw_compressor *c)
+{
+    return c->br_kept_bytes;
+}
 
 gw_compressor *gw_compressor_create(void)
 {
@@ -70,6 +134,8 @@ void gw_compressor_free(gw_compressor *c)
         free(e);
     }
     encoder_release(&c->whole);
+    for (unsigned i = 0; i < c->br_kept_count; i++)
+        free((char *)c->br_kept[i] - BR_HEADER);
     free(c);
 }
 
@@ -97,7 +163,7 @@ static int encoder_prepare(gw_encoder *e, const config_compression *cfg, gw_enco
     }
     if (enc != GW_ENC_BR)
         return -1;
-    e->br = BrotliEncoderCreateInstance(NULL, NULL, NULL);
+    e->br = BrotliEncoderCreateInstance(br_alloc, br_free, e->owner);
     if (!e->br)
         return -1;
     BrotliEncoderSetParameter(e->br, BROTLI_PARAM_QUALITY, (uint32_t)cfg->brotli_quality);

@@ -290,6 +290,40 @@ static void test_level_change(void **state)
     gw_compressor_free(c);
 }
 
+/* Brotli encoders come and go; the blocks they free are kept for the next
+ * ones, whatever the sizes in between, and the output always decodes. */
+static void test_brotli_blocks_reused(void **state)
+{
+    config_compression cfg = cfg_of(6, 5);
+    gw_compressor *c = gw_compressor_create();
+    assert_int_equal(gw_compressor_kept_bytes(c), 0);
+    static const size_t sizes[] = {1000, 1 << 20, 1000, 300000, 0, 1 << 20, 5000, 1};
+    for (size_t round = 0; round < 3; round++) {
+        for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) {
+            unsigned char *body = json_like(sizes[i], (unsigned)(round * 31 + i));
+            struct evbuffer *in = evbuffer_new(), *out = evbuffer_new();
+            evbuffer_add(in, body, sizes[i]);
+            assert_int_equal(gw_compress(c, &cfg, GW_ENC_BR, in, out), 0);
+            decoder d;
+            dec_init(&d, GW_ENC_BR);
+            dec_feed(&d, out);
+            assert_true(d.finished);
+            assert_int_equal(d.len, sizes[i]);
+            if (sizes[i])
+                assert_memory_equal(d.out, body, sizes[i]);
+            dec_free(&d);
+            /* a streamed answer in between, drawing on the same blocks */
+            stream_one(c, &cfg, GW_ENC_BR, sizes[i] / 2, 4096, 3);
+            assert_true(gw_compressor_kept_bytes(c) > 0);
+            assert_true(gw_compressor_kept_bytes(c) <= 8u << 20);
+            evbuffer_free(in);
+            evbuffer_free(out);
+            free(body);
+        }
+    }
+    gw_compressor_free(c);
+}
+
 static void test_identity_is_no_encoder(void **state)
 {
     config_compression cfg = cfg_of(6, 5);
@@ -309,6 +343,7 @@ int main(void)
         cmocka_unit_test(test_streamed_flush_and_finish),
         cmocka_unit_test(test_concurrent_encoders_and_reuse),
         cmocka_unit_test(test_level_change),
+        cmocka_unit_test(test_brotli_blocks_reused),
         cmocka_unit_test(test_identity_is_no_encoder),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
