@@ -20,10 +20,11 @@
 #include <brotli/encode.h>
 #include <zlib.h>
 
-#define OUT_CHUNK (16 * 1024)   /* output space reserved per step */
-#define GW_COMPRESS_IDLE_GZIP 4 /* reset zlib streams a worker keeps for its next answers */
-#define PEEK_VECS 16            /* input extents taken per step (more: another round) */
-#define BR_KEEP_BLOCKS 16       /* freed brotli blocks a worker keeps for its next encoders */
+#define OUT_CHUNK (16 * 1024)     /* output space reserved per step */
+#define GW_COMPRESS_IDLE_GZIP 4   /* reset zlib streams a worker keeps for its next answers */
+#define PEEK_VECS 16              /* input extents taken per step (more: another round) */
+#define GW_BROTLI_STREAM_LGWIN 19 /* a streamed answer's window: 512 KiB */
+#define BR_KEEP_BLOCKS 16         /* freed brotli blocks a worker keeps for its next encoders */
 #define BR_KEEP_BYTES (8u << 20)
 #define BR_HEADER 16 /* before each brotli block: its size (keeps the block 16-aligned) */
 
@@ -276,6 +277,12 @@ gw_encoder *gw_encoder_start(gw_compressor *c, const config_compression *cfg, gw
         free(e);
         return NULL;
     }
+    /* A stream may wait on a slow client for long, and clients choose how many
+     * there are: a 512 KiB window (ngx_brotli's default) keeps one at about
+     * 2 MiB, where brotli's default of 4 MiB took about 48 MiB (with its input
+     * blocks and output storage), for output 0.6 % smaller. */
+    if (enc == GW_ENC_BR)
+        BrotliEncoderSetParameter(e->br, BROTLI_PARAM_LGWIN, GW_BROTLI_STREAM_LGWIN);
     return e;
 }
 

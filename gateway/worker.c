@@ -814,8 +814,10 @@ static bool field_in_304(const char *name, size_t len)
  * ETag gets 304. */
 static void serve_entry(gw_request *r, cache_entry *e, serve_kind kind)
 {
-    cache_variant v = entry_variant(r, e);
     bool head = r->method == CONFIG_METHOD_HEAD;
+    /* HEAD is answered as an uncached route answers it: the GET's fields,
+     * Vary included, uncompressed. */
+    cache_variant v = head ? CACHE_IDENTITY : entry_variant(r, e);
     int status = e->status == 200 && entry_not_modified(r, e) ? 304 : e->status;
     bool no_body = status == 204 || status == 304;
     int64_t now = wall_ms();
@@ -1893,6 +1895,33 @@ static size_t stream_threshold(const gw_request *r)
  * compressed piece by piece as it passes, so compression.max_bytes (the most
  * compressed in one go) does not apply, and its size is its Content-Length
  * (unknown, -1, when chunked or close-delimited: it qualifies). */
+/* Does the client's If-None-Match list W/ + the upstream's strong ETag, the
+ * validator the gateway sent with a compressed 200 of it? */
+static bool client_holds_weakened(gw_request *r, const upstream_response *resp)
+{
+    const http1_field *etag = NULL;
+    for (size_t i = 0; i < resp->field_count; i++)
+        if (field_is(&resp->fields[i], "ETag", 4))
+            etag = &resp->fields[i];
+    if (!etag || etag->value_len < 2 || etag->value[0] != '"')
+        return false;
+    const char *inm = evhttp_find_header(evhttp_request_get_input_headers(r->req), "If-None-Match");
+    for (const char *p = inm; p && *p;) {
+        while (*p == ' ' || *p == '\t' || *p == ',')
+            p++;
+        const char *tag = p;
+        while (*p && *p != ',')
+            p++;
+        const char *end = p;
+        while (end > tag && (end[-1] == ' ' || end[-1] == '\t'))
+            end--;
+        if ((size_t)(end - tag) == etag->value_len + 2 && strncmp(tag, "W/", 2) == 0 &&
+            memcmp(tag + 2, etag->value, etag->value_len) == 0)
+            return true;
+    }
+    return false;
+}
+
 static void choose_coding(gw_request *r, const upstream_response *resp, bool streamed, answer_coding *ac)
 {
     const config_compression *cc = &r->gen->rt->cfg->compression;
@@ -1902,17 +1931,25 @@ static void choose_coding(gw_request *r, const upstream_response *resp, bool str
     ac->weaken_etag = false;
     if (!cc->enabled)
         return;
+    if (resp->status == 304) {
+        /* A 304 repeats the validator and Vary of the 200 the client holds
+         * (RFC 9110 15.4.5). It has no type or size to judge that 200 by, but
+         * the client says: it asks with W/"x" for the upstream's "x" only when
+         * it was sent a compressed 200 (which also had Vary). Any other way
+         * the 304 passes as the upstream sent it. */
+        ac->weaken_etag = client_holds_weakened(r, resp);
+        bool vary_ae = false;
+        for (size_t i = 0; i < resp->field_count; i++)
+            if (field_is(&resp->fields[i], "Vary", 4) &&
+                (field_lists(&resp->fields[i], "Accept-Encoding") || field_lists(&resp->fields[i], "*")))
+                vary_ae = true;
+        ac->add_vary = ac->weaken_etag && !vary_ae;
+        return;
+    }
     gw_encoding prefs[2];
     size_t n = gw_compress_prefs(cc, prefs);
     char joined[1024];
     const char *ae = gw_accept_encoding_of(evhttp_request_get_input_headers(r->req), joined, sizeof joined);
-    if (resp->status == 304) {
-        /* The client holds the representation it was sent: compressed, with
-         * the ETag weakened, when it accepts a coding. The 304 must carry the
-         * same validator (a 304 has no Content-Type to judge by). */
-        ac->weaken_etag = gw_encoding_choose(ae, prefs, n, NULL) != GW_ENC_IDENTITY;
-        return;
-    }
     bool head = r->method == CONFIG_METHOD_HEAD;
     size_t size = evbuffer_get_length(resp->body);
     for (size_t i = 0; head && i < resp->field_count; i++) /* HEAD: the size a GET would have */

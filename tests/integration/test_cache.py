@@ -946,6 +946,28 @@ def test_compressed_variants_from_one_entry(cenv, first_ae):
     assert up.count(path=path_of(p)) == 1
 
 
+@pytest.mark.parametrize("ae", [None, "gzip", "br", "gzip, br"])
+def test_head_on_compressible_entry_is_uncompressed(cenv, ae):
+    """HEAD is answered as on an uncached route: the GET's fields with Vary,
+    the identity length, no Content-Encoding, the strong ETag; on the miss
+    that fills the entry and on the hit."""
+    gw, up = cenv.gw, cenv.up
+    p = respond("/cz/head-%s" % (ae or "none").replace(", ", "-"), size=9000, seed=77,
+                headers=[("ETag", '"h1"')])
+    for n, a in enumerate((req(gw, p, method="HEAD", ae=ae), req(gw, p, method="HEAD", ae=ae))):
+        (assert_miss if n == 0 else assert_hit)(a)
+        assert a.status == 200 and a.body == b"", a
+        assert a.h("Content-Encoding") is None, (ae, a)
+        assert a.h("Content-Length") == "9000", (ae, a)
+        assert a.h("ETag") == '"h1"', (ae, a)
+        assert vary_ae(a), (ae, a)
+    g = req(gw, p, ae=ae)
+    assert_hit(g)
+    assert decoded(g) == respond_body(9000, "json", 77)
+    assert g.h("Content-Encoding") == ({"gzip": "gzip", "br": "br", "gzip, br": "br"}.get(ae)), (ae, g)
+    assert up.count(path=path_of(p)) == 1
+
+
 def test_if_none_match_on_hits(cenv):
     """A hit whose request names the entry's ETag (weak comparison) is a 304
     with the validator this client's variant carries, and no body; another

@@ -505,18 +505,40 @@ def test_no_body_statuses_not_compressed(env, status):
     assert ans.status == status, ans
     assert ans.codings == [], ans
     assert ans.body == b""
-    if status == 204:
-        assert ans.headers.get("ETag") == '"s1"', "an uncompressed answer keeps its strong ETag: %r" % ans
-    else:
-        # The client that accepts a coding holds the compressed representation,
-        # whose ETag was weakened: the 304 that revalidates it says the same.
-        assert ans.headers.get("ETag") == 'W/"s1"', "a 304 carries the validator the client holds: %r" % ans
+    # Nothing says this client holds a compressed representation (it sent no
+    # If-None-Match with the weakened tag): the validator passes as it came.
+    assert ans.headers.get("ETag") == '"s1"', "an uncompressed answer keeps its strong ETag: %r" % ans
 
 
 def test_304_keeps_strong_etag_for_identity_clients(env):
     ans = fetch(env.gw, respond(64 * KIB, status=304, headers=[("ETag", '"s1"')]), None)
     assert ans.status == 304, ans
     assert ans.headers.get("ETag") == '"s1"', ans
+
+
+# A 304 repeats the ETag and Vary of the 200 the client holds (RFC 9110
+# 15.4.5). The client revalidating a compressed 200 asks with the weakened tag
+# it was given; one that holds the identity 200 (an uncompressible type, a body
+# under min_bytes, no-transform, an encoded answer, or no coding accepted) asks
+# with the strong one. Only the first gets W/ and Vary back.
+@pytest.mark.parametrize("inm,ct,extra,etag,vary", [
+    ('W/"s1"', None, [], 'W/"s1"', True),
+    ('"x", W/"s1"', None, [], 'W/"s1"', True),
+    ('W/"s1"', None, [("Vary", "Accept-Encoding")], 'W/"s1"', True),  # already there: not twice
+    ('"s1"', None, [], '"s1"', False),
+    ('"s1"', "image/png", [], '"s1"', False),
+    ('"s1"', None, [("Cache-Control", "no-transform")], '"s1"', False),
+    ('"s1"', None, [("Content-Encoding", "gzip")], '"s1"', False),
+    (None, None, [], '"s1"', False),
+])
+def test_304_repeats_what_the_client_holds(env, inm, ct, extra, etag, vary):
+    headers = [("ETag", '"s1"')] + extra
+    ans = fetch(env.gw, respond(64 * KIB, status=304, ct=ct, headers=headers), "gzip, br",
+                headers=[("If-None-Match", inm)] if inm else ())
+    assert ans.status == 304, ans
+    assert ans.headers.get("ETag") == etag, ans
+    listed = ans.vary.count("accept-encoding")
+    assert listed == (1 if vary else 0), "Vary: Accept-Encoding %s: %r" % ("once" if vary else "absent", ans)
 
 
 def test_partial_content_not_compressed(env):
