@@ -106,6 +106,11 @@ size_t gw_compressor_kept_bytes(const gw_compressor *c)
     return c->br_kept_bytes;
 }
 
+unsigned gw_compressor_idle_gzip(const gw_compressor *c)
+{
+    return c->idle_count;
+}
+
 gw_compressor *gw_compressor_create(void)
 {
     gw_compressor *c = calloc(1, sizeof(gw_compressor));

@@ -47,6 +47,9 @@ typedef struct gw_compressor gw_compressor;
 gw_compressor *gw_compressor_create(void);
 /* Bytes of brotli blocks kept for the next encoders (at most 8 MiB); for tests. */
 size_t gw_compressor_kept_bytes(const gw_compressor *c);
+/* zlib streams of ended gzip encoders kept, reset, for the next ones (at most
+ * 4; an encoder that failed is not kept); for tests. */
+unsigned gw_compressor_idle_gzip(const gw_compressor *c);
 void gw_compressor_free(gw_compressor *c);
 
 /* Compress all of `in` (left as it was) into `out` with `enc` (GW_ENC_GZIP at

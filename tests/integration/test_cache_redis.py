@@ -5,10 +5,13 @@ One Redis for the file (redis_server.py); each test starts gateways of its own
 Redis first. Checked: what clients got (X-Cache, bodies), what the upstream
 saw, the keys in Redis (EXISTS, PTTL, the entry's magic), what an invalidation
 on one instance does to another (Redis and its hot tier, through pub/sub),
-the admin endpoints' counts, and what happens while Redis is killed, comes
-back, or stalls (gateway_redis_up, gateway_cache_store_errors_total).
+the admin endpoints' counts, what happens while Redis is killed, comes
+back, or stalls (gateway_redis_up, gateway_cache_store_errors_total), and the
+compressed variants an entry carries through Redis.
 """
 
+import socket
+import struct
 import threading
 import time
 import uuid
@@ -18,15 +21,19 @@ import requests
 
 from harness import free_port, fresh, gateway_config, route, session, upstream_config, wait_until
 from redis_server import redis_server  # noqa: F401 - the fixture
-from test_cache import (ADMIN_TOKEN, admin_post, assert_bypass, assert_hit, assert_miss, cached, concurrently, req,
-                        respond)
+from test_cache import (ADMIN_TOKEN, admin_post, assert_bypass, assert_hit, assert_miss, cached, concurrently,
+                        decoded, path_of, req, respond, vary_ae)
+from upstream import respond_body
 
 
-def redis_gateway(stack, redis, routes, up=None, name=None, timeout="200ms", admin_port=None, **cache):
+def redis_gateway(stack, redis, routes, up=None, name=None, timeout="200ms", admin_port=None, compression=None,
+                  **cache):
     up = up or stack.upstream("up")
     c = {"store": "redis"}
     c.update(cache)
     sections = {}
+    if compression:
+        sections["compression"] = compression
     if admin_port:
         sections["admin"] = {"listen": "127.0.0.1:%d" % admin_port, "token": ADMIN_TOKEN}
     cfg = gateway_config({"up": upstream_config([up], timeout="5s", keepalive=16)}, routes=routes,
@@ -422,3 +429,80 @@ def test_redis_paused_bypasses_promptly(stack, redis_server):
     assert metric(gw, "gateway_cache_store_errors_total") > errors
     wait_until(lambda: time.monotonic() - paused > 1.05, 2, "the pause over")
     wait_cache_from_redis(gw, redis_server, "/ps/after", timeout=4.0)
+
+
+# ---------------------------------------------------------------------------
+# Compressed variants through Redis
+
+COMPRESSION = {"algorithms": ["br", "gzip"], "min_bytes": 64, "types": ["application/json"]}
+
+
+def redis_get_bytes(redis, key):
+    """GET key as bytes (redis-cli would mangle a binary value), over RESP."""
+    with socket.create_connection((redis.host, redis.port), timeout=5) as s:
+        k = key.encode()
+        s.sendall(b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n" % (len(k), k))
+        f = s.makefile("rb")
+        head = f.readline()
+        assert head.startswith(b"$"), head
+        n = int(head[1:])
+        return None if n < 0 else f.read(n + 2)[:n]
+
+
+def entry_variant_lengths(blob):
+    """(flags, {variant: body bytes}) from an entry's serialized form
+    (cache/entry.h: "GWC1", u16 status, u16 flags, 3 x i64, u32 fields_len,
+    u32 identity, gzip, br lengths)."""
+    assert blob[:4] == b"GWC1", blob[:16]
+    flags = struct.unpack_from("<H", blob, 6)[0]
+    identity, gz, br = struct.unpack_from("<III", blob, 36)
+    return flags, {"identity": identity, "gzip": gz, "br": br}
+
+
+# (Accept-Encoding, the Content-Encoding the hit must carry); none of the
+# clients with None accepts gzip, and neither do "br" or "gzip;q=0, br".
+REDIS_CODINGS = [("br", "br"), ("gzip", "gzip"), ("identity", None), (None, None), ("gzip, br", "br"),
+                 ("br;q=0, gzip", "gzip"), ("gzip;q=0, br", "br"), ("gzip;q=0", None), ("deflate", None)]
+
+
+def test_codings_through_redis_without_hot_tier(stack, redis_server):
+    """store: redis, hot_tier: false, compression on. One fetch (by a client
+    sending no Accept-Encoding) stores an entry whose value in Redis holds the
+    identity body and its br and gzip variants; every later request is a hit
+    read from Redis (a GET each) and gets the variant its Accept-Encoding
+    chooses: br, gzip, or none for identity / no header / gzip refused. Each
+    decodes to the upstream's body, carries Vary: Accept-Encoding, and the
+    upstream saw one request. A client that does not accept gzip never gets
+    gzip."""
+    gw, up = redis_gateway(stack, redis_server, [cached("rz", prefix="/rz/", cache={"ttl": "60s"})],
+                           hot_tier=False, compression=COMPRESSION)
+    p = respond("/rz/v", size=20000, seed=21)
+    want = respond_body(20000, "json", 21)
+    a = req(gw, p)
+    assert_miss(a)
+    assert a.h("Content-Encoding") is None and decoded(a) == want and vary_ae(a), a
+    wait_key(redis_server, a.key)
+    flags, lens = entry_variant_lengths(redis_get_bytes(redis_server, a.key))
+    assert flags & 1, "the entry in Redis lacks its Vary: Accept-Encoding flag"
+    assert lens["identity"] == len(want), lens
+    assert 0 < lens["br"] < len(want) and 0 < lens["gzip"] < len(want), \
+        "the entry in Redis must hold both compressed variants: %s" % lens
+
+    gets = redis_server.command_calls("get")
+    hits = 0
+    for ae, coding in REDIS_CODINGS * 2:  # twice: over both workers, most likely
+        b = req(gw, p, ae=ae)
+        hits += 1
+        assert b.status == 200, (ae, b)
+        assert_hit(b)
+        assert b.all("Content-Encoding") == ([coding] if coding else []), (ae, b)
+        assert decoded(b) == want, "Accept-Encoding %r: the body does not decode to the upstream's" % ae
+        assert vary_ae(b), "Vary: Accept-Encoding on every variant (%r): %r" % (ae, b)
+        if coding:
+            assert len(b.body) == lens[coding], (ae, len(b.body), lens)  # the stored variant, as stored
+        if ae is None or "gzip" not in ae or "gzip;q=0" in ae:
+            assert b.h("Content-Encoding") != "gzip", "gzip to a client that does not accept it (%r)" % ae
+    assert redis_server.command_calls("get") >= gets + hits, \
+        "hits not read from Redis (hot_tier: false): %d GETs for %d hits" % (
+            redis_server.command_calls("get") - gets, hits)
+    assert up.count(path=path_of(p)) == 1, up.seen(path=path_of(p))

@@ -16,6 +16,7 @@ could send while the client did not read) and the gateway's own memory
 import ctypes
 import hashlib
 import http.client
+import os
 import random
 import signal
 import socket
@@ -69,12 +70,15 @@ def blob_digest(size):
 class ScriptedUpstream:
     """GET /<anything>?size=N&kind=json|blob&frame=cl|chunked|close&ct=TYPE
     &piece=BYTES&pause_at=BYTES&pause_ms=MS&die_at=BYTES&stall_at=BYTES
-    &stall_ms=MS&sse=1. The answer's body is body_of(size, kind), written in
+    &stall_ms=MS&sse=1&status=CODE&h=LINE (repeatable)&tag=NAME. The
+    answer's status is CODE (200), with each h= header line added; its body is
+    body_of(size, kind), written in
     pieces (chunks when chunked); at pause_at bytes it waits pause_ms; at
     die_at it closes the connection (as a process that dies does); at stall_at it sends nothing
     for stall_ms, then closes. sse=1: text/event-stream events
     ("data: <n>\\n\\n"), the first at once. HEAD answers the head only.
-    Keep-alive for cl and chunked."""
+    Keep-alive for cl and chunked. The body bytes sent for an answer with a
+    tag are counted in sent_by[tag] (answers running at once apart)."""
 
     def __init__(self):
         self.sock = socket.socket()
@@ -86,6 +90,7 @@ class ScriptedUpstream:
         self.connections = 0
         self.requests = 0
         self.sent = 0  # body bytes of the answer being written (the last one)
+        self.sent_by = {}  # tag= of an answer -> its body bytes sent so far
         self.closed_early = 0  # answers whose client (the gateway) went away mid-body
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._accept, daemon=True)
@@ -133,7 +138,10 @@ class ScriptedUpstream:
 
     def _answer(self, conn, method, target):
         """Write one answer; False when the connection is to be closed."""
-        q = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(target).query))
+        pairs = urllib.parse.parse_qsl(urllib.parse.urlsplit(target).query)
+        q = dict(pairs)
+        extra = [v for k, v in pairs if k == "h"]
+        tag = q.get("tag")
         size = int(q.get("size", 0))
         frame = q.get("frame", "cl")
         sse = q.get("sse") == "1"
@@ -143,7 +151,9 @@ class ScriptedUpstream:
         die_at = int(q.get("die_at", -1))
         stall_at, stall_ms = int(q.get("stall_at", -1)), int(q.get("stall_ms", 0))
         ct = q.get("ct", "text/event-stream" if sse else "application/json")
-        lines = ["HTTP/1.1 200 OK", "Content-Type: " + ct]
+        status = int(q.get("status", 200))
+        lines = ["HTTP/1.1 %d %s" % (status, http.client.responses.get(status, "X")), "Content-Type: " + ct]
+        lines += extra
         if frame == "cl":
             lines.append("Content-Length: %d" % size)
         elif frame == "chunked":
@@ -155,6 +165,8 @@ class ScriptedUpstream:
             return frame != "close"
         with self.lock:
             self.sent = 0
+            if tag:
+                self.sent_by[tag] = 0
 
         def send(data):
             if frame == "chunked":
@@ -163,6 +175,8 @@ class ScriptedUpstream:
                 conn.sendall(data)
             with self.lock:
                 self.sent += len(data)
+                if tag:
+                    self.sent_by[tag] += len(data)
 
         if sse:
             n = int(q.get("events", 3))
@@ -206,12 +220,13 @@ def up():
     u.close()
 
 
-def streaming_gateway(stack, up, name=None, timeout="5s", compression=COMPRESSION, routes=None, **sections):
+def streaming_gateway(stack, up, name=None, timeout="5s", compression=COMPRESSION, routes=None, env=None,
+                      **sections):
     cfg = gateway_config({"up": upstream_config([up.address], timeout=timeout, keepalive=8, retries=0)},
                          routes=routes, server=SERVER, log={"level": "info"}, **sections)
     if compression is not None:
         cfg["compression"] = compression
-    return stack.gateway(cfg, name=name)
+    return stack.gateway(cfg, name=name, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -219,10 +234,11 @@ def gw(module_stack, up):
     return streaming_gateway(module_stack, up)
 
 
-def path(size=0, kind="json", frame="cl", **kw):
+def path(size=0, kind="json", frame="cl", fields=(), **kw):
+    """The scripted upstream's URL; fields: (name, value) pairs it adds to its head."""
     q = {"size": size, "kind": kind, "frame": frame}
     q.update(kw)
-    return "/s?" + urllib.parse.urlencode(q)
+    return "/s?" + urllib.parse.urlencode(list(q.items()) + [("h", "%s: %s" % f) for f in fields])
 
 
 # ---------------------------------------------------------------------------
@@ -430,11 +446,20 @@ def test_event_stream_streams_whatever_its_size(gw, up, coding):
 # ---------------------------------------------------------------------------
 # Flow control, size
 
-def test_slow_client_bounded_memory(gw, up):
+def small_quarantine_env():
+    """ASAN_OPTIONS for a gateway whose RSS a test measures: on a sanitizer
+    build ASan's quarantine of freed memory (256 MB by default) would count in
+    RSS; kept at 1 MB, RSS measures what the gateway holds (other builds
+    ignore the variable)."""
+    return {"ASAN_OPTIONS": ":".join(x for x in (os.environ.get("ASAN_OPTIONS"), "quarantine_size_mb=1") if x)}
+
+
+def test_slow_client_bounded_memory(module_stack, up):
     """A client that does not read a 64 MiB answer for a while: the gateway
     stops reading the upstream (which cannot send it all), its RSS stays
     within 32 MiB of where it was, and the whole body arrives when the client
     reads."""
+    gw = streaming_gateway(module_stack, up, name="gw-slow", env=small_quarantine_env())
     size = 64 * MIB
     get(gw, path(2 * MIB, kind="blob", frame="cl"))  # warm: buffers and pools exist
     base = rss_kib(gw.pid)
@@ -467,6 +492,111 @@ def test_slow_client_bounded_memory(gw, up):
     s.close()
     assert n == size and h.hexdigest() == blob_digest(size)
     assert peak - base < 32 * 1024, "RSS grew by %d KiB while reading" % (peak - base)
+
+
+# Streamed brotli, several slow clients. Budget per stream: the encoder (a
+# 512 KiB window, BROTLI_PARAM_LGWIN 19: window, quality 5's hash table,
+# commands and block storage, about 2 MiB) + what flow control lets wait for
+# the client (GW_STREAM_HIGH_BYTES, 256 KiB) + one upstream read (256 KiB):
+# 2.5 MiB. The bound is twice that per stream (allocator rounding, each
+# worker's own malloc arena, a sanitizer's redzones) plus 8 MiB for the rest
+# of the process: 38 MiB for six. Measured: +13 to +16 MiB (+26 MiB on the
+# ASan build); with brotli's default 4 MiB window (lgwin 22) +86 to +146 MiB.
+BR_STREAMS = 6
+BR_STREAM_BUDGET_KIB = 2 * 1024 + 256 + 256
+BR_RSS_BOUND_KIB = BR_STREAMS * BR_STREAM_BUDGET_KIB * 2 + 8 * 1024
+
+
+def test_slow_br_clients_bounded_memory(module_stack, up):
+    """Six clients ask for a 32 MiB chunked JSON answer with Accept-Encoding:
+    br and read nothing for 3 s: the gateway's RSS grows by less than
+    BR_RSS_BOUND_KIB (above), then and while they read, and every body
+    decodes to the upstream's. (How much the upstream could send meanwhile is
+    printed, not asserted: at a fifth of its size compressed, a 32 MiB
+    answer can sit whole in socket buffers, tcp_rmem going up to 32 MiB;
+    test_slow_client_bounded_memory covers flow control with a body that
+    does not compress.)"""
+    # A gateway of its own, with ASan's quarantine kept small (see above).
+    gw = streaming_gateway(module_stack, up, name="gw-br-slow", env=small_quarantine_env())
+    size = 32 * MIB
+    body = body_of(size, "json")  # made (and cached) before anything is timed
+    # warm: every worker has streamed brotli before (its arena and kept blocks
+    # exist); connections land on a worker by hash, twelve miss one 1 in 2048
+    for _ in range(12):
+        resp, raw = get(gw, path(2 * MIB, frame="chunked"), ae="br")
+        assert resp.getheader("Content-Encoding") == "br" and decoded(resp, raw) == body_of(2 * MIB, "json")
+    base = rss_kib(gw.pid)
+    socks = []
+    try:
+        for i in range(BR_STREAMS):
+            s = socket.create_connection(("127.0.0.1", gw.port), timeout=60)
+            socks.append(s)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * KIB)
+            s.sendall(("GET %s HTTP/1.1\r\nHost: t\r\nAccept-Encoding: br\r\nConnection: close\r\n\r\n"
+                       % path(size, frame="chunked", tag="br-slow-%d" % i)).encode())
+
+        def started():
+            with up.lock:
+                return len([t for t in up.sent_by if t.startswith("br-slow-")]) == BR_STREAMS
+        wait_until(started, 10, "all %d answers under way upstream" % BR_STREAMS)
+        peak = base
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:
+            peak = max(peak, rss_kib(gw.pid))
+            time.sleep(0.05)
+        with up.lock:
+            stalled = sorted(n for t, n in up.sent_by.items() if t.startswith("br-slow-"))
+        stalled_peak = peak
+        assert peak - base < BR_RSS_BOUND_KIB, \
+            "RSS grew by %d KiB with %d br streams waiting (bound %d KiB, base %d KiB)" % (
+                peak - base, BR_STREAMS, BR_RSS_BOUND_KIB, base)
+
+        results = [None] * BR_STREAMS
+        stop = threading.Event()
+
+        def sample():
+            nonlocal peak
+            while not stop.is_set():
+                peak = max(peak, rss_kib(gw.pid))
+                time.sleep(0.05)
+
+        def read(i):
+            try:
+                resp = http.client.HTTPResponse(socks[i])
+                resp.begin()
+                dec = Decoder(resp.getheader("Content-Encoding", "identity"))
+                out = []
+                while True:
+                    b = resp.read1(1 << 20)
+                    if not b:
+                        break
+                    out.append(dec.feed(b))
+                dec.finish()
+                results[i] = (resp.status, resp.getheader("Content-Encoding"), b"".join(out))
+            except Exception as e:  # noqa: BLE001 - reported below
+                results[i] = e
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        readers = [threading.Thread(target=read, args=(i,), daemon=True) for i in range(BR_STREAMS)]
+        for t in readers:
+            t.start()
+        for t in readers:
+            t.join(120)
+        stop.set()
+        sampler.join(5)
+    finally:
+        for s in socks:
+            s.close()
+    print("br streams: RSS base %d KiB, +%d KiB stalled, +%d KiB at most while read; upstream sent %s" % (
+        base, stalled_peak - base, peak - base, stalled))
+    for i, got in enumerate(results):
+        assert got is not None and not isinstance(got, Exception), "client %d: %r" % (i, got)
+        status, coding, data = got
+        assert status == 200 and coding == "br", (i, status, coding)
+        assert len(data) == size and data == body, "client %d: decoded %d bytes, not the upstream's body" % (
+            i, len(data))
+    assert peak - base < BR_RSS_BOUND_KIB, "RSS grew by %d KiB while the br streams were read" % (peak - base)
 
 
 def test_body_over_the_old_64_mib_limit(gw, up):
@@ -614,6 +744,52 @@ def test_br_only_never_gzip(gw, up):
     resp, raw = get(gw, path(3 * MIB, frame="chunked"), ae="br")
     assert resp.getheader("Content-Encoding") == "br"
     assert decoded(resp, raw) == body_of(3 * MIB, "json")
+
+
+@pytest.mark.parametrize("frame", ["cl", "chunked"])
+@pytest.mark.parametrize("ae", ["br", "gzip", "gzip, br"])
+def test_no_transform_streams_uncompressed(gw, up, frame, ae):
+    """A 3 MiB answer with Cache-Control: no-transform streams to a client that
+    accepts br and gzip as the upstream sent it: no Content-Encoding, the
+    same bytes, no Vary (it does not qualify)."""
+    size = 3 * MIB
+    cc = "public, no-transform"
+    resp, raw = get(gw, path(size, frame=frame, fields=[("Cache-Control", cc)]), ae=ae)
+    assert resp.status == 200, resp.getheaders()
+    assert resp.getheader("Content-Encoding") is None, resp.getheaders()
+    assert raw == body_of(size, "json"), "%d bytes, not the upstream's" % len(raw)
+    assert resp.getheader("Cache-Control") == cc
+    assert "accept-encoding" not in resp.getheader("Vary", "").lower(), resp.getheaders()
+    # it streamed (a buffered answer would have a Content-Length whatever the framing)
+    if frame == "chunked":
+        assert resp.getheader("Transfer-Encoding") == "chunked", resp.getheaders()
+    else:
+        assert resp.getheader("Content-Length") == str(size), resp.getheaders()
+    # the same answer without no-transform is compressed: the rule is what stops it
+    resp, raw = get(gw, path(size, frame=frame, fields=[("Cache-Control", "public")]), ae=ae)
+    assert resp.getheader("Content-Encoding") == ae.split(",")[-1].strip() and \
+        decoded(resp, raw) == body_of(size, "json"), resp.getheaders()
+
+
+@pytest.mark.parametrize("frame", ["cl", "chunked"])
+@pytest.mark.parametrize("status", [206, 200])
+def test_ranges_stream_uncompressed_byte_exact(gw, up, frame, status):
+    """A 3 MiB partial answer (206, or a 200 that still carries Content-Range)
+    streams byte-exact to a client accepting br and gzip: byte ranges of a
+    compressed body would be ranges of a different representation."""
+    size = 3 * MIB
+    cr = "bytes 1048576-%d/%d" % (1048576 + size - 1, 16 * MIB)
+    resp, raw = get(gw, path(size, kind="json", frame=frame, status=status,
+                             fields=[("Content-Range", cr), ("Accept-Ranges", "bytes")]), ae="br, gzip")
+    assert resp.status == status, resp.getheaders()
+    assert resp.getheader("Content-Encoding") is None, resp.getheaders()
+    assert resp.getheader("Content-Range") == cr, resp.getheaders()
+    assert resp.getheader("Accept-Ranges") == "bytes", resp.getheaders()
+    assert len(raw) == size and raw == body_of(size, "json"), "%d bytes, not the upstream's" % len(raw)
+    if frame == "chunked":
+        assert resp.getheader("Transfer-Encoding") == "chunked", resp.getheaders()
+    else:
+        assert resp.getheader("Content-Length") == str(size), resp.getheaders()
 
 
 def test_not_compressible_type_streams_as_is(gw, up):

@@ -3,7 +3,9 @@
  * (gw_compress) and streamed ones (gw_encoder): every output decodes to
  * exactly its input; a FLUSH makes everything so far decodable at once;
  * several encoders of one compressor run interleaved and are reused after
- * gw_encoder_end; a level changed by a reload takes effect.
+ * gw_encoder_end; a level changed by a reload takes effect; an ended gzip
+ * encoder's zlib stream is kept (at most 4, never after a failure) and the
+ * next gzip answer takes it; brotli quality and gzip level change the output.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -324,6 +326,234 @@ static void test_brotli_blocks_reused(void **state)
     gw_compressor_free(c);
 }
 
+/* All of body through a new encoder of c in one FINISH; the output (the
+ * caller frees it) must decode to body. */
+static struct evbuffer *encode_whole_stream(gw_compressor *c, const config_compression *cfg, gw_encoding enc,
+                                            const unsigned char *body, size_t size, gw_encoder **used)
+{
+    gw_encoder *e = gw_encoder_start(c, cfg, enc, 0);
+    assert_non_null(e);
+    if (used)
+        *used = e;
+    struct evbuffer *in = evbuffer_new(), *out = evbuffer_new();
+    evbuffer_add(in, body, size);
+    assert_int_equal(gw_encoder_write(e, in, out, GW_ENCODER_FINISH), 0);
+    gw_encoder_end(e);
+    evbuffer_free(in);
+    struct evbuffer *copy = evbuffer_new();
+    evbuffer_add_buffer_reference(copy, out);
+    decoder d;
+    dec_init(&d, enc);
+    dec_feed(&d, copy);
+    assert_true(d.finished);
+    assert_int_equal(d.len, size);
+    assert_memory_equal(d.out, body, size);
+    dec_free(&d);
+    evbuffer_free(copy);
+    return out;
+}
+
+static bool same_bytes(struct evbuffer *a, struct evbuffer *b)
+{
+    size_t n = evbuffer_get_length(a);
+    return n == evbuffer_get_length(b) && memcmp(evbuffer_pullup(a, -1), evbuffer_pullup(b, -1), n) == 0;
+}
+
+/* An ended gzip encoder's zlib stream is kept, and the next gzip answer takes
+ * it (the count drops back to 0 when it starts) and, reset, writes the very
+ * bytes a new stream would. Brotli encoders and gw_compress leave the count
+ * alone. */
+static void test_gzip_stream_kept_and_reused(void **state)
+{
+    config_compression cfg = cfg_of(6, 5);
+    gw_compressor *c = gw_compressor_create();
+    size_t size = 100000;
+    unsigned char *body = json_like(size, 11);
+    assert_int_equal(gw_compressor_idle_gzip(c), 0);
+
+    gw_encoder *first, *second;
+    struct evbuffer *a = encode_whole_stream(c, &cfg, GW_ENC_GZIP, body, size, &first);
+    assert_int_equal(gw_compressor_idle_gzip(c), 1); /* kept at its end */
+
+    gw_encoder *e = gw_encoder_start(c, &cfg, GW_ENC_GZIP, 0);
+    assert_non_null(e);
+    assert_ptr_equal(e, first);                      /* the kept one, */
+    assert_int_equal(gw_compressor_idle_gzip(c), 0); /* taken off the idle list */
+    gw_encoder_end(e);
+    assert_int_equal(gw_compressor_idle_gzip(c), 1);
+
+    /* Reused for a whole answer: reset, the same bytes as a first use. */
+    struct evbuffer *b = encode_whole_stream(c, &cfg, GW_ENC_GZIP, body, size, &second);
+    assert_ptr_equal(second, first);
+    assert_true(same_bytes(a, b));
+    assert_int_equal(gw_compressor_idle_gzip(c), 1);
+
+    /* Brotli does not take it nor add to it; neither does gw_compress (its
+     * own encoder). */
+    evbuffer_free(encode_whole_stream(c, &cfg, GW_ENC_BR, body, size, NULL));
+    assert_int_equal(gw_compressor_idle_gzip(c), 1);
+    struct evbuffer *in = evbuffer_new(), *out = evbuffer_new();
+    evbuffer_add(in, body, size);
+    assert_int_equal(gw_compress(c, &cfg, GW_ENC_GZIP, in, out), 0);
+    assert_true(same_bytes(a, out)); /* whole or streamed in one piece: the same bytes */
+    assert_int_equal(gw_compressor_idle_gzip(c), 1);
+
+    evbuffer_free(in);
+    evbuffer_free(out);
+    evbuffer_free(a);
+    evbuffer_free(b);
+    free(body);
+    gw_compressor_free(c);
+}
+
+/* An encoder whose write failed (here: the output cannot take more, a frozen
+ * evbuffer) stays failed and its stream is not kept for the next answer,
+ * which gets a new one that works. */
+static void test_failed_gzip_encoder_not_kept(void **state)
+{
+    config_compression cfg = cfg_of(6, 5);
+    gw_compressor *c = gw_compressor_create();
+    size_t size = 50000;
+    unsigned char *body = json_like(size, 12);
+    gw_encoder *kept;
+    struct evbuffer *good = encode_whole_stream(c, &cfg, GW_ENC_GZIP, body, size, &kept);
+    assert_int_equal(gw_compressor_idle_gzip(c), 1);
+
+    gw_encoder *e = gw_encoder_start(c, &cfg, GW_ENC_GZIP, 0);
+    assert_ptr_equal(e, kept);
+    assert_int_equal(gw_compressor_idle_gzip(c), 0);
+    struct evbuffer *in = evbuffer_new(), *out = evbuffer_new();
+    evbuffer_add(in, body, size);
+    evbuffer_freeze(out, 0); /* no space can be reserved at its end */
+    assert_int_equal(gw_encoder_write(e, in, out, GW_ENCODER_PROCESS), -1);
+    evbuffer_unfreeze(out, 0);
+    evbuffer_drain(in, evbuffer_get_length(in));
+    evbuffer_add(in, body, size);
+    assert_int_equal(gw_encoder_write(e, in, out, GW_ENCODER_FINISH), -1); /* failed for good */
+    gw_encoder_end(e);
+    assert_int_equal(gw_compressor_idle_gzip(c), 0); /* not kept */
+
+    /* The next answer gets a new stream (nothing was kept) and is whole. */
+    struct evbuffer *again = encode_whole_stream(c, &cfg, GW_ENC_GZIP, body, size, NULL);
+    assert_true(same_bytes(good, again));
+    assert_int_equal(gw_compressor_idle_gzip(c), 1);
+
+    evbuffer_free(in);
+    evbuffer_free(out);
+    evbuffer_free(good);
+    evbuffer_free(again);
+    free(body);
+    gw_compressor_free(c);
+}
+
+/* Six gzip answers at once: when they end, four streams are kept, the rest
+ * freed; the next four answers take those, the fifth gets a new one. */
+static void test_at_most_four_gzip_streams_kept(void **state)
+{
+    config_compression cfg = cfg_of(6, 5);
+    gw_compressor *c = gw_compressor_create();
+    enum { N = 6 };
+    size_t size = 20000;
+    unsigned char *body = json_like(size, 13);
+    gw_encoder *e[N];
+    for (int i = 0; i < N; i++) {
+        e[i] = gw_encoder_start(c, &cfg, GW_ENC_GZIP, 0);
+        assert_non_null(e[i]);
+    }
+    struct evbuffer *in = evbuffer_new(), *out = evbuffer_new();
+    for (int i = 0; i < N; i++) {
+        evbuffer_add(in, body, size);
+        assert_int_equal(gw_encoder_write(e[i], in, out, GW_ENCODER_FINISH), 0);
+        decoder d;
+        dec_init(&d, GW_ENC_GZIP);
+        dec_feed(&d, out);
+        assert_true(d.finished);
+        assert_int_equal(d.len, size);
+        dec_free(&d);
+    }
+    for (int i = 0; i < N; i++) {
+        gw_encoder_end(e[i]);
+        assert_int_equal(gw_compressor_idle_gzip(c), i + 1 < 4 ? i + 1 : 4);
+    }
+    gw_encoder *again[5];
+    for (int i = 0; i < 5; i++) {
+        again[i] = gw_encoder_start(c, &cfg, GW_ENC_GZIP, 0);
+        assert_non_null(again[i]);
+        assert_int_equal(gw_compressor_idle_gzip(c), i < 4 ? 3 - i : 0);
+    }
+    for (int i = 0; i < 5; i++)
+        gw_encoder_end(again[i]); /* unfinished: still kept, reset at the next start */
+    assert_int_equal(gw_compressor_idle_gzip(c), 4);
+    evbuffer_free(encode_whole_stream(c, &cfg, GW_ENC_GZIP, body, size, NULL));
+    assert_int_equal(gw_compressor_idle_gzip(c), 4);
+    evbuffer_free(in);
+    evbuffer_free(out);
+    free(body);
+    gw_compressor_free(c);
+}
+
+/* The size of body compressed whole or streamed (16 KiB pieces); the output
+ * must decode to body. */
+static size_t compressed_size(gw_compressor *c, const config_compression *cfg, gw_encoding enc,
+                              const unsigned char *body, size_t size, bool streamed)
+{
+    struct evbuffer *in = evbuffer_new(), *out = evbuffer_new();
+    if (streamed) {
+        gw_encoder *e = gw_encoder_start(c, cfg, enc, 0);
+        assert_non_null(e);
+        for (size_t off = 0; off < size; off += 16384) {
+            evbuffer_add(in, body + off, size - off < 16384 ? size - off : 16384);
+            assert_int_equal(gw_encoder_write(e, in, out, GW_ENCODER_PROCESS), 0);
+        }
+        assert_int_equal(gw_encoder_write(e, in, out, GW_ENCODER_FINISH), 0);
+        gw_encoder_end(e);
+    } else {
+        evbuffer_add(in, body, size);
+        assert_int_equal(gw_compress(c, cfg, enc, in, out), 0);
+    }
+    size_t n = evbuffer_get_length(out);
+    decoder d;
+    dec_init(&d, enc);
+    dec_feed(&d, out);
+    assert_true(d.finished);
+    assert_int_equal(d.len, size);
+    assert_memory_equal(d.out, body, size);
+    dec_free(&d);
+    evbuffer_free(in);
+    evbuffer_free(out);
+    return n;
+}
+
+/* compression.brotli_quality and gzip_level reach the encoders: a 256 KiB
+ * JSON-like body gets strictly smaller from brotli quality 0 to 5 to 11 and
+ * from gzip level 1 to 9, whole (gw_compress) and streamed (gw_encoder, in
+ * 16 KiB pieces), and always decodes to itself. */
+static void test_quality_and_level_take_effect(void **state)
+{
+    gw_compressor *c = gw_compressor_create();
+    size_t size = 256 * 1024;
+    unsigned char *body = json_like(size, 1);
+    for (int streamed = 0; streamed < 2; streamed++) {
+        static const int qualities[] = {0, 5, 11};
+        size_t br[3];
+        for (int i = 0; i < 3; i++) {
+            config_compression cfg = cfg_of(6, qualities[i]);
+            br[i] = compressed_size(c, &cfg, GW_ENC_BR, body, size, streamed);
+        }
+        print_message("brotli %s: q0 %zu, q5 %zu, q11 %zu bytes\n", streamed ? "streamed" : "whole", br[0],
+                      br[1], br[2]);
+        assert_true(br[0] > br[1]);
+        assert_true(br[1] > br[2]);
+        config_compression g1 = cfg_of(1, 5), g9 = cfg_of(9, 5);
+        size_t gz1 = compressed_size(c, &g1, GW_ENC_GZIP, body, size, streamed);
+        size_t gz9 = compressed_size(c, &g9, GW_ENC_GZIP, body, size, streamed);
+        print_message("gzip %s: level 1 %zu, level 9 %zu bytes\n", streamed ? "streamed" : "whole", gz1, gz9);
+        assert_true(gz1 > gz9);
+    }
+    free(body);
+    gw_compressor_free(c);
+}
+
 static void test_identity_is_no_encoder(void **state)
 {
     config_compression cfg = cfg_of(6, 5);
@@ -345,6 +575,10 @@ int main(void)
         cmocka_unit_test(test_level_change),
         cmocka_unit_test(test_brotli_blocks_reused),
         cmocka_unit_test(test_identity_is_no_encoder),
+        cmocka_unit_test(test_gzip_stream_kept_and_reused),
+        cmocka_unit_test(test_failed_gzip_encoder_not_kept),
+        cmocka_unit_test(test_at_most_four_gzip_streams_kept),
+        cmocka_unit_test(test_quality_and_level_take_effect),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
