@@ -154,11 +154,15 @@ typedef struct config_compression {
     int gzip_level;     /* 1..9 */
 } config_compression;
 
+/* Policies on one route, at most: a request takes them all in one Redis
+ * script call, all or nothing (ratelimit/ratelimit.h: RL_POLICIES_MAX). */
+#define CONFIG_ROUTE_POLICIES_MAX 8
+
 typedef struct config_policy {
     char *name; /* the key under ratelimit.policies */
     int64_t limit;
-    int64_t window_ms;
-    char *key; /* client_ip | route | header:NAME, several joined by '+' */
+    int64_t window_ms; /* at least limit microseconds with store: redis (nanoseconds: local) */
+    char *key;         /* client_ip | route | header:NAME, several joined by '+' */
     bool dry_run;
 } config_policy;
 
@@ -212,7 +216,7 @@ typedef struct config_route {
     unsigned methods;              /* CONFIG_METHOD_* bits; CONFIG_METHOD_ALL when omitted */
     char *upstream;                /* exactly one of upstream and sql is set */
     config_upstream *upstream_ref; /* resolved by config_load */
-    char **ratelimit;              /* policy names, each defined */
+    char **ratelimit;              /* policy names, each defined; CONFIG_ROUTE_POLICIES_MAX at most */
     size_t ratelimit_count;
     config_route_cache cache;
     char **invalidate; /* glob patterns */

@@ -430,11 +430,39 @@ void config_check_cache(config_loader *ld, void *obj, yaml_node_t *node, const c
     }
 }
 
+/*
+ * A policy's period (window / limit, rounded down) is counted in whole
+ * microseconds in Redis and nanoseconds in the local store: a limit above the
+ * window in those units would need a period under one, which the store
+ * cannot hold (it would round to one and count a longer window). Refused
+ * rather than approximated.
+ */
 void config_check_ratelimit(config_loader *ld, void *obj, yaml_node_t *node, const char *path)
 {
     config_ratelimit *r = obj;
+    bool redis = r->store == CONFIG_STORE_REDIS;
+    int64_t per_ms = redis ? 1000 : 1000000;
+    yaml_node_t *policies = config_node_value(ld, node, "policies");
 
     check_store(ld, node, path, r->store, "local");
+    for (size_t i = 0; i < r->policy_count; i++) {
+        const config_policy *pol = &r->policies[i];
+        yaml_node_t *policy = config_node_value(ld, policies, pol->name);
+        yaml_node_t *limit = config_node_value(ld, policy, "limit");
+        char child[CONFIG_MESSAGE_PATH_MAX], window[64], found[128];
+
+        if (pol->limit <= 0 || pol->window_ms <= 0 || pol->limit / per_ms < pol->window_ms ||
+            (pol->limit / per_ms == pol->window_ms && pol->limit % per_ms == 0))
+            continue;
+        config_bprintf(child, sizeof child, "%s.policies.%s.limit", path, pol->name);
+        config_format_duration(pol->window_ms, window, sizeof window);
+        found_number(limit, pol->limit, found, sizeof found);
+        config_error_at(ld, limit ? limit : node, child,
+                        "expected at most %" PRId64 " (the window, %s, in %s: with store: %s the period "
+                        "window/limit is a whole number of them), found %s",
+                        pol->window_ms * per_ms, window, redis ? "microseconds" : "nanoseconds",
+                        redis ? "redis" : "local", found);
+    }
 }
 
 void config_check_match(config_loader *ld, void *obj, yaml_node_t *node, const char *path)
@@ -782,6 +810,13 @@ void config_check_route(config_loader *ld, void *obj, yaml_node_t *node, const c
                        config_node_value(ld, node, "upstream"), child);
         if (i >= 0)
             route->upstream_ref = &cfg->upstreams[i];
+    }
+    if (route->ratelimit_count > CONFIG_ROUTE_POLICIES_MAX) {
+        config_bprintf(child, sizeof child, "%s.ratelimit", path);
+        config_error_at(ld, ratelimit ? ratelimit : node, child,
+                        "expected at most %d policies (a request takes them all in one store call), "
+                        "found %zu",
+                        CONFIG_ROUTE_POLICIES_MAX, route->ratelimit_count);
     }
     for (size_t i = 0; i < route->ratelimit_count; i++) {
         size_t at;

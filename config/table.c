@@ -534,7 +534,8 @@ static const config_key policy_keys[] = {
      FIELD(config_policy, limit),
      .min = 1,
      .max = CONFIG_LIMIT_MAX,
-     .help = "Requests allowed per window and key."},
+     .help = "Requests allowed per window and key; at most one per microsecond of the window with "
+             "store: redis (one per nanosecond with local), as the period window/limit is counted in them."},
     {.name = "window",
      .type = CONFIG_TYPE_DURATION,
      .flags = CONFIG_F_REQUIRED,
@@ -781,7 +782,8 @@ static const config_key route_keys[] = {
      FIELD(config_route, ratelimit),
      COUNT(config_route, ratelimit_count),
      .noun = "policy",
-     .help = "Policies defined under ratelimit.policies, all applied."},
+     .help = "Up to 8 policies defined under ratelimit.policies, applied all or nothing: a request one "
+             "refuses costs the others nothing."},
     {.name = "cache",
      .type = CONFIG_TYPE_SECTION,
      .flags = CONFIG_F_PRESENT,

@@ -2889,18 +2889,16 @@ static void set_limit_headers(gw_request *r, const rl_decision *d)
     evhttp_add_header(oh, "RateLimit-Reset", v);
 }
 
-/* One policy's Redis call, and whose it is. */
-typedef struct rl_wait {
-    gw_request *r;
-    size_t i;
-} rl_wait;
+#define GW_RL_KEY_MAX 1024 /* a policy's key material, cut there */
 
-/* A request's rate-limit decisions, while Redis answers. */
+/* A request's rate-limit decisions, while Redis answers: one call for all of
+ * the route's policies (all or nothing). */
 struct gw_rl_state {
-    size_t n, pending;
-    rl_decision *dec;
-    rl_redis_call **calls;
-    rl_wait *waits;
+    size_t n;                                     /* the route's policies */
+    size_t m;                                     /* the ones defined, in the call */
+    unsigned char idx[CONFIG_ROUTE_POLICIES_MAX]; /* call position -> route position */
+    rl_redis_call *call;
+    rl_decision dec[CONFIG_ROUTE_POLICIES_MAX];
 };
 
 static void count_fallback(gw_request *r)
@@ -2910,30 +2908,60 @@ static void count_fallback(gw_request *r)
         metrics_counter_add(fb, 1);
 }
 
-/* Decide a policy without Redis: ratelimit.on_store_error. */
-static void limit_fallback(gw_request *r, const config_policy *pol, const char *key, size_t key_len,
-                           rl_decision *d)
+/* Every policy through the local store, all or nothing; fallback: each
+ * decision counts as a store fallback (on_store_error: local). */
+static void limit_local(gw_request *r, bool fallback)
 {
-    const config_ratelimit *rc = &r->gen->rt->cfg->ratelimit;
-    count_fallback(r);
+    const gw_runtime *rt = r->gen->rt;
+    const config_route *route = &rt->cfg->routes[r->route_index];
+    struct gw_rl_state *st = r->rl;
+    rl_local_policy lp[CONFIG_ROUTE_POLICIES_MAX];
+    rl_decision d[CONFIG_ROUTE_POLICIES_MAX];
+    size_t m = 0;
+    for (size_t j = 0; j < st->m; j++) {
+        const config_policy *pol = rt->route_policies[r->route_index][st->idx[j]];
+        char key[GW_RL_KEY_MAX];
+        size_t len = limit_key(r, pol, route->name, key, sizeof key);
+        lp[m++] = (rl_local_policy){rl_hash(r->w->srv->rl_seed, key, len, 0), pol->limit, pol->window_ms,
+                                    pol->dry_run};
+    }
+    rl_local_take_all(r->w->srv->rl, lp, m, gw_now_ns(), d);
+    for (size_t j = 0; j < m; j++) {
+        st->dec[st->idx[j]] = d[j];
+        if (fallback || d[j].no_room)
+            count_fallback(r);
+    }
+}
+
+/* Decide every policy without Redis: ratelimit.on_store_error. */
+static void limit_fallback(gw_request *r)
+{
+    const gw_runtime *rt = r->gen->rt;
+    const config_ratelimit *rc = &rt->cfg->ratelimit;
+    struct gw_rl_state *st = r->rl;
     if (rc->on_store_error == CONFIG_ON_ERROR_LOCAL) {
-        uint64_t h = rl_hash(r->w->srv->rl_seed, key, key_len, 0);
-        rl_local_take(r->w->srv->rl, h, gw_now_ns(), pol->limit, pol->window_ms, d);
+        limit_local(r, true);
         return;
     }
     bool allow = rc->on_store_error == CONFIG_ON_ERROR_ALLOW;
-    *d = (rl_decision){.allowed = allow,
-                       .limit = pol->limit,
-                       .remaining = allow ? pol->limit : 0,
-                       .reset_ms = pol->window_ms,
-                       .retry_after_ms = allow ? 0 : 1000};
+    for (size_t j = 0; j < st->m; j++) {
+        const config_policy *pol = rt->route_policies[r->route_index][st->idx[j]];
+        count_fallback(r);
+        st->dec[st->idx[j]] = (rl_decision){.allowed = allow,
+                                            .limit = pol->limit,
+                                            .remaining = allow ? pol->limit : 0,
+                                            .reset_ms = pol->window_ms,
+                                            .retry_after_ms = allow ? 0 : 1000};
+    }
 }
 
 static void backend(gw_request *r);
 
 /* Every policy has decided: count, then 429 or go on. False when the
  * request was answered. RateLimit-* headers are those of the enforcing
- * policy with the least room; dry-run policies are counted, never enforced. */
+ * policy with the least room (on a 429: of the refusing one that frees up
+ * last); dry-run policies are counted, never enforced; a policy that had
+ * room for a request another refused (other_refused) is neither. */
 static bool limit_finish(gw_request *r)
 {
     const gw_runtime *rt = r->gen->rt;
@@ -2944,7 +2972,7 @@ static bool limit_finish(gw_request *r)
     for (size_t i = 0; i < st->n; i++) {
         const config_policy *pol = rt->route_policies[r->route_index][i];
         const rl_decision *d = &st->dec[i];
-        if (!pol)
+        if (!pol || d->other_refused)
             continue;
         const char *labels[2] = {pol->name, d->allowed ? "allowed" : "limited"};
         metrics_series_t *s = metrics_series(r->w->shard, m->ratelimit, labels);
@@ -2975,25 +3003,20 @@ static bool limit_finish(gw_request *r)
     return true;
 }
 
-/* rl_redis_done_fn: one policy decided by Redis (or not: on_store_error). */
+/* rl_redis_done_fn: the request's policies decided by Redis (or not:
+ * on_store_error decides them all). */
 static void limit_redis_done(void *arg, bool ok, const rl_decision *d)
 {
-    rl_wait *wt = arg;
-    gw_request *r = wt->r;
+    gw_request *r = arg;
     struct gw_rl_state *st = r->rl;
-    const gw_runtime *rt = r->gen->rt;
-    const config_route *route = &rt->cfg->routes[r->route_index];
-    const config_policy *pol = rt->route_policies[r->route_index][wt->i];
-    st->calls[wt->i] = NULL;
+    st->call = NULL;
     if (ok) {
-        st->dec[wt->i] = *d;
-        st->dec[wt->i].limit = pol->limit;
+        for (size_t j = 0; j < st->m; j++)
+            st->dec[st->idx[j]] = d[j];
     } else {
-        char key[1024];
-        size_t len = limit_key(r, pol, route->name, key, sizeof key);
-        limit_fallback(r, pol, key, len, &st->dec[wt->i]);
+        limit_fallback(r);
     }
-    if (--st->pending == 0 && limit_finish(r))
+    if (limit_finish(r))
         backend(r);
 }
 
@@ -3002,13 +3025,13 @@ static void limit_state_free(gw_request *r)
     struct gw_rl_state *st = r->rl;
     if (!st)
         return;
-    for (size_t i = 0; i < st->n; i++)
-        rl_redis_cancel(st->calls[i]);
-    free(st); /* the arrays live in the same block */
+    rl_redis_cancel(st->call);
+    free(st);
     r->rl = NULL;
 }
 
-/* The route's policies. 0: go on to the backend; 1: answered (429 or an
+/* The route's policies, all or nothing: a request one of them refuses costs
+ * the others nothing. 0: go on to the backend; 1: answered (429 or an
  * error); 2: waiting for Redis (limit_redis_done goes on). */
 static int rate_limit(gw_request *r)
 {
@@ -3016,42 +3039,35 @@ static int rate_limit(gw_request *r)
     const config_route *route = &rt->cfg->routes[r->route_index];
     const config_ratelimit *rc = &rt->cfg->ratelimit;
     size_t n = route->ratelimit_count;
-    /* One allocation: the state and its three arrays after it. */
-    struct gw_rl_state *st =
-        calloc(1, sizeof *st + n * (sizeof *st->dec + sizeof *st->calls + sizeof *st->waits));
+    struct gw_rl_state *st = calloc(1, sizeof *st);
     r->rl = st;
-    if (!st) {
-        respond_error(r, 503, "out of memory");
+    if (!st || n > CONFIG_ROUTE_POLICIES_MAX) { /* the configuration allows no more */
+        respond_error(r, 503, !st ? "out of memory" : "too many rate-limit policies");
         return 1;
     }
-    st->dec = (rl_decision *)(st + 1);
-    st->calls = (rl_redis_call **)(st->dec + n);
-    st->waits = (rl_wait *)(st->calls + n);
     st->n = n;
-    uint64_t now = gw_now_ns();
-    for (size_t i = 0; i < n; i++) {
-        const config_policy *pol = rt->route_policies[r->route_index][i];
-        if (!pol)
-            continue;
-        char key[1024];
-        size_t len = limit_key(r, pol, route->name, key, sizeof key);
-        if (rc->store == CONFIG_STORE_REDIS) {
-            st->waits[i] = (rl_wait){r, i};
-            st->calls[i] = rl_redis_take(r->w->rlr, key, len, pol->limit, pol->window_ms, limit_redis_done,
-                                         &st->waits[i]);
-            if (st->calls[i])
-                st->pending++;
-            else
-                limit_fallback(r, pol, key, len, &st->dec[i]); /* not connected: decide now */
-            continue;
-        }
-        rl_local_take(r->w->srv->rl, rl_hash(r->w->srv->rl_seed, key, len, 0), now, pol->limit,
-                      pol->window_ms, &st->dec[i]);
-        if (st->dec[i].no_room)
-            count_fallback(r);
+    for (size_t i = 0; i < n; i++)
+        if (rt->route_policies[r->route_index][i])
+            st->idx[st->m++] = (unsigned char)i;
+    if (rc->store != CONFIG_STORE_REDIS) {
+        limit_local(r, false);
+        return limit_finish(r) ? 0 : 1;
     }
-    if (st->pending)
+    char keys[CONFIG_ROUTE_POLICIES_MAX][GW_RL_KEY_MAX];
+    rl_redis_policy rp[CONFIG_ROUTE_POLICIES_MAX];
+    for (size_t j = 0; j < st->m; j++) {
+        const config_policy *pol = rt->route_policies[r->route_index][st->idx[j]];
+        rp[j] = (rl_redis_policy){.key = keys[j],
+                                  .key_len = limit_key(r, pol, route->name, keys[j], sizeof keys[j]),
+                                  .limit = pol->limit,
+                                  .window_ms = pol->window_ms,
+                                  .dry_run = pol->dry_run};
+    }
+    st->call = st->m ? rl_redis_take(r->w->rlr, rp, st->m, limit_redis_done, r) : NULL;
+    if (st->call)
         return 2;
+    if (st->m)
+        limit_fallback(r); /* not connected: decide now */
     return limit_finish(r) ? 0 : 1;
 }
 

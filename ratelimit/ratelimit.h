@@ -20,6 +20,12 @@
  * soonest is taken over (as nginx's limit_req zone drops its oldest entries;
  * counted as a fallback), so the table's memory is bounded whatever the number
  * of keys and no request goes undecided.
+ *
+ * A route's policies are all or nothing (as nginx's limit_req zones): a
+ * request one enforced policy refuses costs none of the others anything.
+ * Slots cannot be updated together, so rl_local_take_all() takes them one by
+ * one and, when one refuses, gives back (rl_local_refund) what the others
+ * took for this request.
  */
 #ifndef GATEWAY_RATELIMIT_H
 #define GATEWAY_RATELIMIT_H
@@ -28,11 +34,16 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define RL_PROBE 16 /* slots tried from a key's home */
+#define RL_PROBE 16       /* slots tried from a key's home */
+#define RL_POLICIES_MAX 8 /* policies of one request (config: CONFIG_ROUTE_POLICIES_MAX) */
 
 typedef struct rl_decision {
     bool allowed;
-    bool no_room; /* local store full around this key: not decided */
+    bool no_room; /* local store full around this key: taken over, or not decided */
+    /* Not allowed, but not this policy's doing: it had room and another
+     * policy of the request refused it, so it was not charged. Neither
+     * allowed nor limited (not counted, its numbers not shown). */
+    bool other_refused;
     int64_t limit;
     int64_t remaining;      /* requests still allowed now (after this one, when allowed) */
     int64_t reset_ms;       /* until the full limit is available again */
@@ -52,6 +63,27 @@ void rl_local_free(rl_local *t);
 /* Take one request for key (a hash of policy and key parts; never 0) at now
  * (CLOCK_MONOTONIC ns). Any thread. */
 void rl_local_take(rl_local *t, uint64_t key, uint64_t now, int64_t limit, int64_t window_ms, rl_decision *d);
+
+/* Give back one request taken from key (same limit and window) as if it had
+ * not come: its TAT moves back one period, by compare-and-swap, only while
+ * the slot still holds key. False when key has no slot (taken over since:
+ * its state went with it, there is nothing to give back). Any thread. */
+bool rl_local_refund(rl_local *t, uint64_t key, int64_t limit, int64_t window_ms);
+
+/* One policy of a request. */
+typedef struct rl_local_policy {
+    uint64_t key; /* as for rl_local_take */
+    int64_t limit, window_ms;
+    bool dry_run; /* counted, never refuses */
+} rl_local_policy;
+
+/* One request against all of its policies (at most RL_POLICIES_MAX), all or
+ * nothing: the enforced ones are taken in order; when one refuses, those
+ * already taken are refunded and the rest only looked at (refused too when
+ * out of room, else other_refused). Dry-run policies are charged only when
+ * the request is allowed; they never refuse it but say when they would have
+ * (allowed false). Fills d[0..n); returns whether the request may go on. */
+bool rl_local_take_all(rl_local *t, const rl_local_policy *p, size_t n, uint64_t now, rl_decision *d);
 
 /* A seeded 64-bit hash of s[0..len), never 0: keys come from clients, so the
  * seed (random per process) keeps them from aiming at each other's slots. */

@@ -3,23 +3,38 @@
  * rlredis.h), on the worker's gw_redis client (redis/redis.h), which owns the
  * connections, the deadlines and the reconnects.
  *
- * Runs on the worker thread. Calls for one key (the Redis key name, with the
- * same period and limit) meet in a per-worker hash of the keys that have a
- * script call in flight. A key's batches form a queue: the head is in flight
- * (one EVALSHA asking for n requests), the ones behind it collect the calls
- * that come meanwhile (at most RLR_BATCH_MAX each) and the next one goes when
- * the head's reply comes back. A key with nothing in flight has no entry: its
- * first call goes at once, alone. When Redis answers NOSCRIPT (restarted,
- * SCRIPT FLUSH) the same batch is sent again with EVAL, which loads the
- * script for the next ones.
+ * Runs on the worker thread. A call is one request against a set of keys
+ * (its route's policies: the Redis key names with their periods, limits and
+ * dry-run flags). Calls for the same set meet in a per-worker hash of the
+ * sets that have a script call in flight. A set's batches form a queue: the
+ * head is in flight (one EVALSHA asking for n requests), the ones behind it
+ * collect the calls that come meanwhile (at most RLR_BATCH_MAX each) and the
+ * next one goes when the head's reply comes back. A set with nothing in
+ * flight has no entry: its first call goes at once, alone. When Redis
+ * answers NOSCRIPT (restarted, SCRIPT FLUSH) the same batch is sent again
+ * with EVAL, which loads the script for the next ones.
+ *
+ * The first connect after rl_redis_configure gave a new target (start-up,
+ * a reload that changed redis:) is waited for: calls made before it is up
+ * queue as batches not sent yet, and a timer looks every
+ * RLR_CONNECT_POLL_MS; once up they go, and if it is not up within
+ * redis.timeout of the configure they are answered as failed
+ * (on_store_error). Else a gateway would decide its first requests after
+ * every start by on_store_error (with deny: 429s) for the few milliseconds
+ * the connect takes. Past that first connect, a call while Redis is down is
+ * refused at once (NULL) as before: no request waits on a Redis that is
+ * known to be down.
  *
  * Deadlines: a batch sent at once has gw_redis's (redis.timeout from its
  * send). A batch that waited behind another is on a deadline list, oldest
  * first, with one timer armed for the oldest: redis.timeout after its first
  * call came, so its calls are answered (as failed, when Redis has not
- * decided) within redis.timeout as when each call was sent on its own.
+ * decided) within redis.timeout as when each call was sent on its own. A
+ * batch sent again after NOSCRIPT joins that list with its first send's
+ * deadline (the EVAL gets only what is left of it, not a redis.timeout of
+ * its own).
  *
- * Per call: one allocation (rl_redis_call); key entries and batches are
+ * Per call: one allocation (rl_redis_call); set entries and batches are
  * reused from free lists.
  */
 #include "ratelimit/rlredis.h"
@@ -41,25 +56,73 @@
 #define RLR_BATCH_MAX 256           /* calls in one script call; more wait for the next */
 #define RLR_DEFAULT_TIMEOUT_MS 1000 /* as gw_redis, when the config has none */
 #define RLR_BUCKETS_MIN 64
+#define RLR_CONNECT_POLL_MS 1                  /* how often calls waiting for the first connect look */
+#define RLR_ARGC_MAX (4 + 4 * RL_POLICIES_MAX) /* EVALSHA sha numkeys KEYS... n (period limit enforce)... */
 
-/* KEYS[1]: the key; ARGV[1]: period (us); ARGV[2]: limit (the bucket holds
- * limit periods: never limit + 1 in a burst, whatever the rounding); ARGV[3]:
- * n, the requests asked for. Takes k = the most of them that fit, at most n,
- * and returns {k, max(TAT, now) - now} (us): rl_redis_batch_decision() makes
- * each request's decision from it. Redis's clock, so every gateway instance
- * sees the same time. k is computed with exact integer checks around the
- * division (Lua numbers are doubles). redis.replicate_commands() first: before
- * Redis 5 a script may not write after a non-deterministic TIME otherwise. */
-static const char script[] =
+_Static_assert(CONFIG_ROUTE_POLICIES_MAX <= RL_POLICIES_MAX, "a route's policies must fit in one call");
+
+/* KEYS: the request's keys. ARGV[1]: n, the requests asked for; then per
+ * key ARGV[3i-1] period (us), ARGV[3i] limit (the bucket holds limit
+ * periods: never limit + 1 in a burst, whatever the rounding), ARGV[3i+1]
+ * "1" when enforced, "0" for a dry-run policy. Per key, k_i = how many of
+ * the n it has room for; k = the least k_i of the enforced keys (n when none
+ * is): the first k requests go on, the rest are refused (a refused request
+ * is not stored, GCRA's rule), so each key is charged min(k, k_i), dry-run
+ * ones included. Returns {k, wait_1, k_1, wait_2, k_2, ...} with wait_i =
+ * max(TAT_i, now) - now (us): rl_redis_batch_decision() makes each request's
+ * decisions from it. Redis's clock, so every gateway instance sees the same
+ * time. k_i is computed with exact integer checks around the division (Lua
+ * numbers are doubles). redis.replicate_commands() first: before Redis 5 a
+ * script may not write after a non-deterministic TIME otherwise. The reply
+ * is the one table the script makes (it holds wait_i and k_i between the
+ * two passes). */
+static const char script_many[] =
     "redis.replicate_commands()\n" /* writes after TIME: needed by Redis 3.2 to 4, a no-op from 5 */
     "local t = redis.call('TIME')\n"
     "local now = tonumber(t[1]) * 1000000 + tonumber(t[2])\n"
-    "local period = tonumber(ARGV[1])\n"
-    "local window = period * tonumber(ARGV[2])\n"
-    "local n = tonumber(ARGV[3])\n"
+    "local n = tonumber(ARGV[1])\n"
+    "local k = n\n"
+    "local out = {n}\n"
+    "for i = 1, #KEYS do\n"
+    "  local period = tonumber(ARGV[3 * i - 1])\n"
+    "  local tat = tonumber(redis.call('GET', KEYS[i])) or 0\n"
+    "  local b = tat > now and tat or now\n"
+    "  local r = now + period * tonumber(ARGV[3 * i]) - b\n"
+    "  local ki = 0\n"
+    "  if r >= period then\n"
+    "    ki = math.floor(r / period)\n"
+    "    if ki * period > r then ki = ki - 1 elseif (ki + 1) * period <= r then ki = ki + 1 end\n"
+    "    if ki > n then ki = n end\n"
+    "  end\n"
+    "  out[2 * i] = b - now\n"
+    "  out[2 * i + 1] = ki\n"
+    "  if ki < k and ARGV[3 * i + 1] == '1' then k = ki end\n"
+    "end\n"
+    "out[1] = k\n"
+    "if k > 0 then\n"
+    "  for i = 1, #KEYS do\n"
+    "    local c = out[2 * i + 1]\n"
+    "    if c > k then c = k end\n"
+    "    if c > 0 then\n"
+    "      local nxt = now + out[2 * i] + c * tonumber(ARGV[3 * i - 1])\n"
+    "      redis.call('SET', KEYS[i], string.format('%d', nxt), 'PX', math.floor((nxt - now) / 1000) + 1)\n"
+    "    end\n"
+    "  end\n"
+    "end\n"
+    "return out\n";
+
+/* The same for one key, straight-line (the common case: a route with one
+ * policy costs Redis what it did before there were several): k_1 is also k
+ * when the key is enforced, and when it is not, k = n and it is charged k_1. */
+static const char script_one[] =
+    "redis.replicate_commands()\n"
+    "local t = redis.call('TIME')\n"
+    "local now = tonumber(t[1]) * 1000000 + tonumber(t[2])\n"
+    "local n = tonumber(ARGV[1])\n"
+    "local period = tonumber(ARGV[2])\n"
     "local tat = tonumber(redis.call('GET', KEYS[1])) or 0\n"
     "local base = tat > now and tat or now\n"
-    "local room = now + window - base\n"
+    "local room = now + period * tonumber(ARGV[3]) - base\n"
     "local k = 0\n"
     "if room >= period then\n"
     "  k = math.floor(room / period)\n"
@@ -68,9 +131,9 @@ static const char script[] =
     "  local nxt = base + k * period\n"
     "  redis.call('SET', KEYS[1], string.format('%d', nxt), 'PX', math.floor((nxt - now) / 1000) + 1)\n"
     "end\n"
-    "return {k, base - now}\n";
+    "return {ARGV[4] == '1' and k or n, base - now, k}\n";
 
-typedef struct rlr_key rlr_key;
+typedef struct rlr_set rlr_set;
 typedef struct rlr_batch rlr_batch;
 
 struct rl_redis_call {
@@ -82,45 +145,68 @@ struct rl_redis_call {
 
 struct rlr_batch {
     rl_redis *r;
-    rlr_key *key;                 /* NULL once taken off its key to be answered */
-    rlr_batch *next;              /* the key's queue; the free list */
+    rlr_set *set;                 /* NULL once taken off its set to be answered */
+    rlr_batch *next;              /* the set's queue; the free list */
     rlr_batch *dl_prev, *dl_next; /* the deadline list, when on_dl */
     gw_redis_call *pending;       /* the EVALSHA (or EVAL) in flight */
     rl_redis_call *first, *last;
     uint32_t n; /* calls in the list (sent: the n asked for) */
     bool sent, noscript, on_dl;
-    uint64_t born_ns; /* its first call (a batch that waited) */
+    uint64_t born_ns; /* on the deadline list: its deadline is born_ns + redis.timeout */
+    uint64_t sent_ns; /* its first send */
 };
 
-struct rlr_key {
-    rlr_key *hnext; /* hash chain; the free list */
-    uint64_t hash;
-    rlr_batch *head, *tail; /* head in flight, the others waiting */
+/* One key of a set: a policy of the request. */
+typedef struct rlr_pol {
     int64_t period_us, limit;
+    bool enforce;
     unsigned char period_len, limit_len;
     char name[RLR_KEY_LEN]; /* not NUL-terminated: the commands are binary safe */
     char period[RLR_U64_DIGITS], limit_s[RLR_U64_DIGITS];
+} rlr_pol;
+
+/* A set of keys with a batch in flight. */
+struct rlr_set {
+    rlr_set *hnext; /* hash chain; the free list */
+    uint64_t hash;
+    rlr_batch *head, *tail; /* head in flight, the others waiting */
+    size_t npol;
+    rlr_pol pol[RL_POLICIES_MAX];
 };
+
+/* A script's answer, copied out of the reply (and of the set, which the
+ * callbacks may reuse) for the calls of its batch. */
+typedef struct rlr_answer {
+    int64_t allowed;
+    size_t npol;
+    int64_t wait_us[RL_POLICIES_MAX], key_allowed[RL_POLICIES_MAX];
+    int64_t period_us[RL_POLICIES_MAX], limit[RL_POLICIES_MAX];
+} rlr_answer;
 
 struct rl_redis {
     gw_redis *redis;
     rl_redis_log_fn log;
-    char sha[RLR_SHA_LEN + 1];
+    char sha_one[RLR_SHA_LEN + 1], sha_many[RLR_SHA_LEN + 1]; /* of script_one, script_many */
     /* SHA-1 of the keys with the digest fetched once and one context reused:
      * OpenSSL 3's one-shot SHA1() fetches the algorithm on every call, which
      * cost more than the rest of building the command. */
     EVP_MD *sha1;
     EVP_MD_CTX *sha1_ctx;
-    /* keys with a batch in flight */
-    rlr_key **buckets;
-    size_t mask, nkeys;
-    rlr_key *free_keys;
+    /* sets with a batch in flight */
+    rlr_set **buckets;
+    size_t mask, nsets;
+    rlr_set *free_sets;
     rlr_batch *free_batches;
-    /* batches that waited, oldest first, and the timer of the oldest */
+    /* batches that waited (or were sent again), oldest deadline first, and
+     * the timer of the oldest */
     rlr_batch *dl_head, *dl_tail;
     struct event *timer;
     uint64_t timeout_ns;
-    int depth; /* callbacks running: free waits for them */
+    /* the first connect to a new target: calls wait for it until then (0: not waiting) */
+    uint64_t connect_until_ns;
+    struct event *connect_timer;
+    char *url, *password; /* the target applied last, to tell a new one (NULL: none) */
+    int depth;            /* callbacks running: free waits for them */
     bool closing;
 };
 
@@ -163,22 +249,30 @@ static void timer_arm_ns(struct event *ev, uint64_t ns)
 
 /* ---- the arithmetic ------------------------------------------------------------- */
 
-void rl_redis_batch_decision(int64_t allowed, int64_t wait_us, int64_t period_us, int64_t limit, int64_t i,
-                             rl_decision *d)
+void rl_redis_batch_decision(int64_t allowed, int64_t key_allowed, int64_t wait_us, int64_t period_us,
+                             int64_t limit, int64_t i, rl_decision *d)
 {
     int64_t window = period_us * limit;
+    /* this key's requests taken before the i-th: the allowed ones it had room for */
+    int64_t c = i < allowed ? i : allowed;
+    if (c > key_allowed)
+        c = key_allowed;
     *d = (rl_decision){.limit = limit};
-    if (i < allowed) {
-        /* the i-th allowed: TAT base + (i+1) periods */
-        int64_t reset = wait_us + (i + 1) * period_us;
-        int64_t room = window - reset; /* >= 0: the script allowed it */
-        d->allowed = true;
+    if (c < key_allowed) {
+        /* Room for it: TAT base + (c+1) periods when it goes (and the same
+         * numbers, not charged, when another policy refused it). */
+        int64_t reset = wait_us + (c + 1) * period_us;
+        int64_t room = window - reset; /* >= 0: the script had room */
         d->remaining = room >= 0 ? room / period_us : 0;
         d->reset_ms = (reset + 999) / 1000;
+        if (i < allowed)
+            d->allowed = true;
+        else
+            d->other_refused = true;
         return;
     }
-    /* refused against the TAT the allowed ones left; one more period past the window */
-    int64_t reset = wait_us + allowed * period_us;
+    /* No room: refused against the TAT the c taken left; one more period past the window */
+    int64_t reset = wait_us + c * period_us;
     int64_t retry = reset + period_us - window;
     d->reset_ms = (reset + 999) / 1000;
     d->retry_after_ms = retry > 0 ? (retry + 999) / 1000 : 0;
@@ -187,6 +281,7 @@ void rl_redis_batch_decision(int64_t allowed, int64_t wait_us, int64_t period_us
 /* ---- lifetime --------------------------------------------------------------------- */
 
 static void deadline_cb(evutil_socket_t fd, short what, void *arg);
+static void connect_cb(evutil_socket_t fd, short what, void *arg);
 
 rl_redis *rl_redis_create(struct event_base *base, rl_redis_log_fn log)
 {
@@ -201,12 +296,16 @@ rl_redis *rl_redis_create(struct event_base *base, rl_redis_log_fn log)
     r->buckets = calloc(RLR_BUCKETS_MIN, sizeof *r->buckets);
     r->mask = RLR_BUCKETS_MIN - 1;
     r->timer = evtimer_new(base, deadline_cb, r);
-    if (!r->redis || !r->sha1 || !r->sha1_ctx || !r->buckets || !r->timer)
+    r->connect_timer = evtimer_new(base, connect_cb, r);
+    if (!r->redis || !r->sha1 || !r->sha1_ctx || !r->buckets || !r->timer || !r->connect_timer)
         goto fail;
     unsigned char digest[SHA_DIGEST_LENGTH];
-    SHA1((const unsigned char *)script, sizeof script - 1, digest);
-    hex(digest, sizeof digest, r->sha);
-    r->sha[RLR_SHA_LEN] = '\0';
+    SHA1((const unsigned char *)script_one, sizeof script_one - 1, digest);
+    hex(digest, sizeof digest, r->sha_one);
+    r->sha_one[RLR_SHA_LEN] = '\0';
+    SHA1((const unsigned char *)script_many, sizeof script_many - 1, digest);
+    hex(digest, sizeof digest, r->sha_many);
+    r->sha_many[RLR_SHA_LEN] = '\0';
     return r;
 
 fail:
@@ -217,9 +316,9 @@ fail:
 static void destroy(rl_redis *r)
 {
     /* Everything was answered: only the free lists hold memory (and, would a
-     * key be left, its batches and calls). */
+     * set be left, its batches and calls). */
     for (size_t i = 0; r->buckets && i <= r->mask; i++) {
-        for (rlr_key *k = r->buckets[i], *kn; k; k = kn) {
+        for (rlr_set *k = r->buckets[i], *kn; k; k = kn) {
             kn = k->hnext;
             for (rlr_batch *b = k->head, *bn; b; b = bn) {
                 bn = b->next;
@@ -233,7 +332,7 @@ static void destroy(rl_redis *r)
         }
     }
     free(r->buckets);
-    for (rlr_key *k = r->free_keys, *kn; k; k = kn) {
+    for (rlr_set *k = r->free_sets, *kn; k; k = kn) {
         kn = k->hnext;
         free(k);
     }
@@ -243,6 +342,10 @@ static void destroy(rl_redis *r)
     }
     if (r->timer)
         event_free(r->timer);
+    if (r->connect_timer)
+        event_free(r->connect_timer);
+    free(r->url);
+    free(r->password);
     EVP_MD_CTX_free(r->sha1_ctx);
     EVP_MD_free(r->sha1);
     free(r);
@@ -271,8 +374,29 @@ void rl_redis_configure(rl_redis *r, const config_redis *cfg)
         evtimer_del(r->timer); /* sooner now: the callback re-arms for the oldest */
         timer_arm_ns(r->timer, 0);
     }
+    /* A new target (or the first): gw_redis connects to it afresh. */
+    bool enabled = cfg && cfg->enabled && cfg->url;
+    const char *password = enabled && cfg->password ? cfg->password : "";
+    bool fresh = enabled && (!r->url || strcmp(r->url, cfg->url) != 0 || strcmp(r->password, password) != 0);
+    if (fresh || !enabled) {
+        free(r->url);
+        free(r->password);
+        r->url = enabled ? strdup(cfg->url) : NULL;
+        r->password = enabled ? strdup(password) : NULL;
+        if (!r->url || !r->password) { /* out of memory: a new target next time too */
+            free(r->url);
+            free(r->password);
+            r->url = r->password = NULL;
+        }
+    }
     enter(r);
     gw_redis_configure(r->redis, cfg); /* may answer calls (a dropped connection) */
+    if (!enabled)
+        r->connect_until_ns = 0; /* calls that waited fail at the timer's next look */
+    if (fresh && !r->closing && !gw_redis_up(r->redis)) {
+        r->connect_until_ns = now_ns() + r->timeout_ns;
+        timer_arm_ns(r->connect_timer, (uint64_t)RLR_CONNECT_POLL_MS * 1000000ULL);
+    }
     leave(r);
 }
 
@@ -281,25 +405,43 @@ bool rl_redis_up(const rl_redis *r)
     return r && !r->closing && gw_redis_up(r->redis);
 }
 
-/* ---- keys, batches --------------------------------------------------------------- */
-
-static rlr_key *key_find(const rl_redis *r, uint64_t hash, const char *name, int64_t period_us, int64_t limit)
+/* Within the first connect to a new target: calls wait for it. */
+static bool connect_pending(const rl_redis *r)
 {
-    for (rlr_key *k = r->buckets[hash & r->mask]; k; k = k->hnext)
-        if (k->hash == hash && k->period_us == period_us && k->limit == limit &&
-            memcmp(k->name, name, RLR_KEY_LEN) == 0)
+    return r->connect_until_ns && now_ns() < r->connect_until_ns;
+}
+
+/* ---- sets, batches --------------------------------------------------------------- */
+
+static bool set_equal(const rlr_set *a, const rlr_set *b)
+{
+    if (a->hash != b->hash || a->npol != b->npol)
+        return false;
+    for (size_t i = 0; i < a->npol; i++) {
+        const rlr_pol *x = &a->pol[i], *y = &b->pol[i];
+        if (x->period_us != y->period_us || x->limit != y->limit || x->enforce != y->enforce ||
+            memcmp(x->name, y->name, RLR_KEY_LEN) != 0)
+            return false;
+    }
+    return true;
+}
+
+static rlr_set *set_find(const rl_redis *r, const rlr_set *want)
+{
+    for (rlr_set *k = r->buckets[want->hash & r->mask]; k; k = k->hnext)
+        if (set_equal(k, want))
             return k;
     return NULL;
 }
 
-static void key_insert(rl_redis *r, rlr_key *k)
+static void set_insert(rl_redis *r, rlr_set *k)
 {
-    if (r->nkeys > r->mask) { /* more keys than buckets: twice the buckets (or longer chains) */
+    if (r->nsets > r->mask) { /* more sets than buckets: twice the buckets (or longer chains) */
         size_t size = 2 * (r->mask + 1);
-        rlr_key **nb = calloc(size, sizeof *nb);
+        rlr_set **nb = calloc(size, sizeof *nb);
         if (nb) {
             for (size_t i = 0; i <= r->mask; i++) {
-                for (rlr_key *e = r->buckets[i], *en; e; e = en) {
+                for (rlr_set *e = r->buckets[i], *en; e; e = en) {
                     en = e->hnext;
                     e->hnext = nb[e->hash & (size - 1)];
                     nb[e->hash & (size - 1)] = e;
@@ -310,34 +452,34 @@ static void key_insert(rl_redis *r, rlr_key *k)
             r->mask = size - 1;
         }
     }
-    rlr_key **slot = &r->buckets[k->hash & r->mask];
+    rlr_set **slot = &r->buckets[k->hash & r->mask];
     k->hnext = *slot;
     *slot = k;
-    r->nkeys++;
+    r->nsets++;
 }
 
 /* Off the table (it has no batch left), onto the free list. */
-static void key_remove(rl_redis *r, rlr_key *k)
+static void set_remove(rl_redis *r, rlr_set *k)
 {
-    for (rlr_key **p = &r->buckets[k->hash & r->mask]; *p; p = &(*p)->hnext) {
+    for (rlr_set **p = &r->buckets[k->hash & r->mask]; *p; p = &(*p)->hnext) {
         if (*p == k) {
             *p = k->hnext;
-            r->nkeys--;
+            r->nsets--;
             break;
         }
     }
-    k->hnext = r->free_keys;
-    r->free_keys = k;
+    k->hnext = r->free_sets;
+    r->free_sets = k;
 }
 
-static rlr_batch *batch_new(rl_redis *r, rlr_key *k)
+static rlr_batch *batch_new(rl_redis *r, rlr_set *k)
 {
     rlr_batch *b = r->free_batches;
     if (b)
         r->free_batches = b->next;
     else if (!(b = malloc(sizeof *b)))
         return NULL;
-    *b = (rlr_batch){.r = r, .key = k};
+    *b = (rlr_batch){.r = r, .set = k};
     return b;
 }
 
@@ -347,19 +489,30 @@ static void batch_release(rl_redis *r, rlr_batch *b)
     r->free_batches = b;
 }
 
-static void dl_add(rl_redis *r, rlr_batch *b)
+/* b onto the deadline list, due at born_ns + redis.timeout: in order (a
+ * batch sent again joins with its first send's time, maybe not the newest). */
+static void dl_add(rl_redis *r, rlr_batch *b, uint64_t born_ns)
 {
-    b->born_ns = now_ns();
+    b->born_ns = born_ns;
     b->on_dl = true;
-    b->dl_next = NULL;
-    b->dl_prev = r->dl_tail;
-    if (r->dl_tail)
-        r->dl_tail->dl_next = b;
+    rlr_batch *after = r->dl_tail;
+    while (after && after->born_ns > born_ns)
+        after = after->dl_prev;
+    b->dl_prev = after;
+    b->dl_next = after ? after->dl_next : r->dl_head;
+    if (b->dl_next)
+        b->dl_next->dl_prev = b;
+    else
+        r->dl_tail = b;
+    if (after)
+        after->dl_next = b;
     else
         r->dl_head = b;
-    r->dl_tail = b;
-    if (!evtimer_pending(r->timer, NULL)) /* else armed for an older one: it re-arms */
-        timer_arm_ns(r->timer, r->timeout_ns);
+    if (r->dl_head == b) { /* the oldest now: the timer is for it */
+        uint64_t now = now_ns(), due = born_ns + r->timeout_ns;
+        evtimer_del(r->timer);
+        timer_arm_ns(r->timer, due > now ? due - now : 0);
+    }
 }
 
 static void dl_remove(rl_redis *r, rlr_batch *b)
@@ -377,11 +530,11 @@ static void dl_remove(rl_redis *r, rlr_batch *b)
         r->dl_tail = b->dl_prev;
 }
 
-/* Take b off its key's queue (and the deadline list): it is about to be
- * answered, and its key no longer leads to it. */
+/* Take b off its set's queue (and the deadline list): it is about to be
+ * answered, and its set no longer leads to it. */
 static void batch_detach(rl_redis *r, rlr_batch *b)
 {
-    rlr_key *k = b->key;
+    rlr_set *k = b->set;
     rlr_batch *prev = NULL;
     for (rlr_batch *e = k->head; e && e != b; e = e->next)
         prev = e;
@@ -391,16 +544,16 @@ static void batch_detach(rl_redis *r, rlr_batch *b)
         k->head = b->next;
     if (k->tail == b)
         k->tail = prev;
-    b->key = NULL;
+    b->set = NULL;
     b->next = NULL;
     dl_remove(r, b);
 }
 
-/* Answer b's calls, in order, and release b. b is detached, so the callbacks
- * (which may take, cancel, or free r) see every key as consistent; a call
- * they cancel in b is unlinked (not sent) or left unanswered (sent). */
-static void batch_answer(rl_redis *r, rlr_batch *b, bool ok, int64_t allowed, int64_t wait_us,
-                         int64_t period_us, int64_t limit)
+/* Answer b's calls, in order, and release b: a (NULL: failed) is the
+ * script's answer. b is detached, so the callbacks (which may take, cancel,
+ * or free r) see every set as consistent; a call they cancel in b is
+ * unlinked (not sent) or left unanswered (sent). */
+static void batch_answer(rl_redis *r, rlr_batch *b, const rlr_answer *a)
 {
     int64_t i = 0;
     rl_redis_call *c;
@@ -414,10 +567,11 @@ static void batch_answer(rl_redis *r, rlr_batch *b, bool ok, int64_t allowed, in
         void *arg = c->arg;
         free(c);
         if (done) {
-            rl_decision d = {0};
-            if (ok)
-                rl_redis_batch_decision(allowed, wait_us, period_us, limit, i, &d);
-            done(arg, ok, &d);
+            rl_decision d[RL_POLICIES_MAX];
+            for (size_t p = 0; a && p < a->npol; p++)
+                rl_redis_batch_decision(a->allowed, a->key_allowed[p], a->wait_us[p], a->period_us[p],
+                                        a->limit[p], i, &d[p]);
+            done(arg, a != NULL, d);
         }
         i++;
     }
@@ -429,26 +583,50 @@ static void batch_reply(void *arg, const redisReply *rep);
 static bool batch_send(rlr_batch *b)
 {
     rl_redis *r = b->r;
-    rlr_key *k = b->key;
-    char n[RLR_U64_DIGITS];
-    const char *argv[7] = {"EVALSHA", r->sha, "1", k->name, k->period, k->limit_s, n};
-    size_t len[7] = {7, RLR_SHA_LEN, 1, RLR_KEY_LEN, k->period_len, k->limit_len, u64_decimal(b->n, n)};
+    rlr_set *k = b->set;
+    char n[RLR_U64_DIGITS], numkeys[RLR_U64_DIGITS];
+    const char *argv[RLR_ARGC_MAX];
+    size_t len[RLR_ARGC_MAX];
+    int argc = 0;
+    bool one = k->npol == 1;
+    argv[argc] = b->noscript ? "EVAL" : "EVALSHA";
+    len[argc++] = b->noscript ? 4 : 7;
     if (b->noscript) {
-        argv[0] = "EVAL";
-        len[0] = 4;
-        argv[1] = script;
-        len[1] = sizeof script - 1;
+        argv[argc] = one ? script_one : script_many;
+        len[argc++] = one ? sizeof script_one - 1 : sizeof script_many - 1;
+    } else {
+        argv[argc] = one ? r->sha_one : r->sha_many;
+        len[argc++] = RLR_SHA_LEN;
     }
-    b->pending = r->closing ? NULL : gw_redis_command(r->redis, batch_reply, b, 7, argv, len);
-    if (b->pending)
+    argv[argc] = numkeys;
+    len[argc++] = u64_decimal(k->npol, numkeys);
+    for (size_t i = 0; i < k->npol; i++) {
+        argv[argc] = k->pol[i].name;
+        len[argc++] = RLR_KEY_LEN;
+    }
+    argv[argc] = n;
+    len[argc++] = u64_decimal(b->n, n);
+    for (size_t i = 0; i < k->npol; i++) {
+        const rlr_pol *p = &k->pol[i];
+        argv[argc] = p->period;
+        len[argc++] = p->period_len;
+        argv[argc] = p->limit_s;
+        len[argc++] = p->limit_len;
+        argv[argc] = p->enforce ? "1" : "0";
+        len[argc++] = 1;
+    }
+    b->pending = r->closing ? NULL : gw_redis_command(r->redis, batch_reply, b, argc, argv, len);
+    if (b->pending && !b->sent) {
         b->sent = true;
+        b->sent_ns = now_ns();
+    }
     return b->pending != NULL;
 }
 
 /* k's head is gone: send the next batch, or fail the ones that cannot go
  * (not connected, past their deadline); k leaves the table when it has no
  * batch left. Answers (callbacks) come last, with k consistent. */
-static void key_advance(rl_redis *r, rlr_key *k)
+static void set_advance(rl_redis *r, rlr_set *k)
 {
     rlr_batch *failed = NULL, **failed_tail = &failed;
     uint64_t now = 0;
@@ -463,51 +641,82 @@ static void key_advance(rl_redis *r, rlr_key *k)
         failed_tail = &b->next;
     }
     if (!k->head)
-        key_remove(r, k);
+        set_remove(r, k);
     while (failed) {
         rlr_batch *b = failed;
         failed = b->next;
         b->next = NULL;
-        batch_answer(r, b, false, 0, 0, 0, 0);
+        batch_answer(r, b, NULL);
     }
 }
 
-/* gw_redis_done_fn: the script's answer for b (the head of its key), or NULL
+/* The script's reply for b, checked: false when it is not one. */
+static bool parse_answer(const rlr_batch *b, const redisReply *rep, rlr_answer *a)
+{
+    const rlr_set *k = b->set;
+    if (!rep || rep->type != REDIS_REPLY_ARRAY || rep->elements != 1 + 2 * k->npol)
+        return false;
+    for (size_t i = 0; i < rep->elements; i++)
+        if (rep->element[i]->type != REDIS_REPLY_INTEGER || rep->element[i]->integer < 0 ||
+            (i != 0 && i % 2 == 0 && rep->element[i]->integer > (long long)b->n))
+            return false;
+    a->allowed = rep->element[0]->integer;
+    a->npol = k->npol;
+    if (a->allowed > (long long)b->n)
+        return false;
+    for (size_t i = 0; i < k->npol; i++) {
+        a->wait_us[i] = rep->element[1 + 2 * i]->integer;
+        a->key_allowed[i] = rep->element[2 + 2 * i]->integer;
+        a->period_us[i] = k->pol[i].period_us;
+        a->limit[i] = k->pol[i].limit;
+        if (k->pol[i].enforce && a->key_allowed[i] < a->allowed)
+            return false; /* k is the least k_i of the enforced keys */
+    }
+    return true;
+}
+
+/* gw_redis_done_fn: the script's answer for b (the head of its set), or NULL
  * (timeout, connection lost). */
 static void batch_reply(void *arg, const redisReply *rep)
 {
     rlr_batch *b = arg;
     rl_redis *r = b->r;
-    rlr_key *k = b->key;
+    rlr_set *k = b->set;
     b->pending = NULL;
     if (rep && rep->type == REDIS_REPLY_ERROR && !b->noscript && rep->len >= 8 &&
         memcmp(rep->str, "NOSCRIPT", 8) == 0) {
+        /* Again with EVAL, within what is left of the first send's deadline
+         * (gw_redis would give the resend a whole redis.timeout of its own). */
         b->noscript = true;
-        if (batch_send(b))
+        if (!b->on_dl)
+            dl_add(r, b, b->sent_ns);
+        if (b->born_ns + r->timeout_ns > now_ns() && batch_send(b))
             return; /* this batch comes back with EVAL's reply */
     }
-    bool ok = rep && rep->type == REDIS_REPLY_ARRAY && rep->elements == 2 &&
-              rep->element[0]->type == REDIS_REPLY_INTEGER && rep->element[1]->type == REDIS_REPLY_INTEGER &&
-              rep->element[0]->integer >= 0 && rep->element[0]->integer <= (long long)b->n &&
-              rep->element[1]->integer >= 0;
-    if (!ok && rep && rep->type == REDIS_REPLY_ERROR && r->log) {
+    rlr_answer a;
+    bool ok = parse_answer(b, rep, &a);
+    if (!ok && rep && r->log) {
         char line[512];
-        size_t n = rep->len < sizeof line - 8 ? rep->len : sizeof line - 8;
-        memcpy(line, "redis: ", 7);
-        memcpy(line + 7, rep->str, n);
-        line[7 + n] = '\0';
+        if (rep->type == REDIS_REPLY_ERROR) {
+            size_t n = rep->len < sizeof line - 8 ? rep->len : sizeof line - 8;
+            memcpy(line, "redis: ", 7);
+            memcpy(line + 7, rep->str, n);
+            line[7 + n] = '\0';
+        } else {
+            snprintf(line, sizeof line, "redis: the rate-limit script answered an unexpected reply (type %d)",
+                     rep->type);
+        }
         r->log(CONFIG_LOG_WARN, line);
     }
-    int64_t allowed = ok ? rep->element[0]->integer : 0, wait_us = ok ? rep->element[1]->integer : 0;
-    int64_t period_us = k->period_us, limit = k->limit;
     enter(r);
     batch_detach(r, b);
-    key_advance(r, k); /* the next batch goes before these answers are made */
-    batch_answer(r, b, ok, allowed, wait_us, period_us, limit);
+    set_advance(r, k); /* the next batch goes before these answers are made */
+    batch_answer(r, b, ok ? &a : NULL);
     leave(r);
 }
 
-/* The deadline of batches that waited: redis.timeout after their first call. */
+/* The deadline of batches that waited or were sent again: redis.timeout
+ * after their first call (or first send). */
 static void deadline_cb(evutil_socket_t fd, short what, void *arg)
 {
     (void)fd;
@@ -517,17 +726,51 @@ static void deadline_cb(evutil_socket_t fd, short what, void *arg)
     uint64_t now = now_ns();
     rlr_batch *b;
     while (!r->closing && (b = r->dl_head) && b->born_ns + r->timeout_ns <= now) {
-        rlr_key *k = b->key;
+        rlr_set *k = b->set;
         bool was_head = k->head == b;
         gw_redis_cancel(b->pending); /* Redis may still take them: as for a client gone after its decision */
         b->pending = NULL;
         batch_detach(r, b);
         if (was_head)
-            key_advance(r, k);
-        batch_answer(r, b, false, 0, 0, 0, 0);
+            set_advance(r, k);
+        batch_answer(r, b, NULL);
     }
-    if (!r->closing && r->dl_head)
-        timer_arm_ns(r->timer, r->dl_head->born_ns + r->timeout_ns - now);
+    if (!r->closing && r->dl_head) {
+        uint64_t due = r->dl_head->born_ns + r->timeout_ns;
+        timer_arm_ns(r->timer, due > now ? due - now : 0);
+    }
+    leave(r);
+}
+
+/* A set whose first batch has not gone (it waits for the first connect), or NULL. */
+static rlr_set *set_waiting(const rl_redis *r)
+{
+    for (size_t i = 0; i <= r->mask; i++)
+        for (rlr_set *k = r->buckets[i]; k; k = k->hnext)
+            if (k->head && !k->head->sent)
+                return k;
+    return NULL;
+}
+
+/* The first connect's timer: once up, the batches that waited for it go;
+ * once its deadline has passed, they are answered as failed (set_advance
+ * cannot send them). Else it looks again. */
+static void connect_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    rl_redis *r = arg;
+    if (r->closing)
+        return;
+    if (!gw_redis_up(r->redis) && connect_pending(r)) {
+        timer_arm_ns(r->connect_timer, (uint64_t)RLR_CONNECT_POLL_MS * 1000000ULL);
+        return;
+    }
+    r->connect_until_ns = 0;
+    enter(r);
+    rlr_set *k;
+    while (!r->closing && (k = set_waiting(r)))
+        set_advance(r, k); /* sends its first batch, or answers it as failed: either way progress */
     leave(r);
 }
 
@@ -539,18 +782,20 @@ void rl_redis_free(rl_redis *r)
     r->closing = true;
     if (r->timer)
         evtimer_del(r->timer);
+    if (r->connect_timer)
+        evtimer_del(r->connect_timer);
     gw_redis_free(r->redis); /* answers the batches in flight; the ones behind them fail to go */
     r->redis = NULL;
     /* Whatever is left (nothing in flight can be): answered as failed. */
     for (size_t i = 0; r->buckets && i <= r->mask; i++) {
-        rlr_key *k;
+        rlr_set *k;
         while ((k = r->buckets[i])) {
             rlr_batch *b = k->head;
             gw_redis_cancel(b->pending);
             b->pending = NULL;
             batch_detach(r, b);
-            key_advance(r, k); /* closing: fails the ones behind it */
-            batch_answer(r, b, false, 0, 0, 0, 0);
+            set_advance(r, k); /* closing: fails the ones behind it */
+            batch_answer(r, b, NULL);
         }
     }
     leave(r); /* frees r unless a callback up the stack still runs */
@@ -571,26 +816,46 @@ static void batch_append(rlr_batch *b, rl_redis_call *c)
     b->n++;
 }
 
-rl_redis_call *rl_redis_take(rl_redis *r, const void *key, size_t key_len, int64_t limit, int64_t window_ms,
-                             rl_redis_done_fn done, void *arg)
+/* The set of a call: each policy's Redis key name (SHA-1 of its material),
+ * period, limit and flag, and a hash of them all. False when hashing failed. */
+static bool set_make(rl_redis *r, const rl_redis_policy *p, size_t n, rlr_set *k)
 {
-    if (!rl_redis_up(r))
+    k->npol = n;
+    k->hash = 0;
+    for (size_t i = 0; i < n; i++) {
+        rlr_pol *q = &k->pol[i];
+        unsigned char digest[EVP_MAX_MD_SIZE];
+        if (EVP_DigestInit_ex(r->sha1_ctx, r->sha1, NULL) != 1 ||
+            EVP_DigestUpdate(r->sha1_ctx, p[i].key, p[i].key_len) != 1 ||
+            EVP_DigestFinal_ex(r->sha1_ctx, digest, NULL) != 1)
+            return false;
+        memcpy(q->name, RLR_KEY_PREFIX, sizeof RLR_KEY_PREFIX - 1);
+        hex(digest, SHA_DIGEST_LENGTH, q->name + sizeof RLR_KEY_PREFIX - 1);
+        uint64_t h;
+        memcpy(&h, digest, sizeof h);
+        k->hash = (k->hash ^ h) * 0x9e3779b97f4a7c15ULL + i; /* order matters: so do the answers */
+        uint64_t window_us = (uint64_t)p[i].window_ms * 1000ULL;
+        uint64_t period_us = p[i].limit > 0 ? window_us / (uint64_t)p[i].limit : window_us;
+        q->period_us = (int64_t)(period_us ? period_us : 1);
+        q->limit = p[i].limit > 0 ? p[i].limit : 1;
+        q->enforce = !p[i].dry_run;
+        q->period_len = u64_decimal((uint64_t)q->period_us, q->period);
+        q->limit_len = u64_decimal((uint64_t)q->limit, q->limit_s);
+    }
+    return true;
+}
+
+rl_redis_call *rl_redis_take(rl_redis *r, const rl_redis_policy *p, size_t n, rl_redis_done_fn done,
+                             void *arg)
+{
+    if (!r || r->closing || n == 0 || n > RL_POLICIES_MAX)
         return NULL;
-    unsigned char digest[EVP_MAX_MD_SIZE];
-    if (EVP_DigestInit_ex(r->sha1_ctx, r->sha1, NULL) != 1 ||
-        EVP_DigestUpdate(r->sha1_ctx, key, key_len) != 1 ||
-        EVP_DigestFinal_ex(r->sha1_ctx, digest, NULL) != 1)
+    bool up = gw_redis_up(r->redis);
+    if (!up && !connect_pending(r))
         return NULL;
-    char name[RLR_KEY_LEN];
-    memcpy(name, RLR_KEY_PREFIX, sizeof RLR_KEY_PREFIX - 1);
-    hex(digest, SHA_DIGEST_LENGTH, name + sizeof RLR_KEY_PREFIX - 1);
-    uint64_t hash;
-    memcpy(&hash, digest, sizeof hash);
-    uint64_t window_us = (uint64_t)window_ms * 1000ULL;
-    uint64_t period_us = limit > 0 ? window_us / (uint64_t)limit : window_us;
-    if (!period_us)
-        period_us = 1;
-    int64_t lim = limit > 0 ? limit : 1;
+    rlr_set want;
+    if (!set_make(r, p, n, &want))
+        return NULL;
 
     rl_redis_call *c = malloc(sizeof *c);
     if (!c)
@@ -598,7 +863,7 @@ rl_redis_call *rl_redis_take(rl_redis *r, const void *key, size_t key_len, int64
     c->done = done;
     c->arg = arg;
 
-    rlr_key *k = key_find(r, hash, name, (int64_t)period_us, lim);
+    rlr_set *k = set_find(r, &want);
     if (k) { /* a batch in flight: this call waits in the next one */
         rlr_batch *b = k->tail;
         if (b->sent || b->n >= RLR_BATCH_MAX) {
@@ -609,38 +874,41 @@ rl_redis_call *rl_redis_take(rl_redis *r, const void *key, size_t key_len, int64
             }
             k->tail->next = b;
             k->tail = b;
-            dl_add(r, b);
+            dl_add(r, b, now_ns());
         }
         batch_append(b, c);
         return c;
     }
 
-    /* Nothing in flight for this key: the call goes now, alone. */
-    k = r->free_keys;
+    /* Nothing in flight for this set: the call goes now, alone. */
+    k = r->free_sets;
     if (k)
-        r->free_keys = k->hnext;
+        r->free_sets = k->hnext;
     else if (!(k = malloc(sizeof *k))) {
         free(c);
         return NULL;
     }
-    k->hash = hash;
-    k->period_us = (int64_t)period_us;
-    k->limit = lim;
-    memcpy(k->name, name, RLR_KEY_LEN);
-    k->period_len = u64_decimal(period_us, k->period);
-    k->limit_len = u64_decimal((uint64_t)lim, k->limit_s);
+    k->hash = want.hash;
+    k->npol = want.npol;
+    memcpy(k->pol, want.pol, want.npol * sizeof want.pol[0]);
+    k->head = k->tail = NULL;
     rlr_batch *b = batch_new(r, k);
     if (b) {
         k->head = k->tail = b;
         batch_append(b, c);
+        if (!up) { /* waits for the first connect (connect_cb), within redis.timeout of this call */
+            set_insert(r, k);
+            dl_add(r, b, now_ns());
+            return c;
+        }
         if (batch_send(b)) {
-            key_insert(r, k);
+            set_insert(r, k);
             return c;
         }
         batch_release(r, b);
     }
-    k->hnext = r->free_keys;
-    r->free_keys = k;
+    k->hnext = r->free_sets;
+    r->free_sets = k;
     free(c);
     return NULL;
 }
@@ -666,9 +934,13 @@ void rl_redis_cancel(rl_redis_call *c)
         b->last = c->prev;
     b->n--;
     free(c);
-    if (b->n == 0 && b->key) { /* a waiting batch left empty (never the head: that one is sent) */
+    if (b->n == 0 &&
+        b->set) { /* a waiting batch left empty (a head only while the first connect is waited for) */
         rl_redis *r = b->r;
+        rlr_set *k = b->set;
         batch_detach(r, b);
         batch_release(r, b);
+        if (!k->head)
+            set_remove(r, k);
     }
 }

@@ -4,13 +4,19 @@
  * is atomic and exact across every gateway instance sharing the Redis. The
  * script reads Redis's own clock (TIME), so instances need not agree on time.
  *
- * Batched per key: while a script call for a key is in flight on a worker,
- * that worker's further calls for the key (same limit and window) wait, and
- * when the reply comes back they go together as one script call taking up to
- * n requests atomically; each call still gets its own decision, the one it
- * would have had as one of n calls made one after the other. So a hot key
- * costs one round trip per batch instead of one per request, and the count
- * stays exact across instances (the script is atomic).
+ * One call decides one request against all of its route's policies, all or
+ * nothing, in one script run: a request one enforced policy refuses costs
+ * none of the others anything (dry-run policies are charged only for a
+ * request that goes on, and never refuse).
+ *
+ * Batched per set of keys: while a script call for a set (the same keys with
+ * the same limits, windows and dry-run flags) is in flight on a worker, that
+ * worker's further calls for it wait, and when the reply comes back they go
+ * together as one script call taking up to n requests atomically; each call
+ * still gets its own decisions, the ones it would have had as one of n calls
+ * made one after the other. So a hot key costs one round trip per batch
+ * instead of one per request, and the count stays exact across instances
+ * (the script is atomic).
  *
  * One client per worker, on the worker's event_base, never touched by another
  * thread. It owns one gw_redis (redis/redis.h): redis.connections_per_worker
@@ -47,31 +53,45 @@ void rl_redis_free(rl_redis *r);
 /* Connected and usable now? */
 bool rl_redis_up(const rl_redis *r);
 
+/* One policy of a call. */
+typedef struct rl_redis_policy {
+    const void *key; /* key material (any bytes; hashed into the Redis key name), borrowed for the call */
+    size_t key_len;
+    int64_t limit, window_ms; /* limit <= window in microseconds (config refuses more) */
+    bool dry_run;
+} rl_redis_policy;
+
 /* ok false: Redis did not decide (error, timeout, connection lost); d is
- * then undefined. Called once per call, never from inside rl_redis_take. */
+ * then undefined. Else d[i] is policy i's decision (see rl_decision: a
+ * policy with room for a request another refused says other_refused).
+ * d is borrowed for the callback. Called once per call, never from inside
+ * rl_redis_take. */
 typedef void (*rl_redis_done_fn)(void *arg, bool ok, const rl_decision *d);
 
-/* One request against key (any bytes; hashed into the Redis key name) for
- * limit per window_ms. NULL when not connected or out of memory: the caller
+/* One request against n policies (1..RL_POLICIES_MAX), all or nothing. NULL
+ * when not connected or out of memory (or n out of range): the caller
  * decides without Redis at once. Answered within redis.timeout of this call,
- * whether it went at once or waited for the key's call in flight (a resend
- * with EVAL after NOSCRIPT has a deadline of its own, as any command). */
-rl_redis_call *rl_redis_take(rl_redis *r, const void *key, size_t key_len, int64_t limit, int64_t window_ms,
-                             rl_redis_done_fn done, void *arg);
+ * whether it went at once or waited for its set's call in flight, and
+ * whether or not the script had to be sent again after NOSCRIPT. */
+rl_redis_call *rl_redis_take(rl_redis *r, const rl_redis_policy *p, size_t n, rl_redis_done_fn done,
+                             void *arg);
 
 /* The caller is gone: done will not be called. NULL is fine. A call whose
- * batch is already in flight may still have taken its request from the key,
- * as a request whose client went away after its decision. */
+ * batch is already in flight may still have taken its request, as a request
+ * whose client went away after its decision. */
 void rl_redis_cancel(rl_redis_call *call);
 
-/* A batch's arithmetic, pure (exposed for tests). The script was asked for n
- * requests at Redis's `now` and answered `allowed` (k: the first k were taken)
- * and wait_us = max(TAT, now) - now, for limit requests per limit * period_us.
- * Fills d (limit included) for the i-th request (from 0) as the i-th of n
- * separate calls in sequence at that instant would have been decided:
- * allowed with TAT base + (i+1) * period when i < k, else refused against
- * the TAT base + k * period the allowed ones left. */
-void rl_redis_batch_decision(int64_t allowed, int64_t wait_us, int64_t period_us, int64_t limit, int64_t i,
-                             rl_decision *d);
+/* A batch's arithmetic for one policy, pure (exposed for tests). The script
+ * was asked for n requests at Redis's `now` and answered `allowed` (k: the
+ * first k requests go on, none after) and, for this policy, wait_us =
+ * max(TAT, now) - now and key_allowed (k_i: how many of the n it had room
+ * for, at most n; k <= k_i when it is enforced), for limit requests per
+ * limit * period_us; it charged min(k, k_i). Fills d (limit included) for
+ * the i-th request (from 0) as the i-th of n calls in sequence at that
+ * instant would have been decided: with c = min(i, k, k_i) requests taken
+ * before it, allowed when i < k and c < k_i; refused (for a dry-run policy:
+ * would have been) when c == k_i; else other_refused. */
+void rl_redis_batch_decision(int64_t allowed, int64_t key_allowed, int64_t wait_us, int64_t period_us,
+                             int64_t limit, int64_t i, rl_decision *d);
 
 #endif

@@ -17,12 +17,17 @@ from concurrent.futures import ThreadPoolExecutor
 from harness import gateway_config, route, session, upstream_config
 from redis_server import redis_server  # noqa: F401 - the fixture
 
+# The test upstream runs in the test's own Python process, beside its client
+# threads: on a loaded 2-core box (ctest -j2) it has been seen to take over the
+# suite's 1 s upstream timeout, a 504 that says nothing about rate limiting.
+UPSTREAM_TIMEOUT = "10s"
+
 FALLBACKS = "gateway_ratelimit_store_fallbacks_total"
 PAUSE = 0.8
 
 
 def one_worker_gateway(stack, redis, policies, routes, up, name):
-    cfg = gateway_config({"up": upstream_config([up], keepalive=16)}, routes=routes,
+    cfg = gateway_config({"up": upstream_config([up], keepalive=16, timeout=UPSTREAM_TIMEOUT)}, routes=routes,
                          server={"workers": 1, "request_timeout": "5s"},
                          ratelimit={"store": "redis", "on_store_error": "deny", "policies": policies},
                          redis=redis.redis_section(timeout="3s"))

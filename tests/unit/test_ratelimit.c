@@ -1,10 +1,12 @@
 /*
- * test_ratelimit.c - GCRA (rl_gcra), the lock-free local store (rl_local_take)
+ * test_ratelimit.c - GCRA (rl_gcra), the lock-free local store (rl_local_take,
+ * rl_local_refund, rl_local_take_all: a request's policies all or nothing)
  * and the key hash (rl_hash) of ratelimit/ratelimit.h.
  */
 #include <pthread.h>
 #include <setjmp.h>
 #include <stdarg.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -494,6 +496,257 @@ static void test_local_many_keys_threads(void **state)
     rl_local_free(t);
 }
 
+/* ---- refund, all or nothing ---------------------------------------------------------- */
+
+/* A refund gives back exactly one period of the key's own slot: limit 3,
+ * three taken, refunded once: one more, not two; twice: two. A key with no
+ * slot has nothing to give back; nor has a key whose slot was taken over
+ * (and the new owner's state is left alone). */
+static void test_local_refund(void **state)
+{
+    (void)state;
+    rl_local *t = rl_local_create(1024);
+    assert_non_null(t);
+    rl_decision d;
+    uint64_t k = 0x5151515151ULL;
+    for (int i = 0; i < 3; i++) {
+        rl_local_take(t, k, T0, 3, 3000, &d);
+        assert_true(d.allowed);
+    }
+    rl_local_take(t, k, T0, 3, 3000, &d);
+    assert_false(d.allowed);
+    assert_true(rl_local_refund(t, k, 3, 3000));
+    rl_local_take(t, k, T0, 3, 3000, &d);
+    assert_true(d.allowed);
+    assert_int_equal(d.remaining, 0);
+    assert_int_equal(d.reset_ms, 3000);
+    rl_local_take(t, k, T0, 3, 3000, &d);
+    assert_false(d.allowed);
+    assert_true(rl_local_refund(t, k, 3, 3000));
+    assert_true(rl_local_refund(t, k, 3, 3000));
+    rl_local_take(t, k, T0, 3, 3000, &d);
+    assert_true(d.allowed);
+    assert_int_equal(d.remaining, 1);
+    rl_local_take(t, k, T0, 3, 3000, &d);
+    assert_true(d.allowed);
+    rl_local_take(t, k, T0, 3, 3000, &d);
+    assert_false(d.allowed);
+    assert_false(rl_local_refund(t, 0x777ULL, 3, 3000)); /* never seen */
+    rl_local_free(t);
+
+    /* Taken over: 16 live keys around home 0, a 17th takes the slot done
+     * soonest (key 0's, taken first); key 0's refund finds nothing, and the
+     * newcomer keeps its one request counted. */
+    t = rl_local_create(1);
+    assert_non_null(t);
+    for (int i = 0; i < RL_PROBE; i++) {
+        rl_local_take(t, home0_key(i), T0 + (uint64_t)i * MS, 1, 60000, &d);
+        assert_true(d.allowed && !d.no_room);
+    }
+    rl_local_take(t, home0_key(RL_PROBE), T0 + SEC, 1, 60000, &d);
+    assert_true(d.allowed && d.no_room);
+    assert_false(rl_local_refund(t, home0_key(0), 1, 60000));
+    rl_local_take(t, home0_key(RL_PROBE), T0 + SEC, 1, 60000, &d);
+    assert_false(d.allowed);
+    assert_true(rl_local_refund(t, home0_key(1), 1, 60000)); /* still resident */
+    rl_local_take(t, home0_key(1), T0 + SEC, 1, 60000, &d);
+    assert_true(d.allowed);
+    rl_local_free(t);
+}
+
+static rl_local_policy pol(uint64_t key, int64_t limit, int64_t window_ms, bool dry_run)
+{
+    return (rl_local_policy){key, limit, window_ms, dry_run};
+}
+
+/* Per client 5 and route-wide 12 (one minute each): client A asks 20: 5 go
+ * and the route-wide policy is charged 5, not 20 (A's refusals are its own
+ * policy's; the route-wide one says other_refused); B: 5; C: the 2 the route
+ * has left, then the route-wide policy refuses and C's own says
+ * other_refused. Both orders of the policies. */
+static void test_local_take_all_two_policies(void **state)
+{
+    (void)state;
+    for (int order = 0; order < 2; order++) {
+        rl_local *t = rl_local_create(1024);
+        assert_non_null(t);
+        uint64_t route = 0xabcdef01ULL, clients[3] = {0x1111ULL, 0x2222ULL, 0x3333ULL};
+        int want[3] = {5, 5, 2};
+        for (int c = 0; c < 3; c++) {
+            int went = 0;
+            for (int i = 0; i < 20; i++) {
+                rl_local_policy p[2];
+                rl_decision d[2];
+                int ci = order ? 1 : 0, ri = order ? 0 : 1;
+                p[ci] = pol(clients[c], 5, 60000, false);
+                p[ri] = pol(route, 12, 60000, false);
+                memset(d, 0x55, sizeof d);
+                bool go = rl_local_take_all(t, p, 2, T0, d);
+                went += go;
+                assert_int_equal(go, d[0].allowed && d[1].allowed);
+                if (go)
+                    continue;
+                /* exactly the policies out of room refuse; a policy with room says other_refused */
+                bool client_full = c < 2 && i >= 5;
+                bool route_full = c == 2 && i >= 2;
+                assert_int_equal(d[ci].other_refused, !client_full);
+                assert_int_equal(d[ri].other_refused, !route_full);
+                assert_false(d[ci].allowed);
+                assert_false(d[ri].allowed);
+                if (route_full)
+                    assert_true(d[ri].retry_after_ms > 0);
+            }
+            if (went != want[c])
+                fail_msg("order %d, client %d: %d went, expected %d", order, c, went, want[c]);
+        }
+        /* The route-wide key holds exactly 12 periods (5 s each): refused now,
+         * one more a period later. */
+        rl_decision d;
+        rl_local_take(t, route, T0, 12, 60000, &d);
+        assert_false(d.allowed);
+        assert_int_equal(d.retry_after_ms, 5000);
+        rl_local_take(t, route, T0 + 5 * SEC, 12, 60000, &d);
+        assert_true(d.allowed);
+        rl_local_free(t);
+    }
+}
+
+/* The refund path itself: two policies on one key (each with room 1 when
+ * looked at): the first taken takes the last request, the second refuses,
+ * the first gives it back: the key still has its one. */
+static void test_local_take_all_refunds(void **state)
+{
+    (void)state;
+    rl_local *t = rl_local_create(1024);
+    assert_non_null(t);
+    uint64_t k = 0x4242ULL;
+    rl_decision d[2];
+    for (int i = 0; i < 4; i++) {
+        rl_local_take(t, k, T0, 5, 5000, &d[0]);
+        assert_true(d[0].allowed);
+    }
+    rl_local_policy p[2] = {pol(k, 5, 5000, false), pol(k, 5, 5000, false)};
+    assert_false(rl_local_take_all(t, p, 2, T0, d));
+    assert_true(d[0].other_refused || d[1].other_refused);
+    assert_false(d[0].other_refused && d[1].other_refused);
+    assert_false(d[0].allowed || d[1].allowed);
+    rl_local_take(t, k, T0, 5, 5000, &d[0]);
+    assert_true(d[0].allowed); /* the 5th: the refused request cost nothing */
+    assert_int_equal(d[0].remaining, 0);
+    rl_local_take(t, k, T0, 5, 5000, &d[0]);
+    assert_false(d[0].allowed);
+    rl_local_free(t);
+}
+
+/* Dry-run policies never refuse and are charged only for requests that go:
+ * dry 1 beside enforced 3. Requests 1..3 go (the dry one: allowed, then
+ * would-be refusals); the 4th is refused by the enforced one; the dry one,
+ * out of room too, says so (not other_refused). A dry 10 beside it, with
+ * room, says other_refused for the 4th and was charged 3. Only dry-run
+ * policies: everything goes. */
+static void test_local_take_all_dry_run(void **state)
+{
+    (void)state;
+    rl_local *t = rl_local_create(1024);
+    assert_non_null(t);
+    rl_local_policy p[3] = {pol(0x10, 1, 60000, true), pol(0x20, 3, 60000, false),
+                            pol(0x30, 10, 60000, true)};
+    rl_decision d[3];
+    for (int i = 0; i < 4; i++) {
+        bool go = rl_local_take_all(t, p, 3, T0, d);
+        assert_int_equal(go, i < 3);
+        assert_int_equal(d[0].allowed, i == 0);
+        assert_false(d[0].other_refused);
+        assert_int_equal(d[1].allowed, i < 3);
+        assert_int_equal(d[2].allowed, i < 3);
+        assert_int_equal(d[2].other_refused, i == 3);
+    }
+    rl_decision one;
+    rl_local_take(t, 0x30, T0, 10, 60000, &one);
+    assert_int_equal(one.remaining, 6); /* charged 3 (the 4th was not), this is the 4th */
+    rl_local_policy dry[2] = {pol(0x40, 1, 60000, true), pol(0x50, 1, 60000, true)};
+    for (int i = 0; i < 3; i++) {
+        assert_true(rl_local_take_all(t, dry, 2, T0, d));
+        assert_int_equal(d[0].allowed, i == 0);
+        assert_int_equal(d[1].allowed, i == 0);
+    }
+    assert_true(rl_local_take_all(t, p, 0, T0, d)); /* no policy: goes */
+    rl_local_free(t);
+}
+
+/* Threads race requests of their own clients (per client 5) through one
+ * route-wide policy of 12: whatever the interleaving, exactly 12 go in all,
+ * no client more than 5, and the route-wide key holds exactly 12 (refusals
+ * cost nothing). And with a route-wide policy of 1000: every client its 5,
+ * the route-wide key charged exactly their sum. */
+typedef struct {
+    rl_local *t;
+    pthread_barrier_t *start;
+    int id;
+    int64_t route_limit;
+    int went[4];
+} all_arg;
+
+enum { ALL_THREADS = 4, ALL_CLIENTS = 4, ALL_CALLS = 40 };
+
+static void *all_taker(void *p)
+{
+    all_arg *a = p;
+    pthread_barrier_wait(a->start);
+    for (int i = 0; i < ALL_CALLS; i++) {
+        int c = (i + a->id) % ALL_CLIENTS;
+        rl_local_policy pp[2] = {pol(0x1000 + (uint64_t)c, 5, 60000, false),
+                                 pol(0x9999, a->route_limit, 60000, false)};
+        if (i % 2)
+            pp[0] = pp[1], pp[1] = pol(0x1000 + (uint64_t)c, 5, 60000, false);
+        rl_decision d[2];
+        a->went[c] += rl_local_take_all(a->t, pp, 2, T0, d);
+    }
+    return NULL;
+}
+
+static void test_local_take_all_threads(void **state)
+{
+    (void)state;
+    static const int64_t route_limits[] = {12, 1000};
+    for (size_t r = 0; r < 2; r++) {
+        for (int round = 0; round < 300; round++) {
+            rl_local *t = rl_local_create(1024);
+            assert_non_null(t);
+            pthread_barrier_t start;
+            pthread_barrier_init(&start, NULL, ALL_THREADS);
+            pthread_t th[ALL_THREADS];
+            all_arg args[ALL_THREADS];
+            for (int i = 0; i < ALL_THREADS; i++) {
+                args[i] = (all_arg){.t = t, .start = &start, .id = i, .route_limit = route_limits[r]};
+                assert_int_equal(pthread_create(&th[i], NULL, all_taker, &args[i]), 0);
+            }
+            int total = 0, per[ALL_CLIENTS] = {0};
+            for (int i = 0; i < ALL_THREADS; i++) {
+                pthread_join(th[i], NULL);
+                for (int c = 0; c < ALL_CLIENTS; c++) {
+                    per[c] += args[i].went[c];
+                    total += args[i].went[c];
+                }
+            }
+            pthread_barrier_destroy(&start);
+            int64_t want = route_limits[r] < 5 * ALL_CLIENTS ? route_limits[r] : 5 * ALL_CLIENTS;
+            if (total != want)
+                fail_msg("route limit %lld, round %d: %d went, expected %lld", (long long)route_limits[r],
+                         round, total, (long long)want);
+            for (int c = 0; c < ALL_CLIENTS; c++)
+                assert_true(per[c] <= 5);
+            /* the route-wide key holds exactly what went */
+            rl_decision d;
+            rl_local_take(t, 0x9999, T0, route_limits[r], 60000, &d);
+            assert_int_equal(d.allowed, total < route_limits[r]);
+            if (d.allowed)
+                assert_int_equal(d.remaining, route_limits[r] - total - 1);
+            rl_local_free(t);
+        }
+    }
+}
+
 /* ---- rl_hash ------------------------------------------------------------------------ */
 
 static void test_hash_never_zero_and_seeded(void **state)
@@ -546,6 +799,11 @@ int main(void)
         cmocka_unit_test(test_local_one_key_threads_exact),
         cmocka_unit_test(test_local_one_key_threads_first_take),
         cmocka_unit_test(test_local_many_keys_threads),
+        cmocka_unit_test(test_local_refund),
+        cmocka_unit_test(test_local_take_all_two_policies),
+        cmocka_unit_test(test_local_take_all_refunds),
+        cmocka_unit_test(test_local_take_all_dry_run),
+        cmocka_unit_test(test_local_take_all_threads),
         cmocka_unit_test(test_hash_never_zero_and_seeded),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

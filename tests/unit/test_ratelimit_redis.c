@@ -1,22 +1,29 @@
 /*
  * test_ratelimit_redis.c - the Redis store's batching (ratelimit/rlredis.c).
  *
- * First the arithmetic, pure: a batch of n asked of the script (a C model of
- * it: k allowed, wait = max(TAT, now) - now) and rl_redis_batch_decision()
- * give every request exactly what n calls of the one-request script (the
- * previous version, modelled in C) in sequence at the same instant gave, and
- * leave the same TAT; over random and edge cases.
+ * First the arithmetic, pure: a batch of n requests against m policies asked
+ * of the script (a C model of it: k allowed, and per key wait = max(TAT, now)
+ * - now and k_i, its room) and rl_redis_batch_decision() give every request,
+ * for every policy, exactly what a naive reference gives: n requests one
+ * after the other at the same instant, each checked against every policy by
+ * the one-request script of old (modelled in C), going on only when no
+ * enforced policy refuses it and then charged to every policy with room
+ * (dry-run ones included); and both leave the same TATs. Over hand, edge and
+ * random cases (one policy, and up to RL_POLICIES_MAX with dry-run ones).
  *
  * Then rl_redis against a fake Redis on the same loop that runs the same
  * model of the script (its clock fixed by the test) and can hold its script
- * replies: while a key's call is in flight the next calls wait and go as ONE
- * EVALSHA asking for n; other keys go at once; each call gets its own
- * decision; a batch holds at most 256; a cancelled waiting call is not sent,
- * a cancelled sent one is not answered; NOSCRIPT resends the batch with EVAL;
- * a waiting batch is answered (failed) redis.timeout after its first call
- * even when the call ahead of it took most of that; rl_redis_free, also from
- * inside a done callback, answers everything left as failed; done is never
- * called from inside rl_redis_take.
+ * replies: while a set's call is in flight the next calls for it wait and go
+ * as ONE EVALSHA asking for n; other sets (another client's key beside the
+ * same route-wide key) go at once; each call gets its own decisions; a
+ * request's policies go in one EVALSHA with all their keys, all or nothing; a
+ * batch holds at most 256; a cancelled waiting call is not sent, a cancelled
+ * sent one is not answered; NOSCRIPT resends the batch with EVAL, within
+ * what is left of the first send's deadline; a waiting batch is answered
+ * (failed) redis.timeout after its first call even when the call ahead of it
+ * took most of that; rl_redis_free, also from inside a done callback,
+ * answers everything left as failed; done is never called from inside
+ * rl_redis_take.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -63,45 +70,101 @@ static int64_t old_script(int64_t tat, int64_t now, int64_t period, int64_t limi
     return nxt;
 }
 
-/* The batch script: k of n; *tat updated only when k > 0. */
-static int64_t batch_script(int64_t *tat, int64_t now, int64_t period, int64_t limit, int64_t n,
-                            int64_t *wait)
+/* One policy as the tests give it. */
+typedef struct model_pol {
+    int64_t period, limit;
+    bool enforce;
+} model_pol;
+
+/* The batch script over m keys: returns k; fills wait[] and room[] (k_i);
+ * tat[i] moved by min(k, k_i) periods. */
+static int64_t batch_script(int64_t *const *tat, const model_pol *p, int m, int64_t now, int64_t n,
+                            int64_t *wait, int64_t *room)
 {
-    int64_t window = period * limit;
-    int64_t base = *tat > now ? *tat : now;
-    int64_t room = now + window - base;
-    int64_t k = room >= period ? room / period : 0;
-    if (k > n)
-        k = n;
-    if (k > 0)
-        *tat = base + k * period;
-    *wait = base - now;
+    int64_t k = n, base[RL_POLICIES_MAX];
+    for (int i = 0; i < m; i++) {
+        int64_t window = p[i].period * p[i].limit;
+        base[i] = *tat[i] > now ? *tat[i] : now;
+        int64_t r = now + window - base[i];
+        int64_t ki = r >= p[i].period ? r / p[i].period : 0;
+        if (ki > n)
+            ki = n;
+        room[i] = ki;
+        wait[i] = base[i] - now;
+        if (p[i].enforce && ki < k)
+            k = ki;
+    }
+    for (int i = 0; i < m; i++) {
+        int64_t c = room[i] < k ? room[i] : k;
+        if (c > 0)
+            *tat[i] = base[i] + c * p[i].period;
+    }
     return k;
+}
+
+static bool same_decision(const rl_decision *a, const rl_decision *b)
+{
+    return a->allowed == b->allowed && a->other_refused == b->other_refused && a->no_room == b->no_room &&
+           a->limit == b->limit && a->remaining == b->remaining && a->reset_ms == b->reset_ms &&
+           a->retry_after_ms == b->retry_after_ms;
+}
+
+/* n requests at once against m policies whose TATs are tat0[]: the batch
+ * (script model + rl_redis_batch_decision) against the naive sequence. */
+static void check_batch_equals_sequence_m(const int64_t *tat0, const model_pol *p, int m, int64_t now,
+                                          int64_t n)
+{
+    int64_t seq[RL_POLICIES_MAX], bat[RL_POLICIES_MAX], *bp[RL_POLICIES_MAX];
+    int64_t wait[RL_POLICIES_MAX], room[RL_POLICIES_MAX];
+    for (int i = 0; i < m; i++) {
+        seq[i] = bat[i] = tat0[i];
+        bp[i] = &bat[i];
+    }
+    int64_t k = batch_script(bp, p, m, now, n, wait, room);
+    int64_t went = 0;
+    for (int64_t j = 0; j < n; j++) {
+        rl_decision want[RL_POLICIES_MAX];
+        int64_t next[RL_POLICIES_MAX];
+        bool go = true;
+        for (int i = 0; i < m; i++) {
+            next[i] = old_script(seq[i], now, p[i].period, p[i].limit, &want[i]);
+            if (p[i].enforce && !want[i].allowed)
+                go = false;
+        }
+        for (int i = 0; i < m; i++) {
+            if (go && want[i].allowed)
+                seq[i] = next[i];
+            if (!go && want[i].allowed) {
+                want[i].allowed = false;
+                want[i].other_refused = true;
+            }
+            rl_decision got;
+            memset(&got, 0x5a, sizeof got);
+            rl_redis_batch_decision(k, room[i], wait[i], p[i].period, p[i].limit, j, &got);
+            if (!same_decision(&want[i], &got))
+                fail_msg(
+                    "m %d n %lld, request %lld, policy %d (tat %lld now %lld period %lld limit %lld %s): "
+                    "want %d/%d/%lld/%lld/%lld, got %d/%d/%lld/%lld/%lld",
+                    m, (long long)n, (long long)j, i, (long long)tat0[i], (long long)now,
+                    (long long)p[i].period, (long long)p[i].limit, p[i].enforce ? "enforced" : "dry-run",
+                    want[i].allowed, want[i].other_refused, (long long)want[i].remaining,
+                    (long long)want[i].reset_ms, (long long)want[i].retry_after_ms, got.allowed,
+                    got.other_refused, (long long)got.remaining, (long long)got.reset_ms,
+                    (long long)got.retry_after_ms);
+        }
+        went += go;
+    }
+    assert_int_equal(k, went);
+    for (int i = 0; i < m; i++)
+        if (bat[i] != seq[i])
+            fail_msg("m %d n %lld: policy %d TAT %lld after the batch, %lld after the sequence", m,
+                     (long long)n, i, (long long)bat[i], (long long)seq[i]);
 }
 
 static void check_batch_equals_sequence(int64_t tat, int64_t now, int64_t period, int64_t limit, int64_t n)
 {
-    int64_t seq_tat = tat, batch_tat = tat, wait;
-    int64_t k = batch_script(&batch_tat, now, period, limit, n, &wait);
-    int64_t allowed = 0;
-    for (int64_t i = 0; i < n; i++) {
-        rl_decision want, got;
-        seq_tat = old_script(seq_tat, now, period, limit, &want);
-        memset(&got, 0x5a, sizeof got);
-        rl_redis_batch_decision(k, wait, period, limit, i, &got);
-        if (want.allowed != got.allowed || want.remaining != got.remaining || want.reset_ms != got.reset_ms ||
-            want.retry_after_ms != got.retry_after_ms || got.limit != limit || got.no_room) {
-            fail_msg("tat %lld now %lld period %lld limit %lld n %lld, request %lld: want %d/%lld/%lld/%lld, "
-                     "got %d/%lld/%lld/%lld",
-                     (long long)tat, (long long)now, (long long)period, (long long)limit, (long long)n,
-                     (long long)i, want.allowed, (long long)want.remaining, (long long)want.reset_ms,
-                     (long long)want.retry_after_ms, got.allowed, (long long)got.remaining,
-                     (long long)got.reset_ms, (long long)got.retry_after_ms);
-        }
-        allowed += want.allowed;
-    }
-    assert_int_equal(k, allowed);
-    assert_int_equal(batch_tat, seq_tat);
+    model_pol p = {period, limit, true};
+    check_batch_equals_sequence_m(&tat, &p, 1, now, n);
 }
 
 #define NOW 1700000000000000LL /* us, as Redis's TIME gives it */
@@ -111,15 +174,18 @@ static void test_batch_arithmetic_hand_cases(void **state)
     (void)state;
     /* limit 5 per 10 s (period 2 s), empty key, 7 at once: 5 allowed counting
      * down, reset 2..10 s; then 2 refused, retry one period, reset 10 s. */
-    int64_t tat = 0, wait;
-    int64_t k = batch_script(&tat, NOW, 2000000, 5, 7, &wait);
+    model_pol p = {2000000, 5, true};
+    int64_t tat = 0, *tp = &tat, wait, room;
+    int64_t k = batch_script(&tp, &p, 1, NOW, 7, &wait, &room);
     assert_int_equal(k, 5);
+    assert_int_equal(room, 5);
     assert_int_equal(wait, 0);
     assert_int_equal(tat, NOW + 10000000);
     for (int i = 0; i < 7; i++) {
         rl_decision d;
-        rl_redis_batch_decision(k, wait, 2000000, 5, i, &d);
+        rl_redis_batch_decision(k, room, wait, 2000000, 5, i, &d);
         assert_int_equal(d.limit, 5);
+        assert_false(d.other_refused);
         if (i < 5) {
             assert_true(d.allowed);
             assert_int_equal(d.remaining, 4 - i);
@@ -133,20 +199,83 @@ static void test_batch_arithmetic_hand_cases(void **state)
         }
     }
     /* 1.5 s later: one period (2 s) is not over, 3 asked: none, retry 0.5 s. */
-    k = batch_script(&tat, NOW + 1500000, 2000000, 5, 3, &wait);
+    k = batch_script(&tp, &p, 1, NOW + 1500000, 3, &wait, &room);
     assert_int_equal(k, 0);
     assert_int_equal(wait, 8500000);
     rl_decision d;
-    rl_redis_batch_decision(k, wait, 2000000, 5, 2, &d);
+    rl_redis_batch_decision(k, room, wait, 2000000, 5, 2, &d);
     assert_false(d.allowed);
     assert_int_equal(d.retry_after_ms, 500);
     assert_int_equal(d.reset_ms, 8500);
     /* A TAT far ahead (the limit was lowered): room negative, none allowed. */
     tat = NOW + 100000000;
-    k = batch_script(&tat, NOW, 2000000, 5, 4, &wait);
+    k = batch_script(&tp, &p, 1, NOW, 4, &wait, &room);
     assert_int_equal(k, 0);
     assert_int_equal(tat, NOW + 100000000);
     check_batch_equals_sequence(NOW + 100000000, NOW, 2000000, 5, 4);
+}
+
+/* Two policies: per client 5, route-wide 12 (same window). Client A asks 20
+ * at once: 5 go, the route-wide key is charged 5, not 20; A's refusals are
+ * its own policy's, the route-wide one says other_refused. Client B: 5 go
+ * (its own limit), then client C: the 2 the route has left go, and the
+ * route-wide policy refuses the rest while C's own says other_refused. A
+ * dry-run policy of limit 3 beside A's: charged only for what went (3 of
+ * A's 5), would-be refusals from the 4th. */
+static void test_batch_arithmetic_two_policies(void **state)
+{
+    (void)state;
+    int64_t period = 60000000 / 5, rperiod = 60000000 / 12, dperiod = 60000000 / 3;
+    model_pol p[3] = {{period, 5, true}, {rperiod, 12, true}, {dperiod, 3, false}};
+    int64_t ta = 0, tr = 0, td = 0, *tats[3] = {&ta, &tr, &td}, wait[3], room[3];
+    int64_t k = batch_script(tats, p, 3, NOW, 20, wait, room);
+    assert_int_equal(k, 5);
+    assert_int_equal(room[0], 5);
+    assert_int_equal(room[1], 12);
+    assert_int_equal(room[2], 3);
+    assert_int_equal(tr, NOW + 5 * rperiod);
+    assert_int_equal(td, NOW + 3 * dperiod);
+    for (int i = 0; i < 20; i++) {
+        rl_decision a, r, dry;
+        rl_redis_batch_decision(k, room[0], wait[0], period, 5, i, &a);
+        rl_redis_batch_decision(k, room[1], wait[1], rperiod, 12, i, &r);
+        rl_redis_batch_decision(k, room[2], wait[2], dperiod, 3, i, &dry);
+        assert_int_equal(a.allowed, i < 5);
+        assert_false(a.other_refused);
+        assert_int_equal(r.allowed, i < 5);
+        assert_int_equal(r.other_refused, i >= 5);
+        assert_int_equal(dry.allowed, i < 3);
+        assert_false(dry.other_refused);
+        if (!a.allowed)
+            assert_int_equal(a.retry_after_ms, period / 1000);
+    }
+    /* client B: its own key is fresh */
+    int64_t tb = 0;
+    model_pol pb[2] = {{period, 5, true}, {rperiod, 12, true}};
+    int64_t *tbs[2] = {&tb, &tr};
+    k = batch_script(tbs, pb, 2, NOW, 20, wait, room);
+    assert_int_equal(k, 5); /* B's own 5: 5 of the 7 the route has left */
+    k = batch_script(tbs, pb, 2, NOW, 20, wait, room);
+    assert_int_equal(k, 0);
+    /* a third client C: the route has 2 left */
+    int64_t tc = 0;
+    int64_t *tcs[2] = {&tc, &tr};
+    k = batch_script(tcs, pb, 2, NOW, 20, wait, room);
+    assert_int_equal(k, 2);
+    rl_decision c, r;
+    rl_redis_batch_decision(k, room[0], wait[0], period, 5, 2, &c);
+    rl_redis_batch_decision(k, room[1], wait[1], rperiod, 12, 2, &r);
+    assert_false(c.allowed);
+    assert_true(c.other_refused);
+    assert_int_equal(c.remaining, 2); /* what it would have said had the request gone */
+    assert_false(r.allowed);
+    assert_false(r.other_refused);
+    assert_int_equal(r.remaining, 0);
+    assert_true(r.retry_after_ms > 0);
+    assert_int_equal(tc, NOW + 2 * period);
+    /* and the sequence agrees */
+    int64_t t0[3] = {0, 0, 0};
+    check_batch_equals_sequence_m(t0, p, 3, NOW, 20);
 }
 
 static void test_batch_arithmetic_equals_sequence(void **state)
@@ -194,11 +323,64 @@ static void test_batch_arithmetic_equals_sequence(void **state)
     }
 }
 
+static uint64_t xorshift(uint64_t *x)
+{
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    return *x;
+}
+
+/* Random requests against 2..RL_POLICIES_MAX policies (a third of them
+ * dry-run, sometimes all), with TATs anywhere from long past to past the
+ * window, small limits so that every policy binds somewhere. */
+static void test_batch_arithmetic_policies_equal_sequence(void **state)
+{
+    (void)state;
+    uint64_t x = 0x2545f4914f6cdd1dULL;
+    int cases = 0, some_refused = 0, some_other = 0, mixed_dry = 0;
+    for (; cases < 20000; cases++) {
+        int m = 2 + (int)(xorshift(&x) % (cases % 10 == 0 ? RL_POLICIES_MAX - 1 : 3));
+        model_pol p[RL_POLICIES_MAX];
+        int64_t tat[RL_POLICIES_MAX];
+        bool enforced = false;
+        for (int i = 0; i < m; i++) {
+            uint64_t r = xorshift(&x);
+            p[i].period = 1 + (int64_t)(r % (r % 3 == 0 ? 1000 : 5000000));
+            p[i].limit = 1 + (int64_t)((r >> 20) % (r % 5 == 0 ? 300 : 20));
+            p[i].enforce = (r >> 40) % 3 != 0;
+            enforced |= p[i].enforce;
+            int64_t window = p[i].period * p[i].limit;
+            tat[i] = (r >> 44) % 4 == 0 ? 0 : NOW - window + (int64_t)((r >> 9) % (uint64_t)(3 * window + 1));
+        }
+        mixed_dry += !enforced;
+        int64_t n = 1 + (int64_t)(xorshift(&x) % (cases % 3 == 0 ? 300 : 40));
+        check_batch_equals_sequence_m(tat, p, m, NOW, n);
+        /* how often each branch was met, so the cases are not all alike */
+        int64_t t2[RL_POLICIES_MAX], *tp[RL_POLICIES_MAX], wait[RL_POLICIES_MAX], room[RL_POLICIES_MAX];
+        for (int i = 0; i < m; i++) {
+            t2[i] = tat[i];
+            tp[i] = &t2[i];
+        }
+        int64_t k = batch_script(tp, p, m, NOW, n, wait, room);
+        some_refused += k < n;
+        for (int i = 0; i < m; i++)
+            if (k < n && room[i] > k) {
+                some_other++;
+                break;
+            }
+    }
+    assert_true(some_refused > 5000);
+    assert_true(some_other > 2000);
+    assert_true(mixed_dry > 100);
+}
+
 /* ---- a fake Redis running the batch model ------------------------------------------ */
 
 #define FAKE_MAX_CONNS 16
 #define FAKE_MAX_SCRIPTS 1024
-#define FAKE_MAX_KEYS 16
+#define FAKE_MAX_KEYS 64
+#define FAKE_MAX_ARGS (4 + 4 * RL_POLICIES_MAX)
 
 typedef struct fake fake;
 
@@ -212,7 +394,10 @@ typedef struct fake_conn {
 typedef struct script_call {
     bool eval; /* EVAL, not EVALSHA */
     int conn;
-    char key[64];
+    char key[64]; /* the first key */
+    int nkeys;
+    char keys[RL_POLICIES_MAX][64];
+    bool enforce[RL_POLICIES_MAX];
     int64_t n;
 } script_call;
 
@@ -223,8 +408,9 @@ struct fake {
     int accepted;
     fake_conn *conns[FAKE_MAX_CONNS];
     int64_t now_us;
-    bool hold;         /* hold script replies until fake_release */
+    bool hold;         /* hold script replies (NOSCRIPT ones too) until fake_release */
     bool stall;        /* never answer script calls */
+    bool stall_eval;   /* never answer EVAL */
     int noscript_left; /* answer this many EVALSHA with NOSCRIPT */
     script_call scripts[FAKE_MAX_SCRIPTS];
     int nscripts;
@@ -302,36 +488,55 @@ static void fake_read_cb(struct bufferevent *bev, void *arg)
             return;
         const char *p = (const char *)evbuffer_pullup(in, -1);
         int argc = 0;
-        const char *argv[8];
-        size_t lens[8];
-        size_t used = parse_command(p, n, &argc, argv, lens, 8);
+        const char *argv[FAKE_MAX_ARGS];
+        size_t lens[FAKE_MAX_ARGS];
+        size_t used = parse_command(p, n, &argc, argv, lens, FAKE_MAX_ARGS);
         if (used == 0)
             return;
-        bool evalsha = argc == 7 && lens[0] == 7 && strncasecmp(argv[0], "EVALSHA", 7) == 0;
-        bool eval = argc == 7 && lens[0] == 4 && strncasecmp(argv[0], "EVAL", 4) == 0;
-        char reply[128];
-        bool script = false;
+        /* EVALSHA sha numkeys KEYS... n (period limit enforce)... */
+        int nkeys = argc >= 3 ? (int)arg_int(argv[2], lens[2]) : 0;
+        bool shape = nkeys >= 1 && nkeys <= RL_POLICIES_MAX && argc == 4 + 4 * nkeys;
+        bool evalsha = shape && lens[0] == 7 && strncasecmp(argv[0], "EVALSHA", 7) == 0;
+        bool eval = shape && lens[0] == 4 && strncasecmp(argv[0], "EVAL", 4) == 0;
+        char reply[64 + 48 * RL_POLICIES_MAX];
+        bool script = false, stalled = false;
         if (evalsha && f->noscript_left > 0) {
             f->noscript_left--;
+            script = true;
             snprintf(reply, sizeof reply, "-NOSCRIPT No matching script. Please use EVAL.\r\n");
         } else if (evalsha || eval) {
             script = true;
+            stalled = f->stall || (eval && f->stall_eval);
             assert_true(f->nscripts < FAKE_MAX_SCRIPTS);
             script_call *sc = &f->scripts[f->nscripts++];
             sc->eval = eval;
             sc->conn = fc->id;
-            snprintf(sc->key, sizeof sc->key, "%.*s", (int)lens[3], argv[3]);
-            sc->n = arg_int(argv[6], lens[6]);
-            int64_t wait, k = batch_script(fake_tat(f, sc->key), f->now_us, arg_int(argv[4], lens[4]),
-                                           arg_int(argv[5], lens[5]), sc->n, &wait);
-            snprintf(reply, sizeof reply, "*2\r\n:%lld\r\n:%lld\r\n", (long long)k, (long long)wait);
+            sc->nkeys = nkeys;
+            sc->n = arg_int(argv[3 + nkeys], lens[3 + nkeys]);
+            model_pol mp[RL_POLICIES_MAX];
+            int64_t *tats[RL_POLICIES_MAX], wait[RL_POLICIES_MAX], room[RL_POLICIES_MAX];
+            for (int i = 0; i < nkeys; i++) {
+                snprintf(sc->keys[i], sizeof sc->keys[i], "%.*s", (int)lens[3 + i], argv[3 + i]);
+                int a = 4 + nkeys + 3 * i;
+                mp[i].period = arg_int(argv[a], lens[a]);
+                mp[i].limit = arg_int(argv[a + 1], lens[a + 1]);
+                assert_true(lens[a + 2] == 1 && (argv[a + 2][0] == '1' || argv[a + 2][0] == '0'));
+                mp[i].enforce = sc->enforce[i] = argv[a + 2][0] == '1';
+                tats[i] = fake_tat(f, sc->keys[i]);
+            }
+            memcpy(sc->key, sc->keys[0], sizeof sc->key);
+            int64_t k = batch_script(tats, mp, nkeys, f->now_us, sc->n, wait, room);
+            int at = snprintf(reply, sizeof reply, "*%d\r\n:%lld\r\n", 1 + 2 * nkeys, (long long)k);
+            for (int i = 0; i < nkeys; i++)
+                at += snprintf(reply + at, sizeof reply - (size_t)at, ":%lld\r\n:%lld\r\n",
+                               (long long)wait[i], (long long)room[i]);
         } else if (argc >= 1 && lens[0] == 4 && strncasecmp(argv[0], "PING", 4) == 0) {
             snprintf(reply, sizeof reply, "+PONG\r\n");
         } else {
             snprintf(reply, sizeof reply, "+OK\r\n");
         }
         evbuffer_drain(in, used);
-        if (script && f->stall)
+        if (stalled)
             continue;
         if ((script && f->hold) || evbuffer_get_length(fc->held))
             evbuffer_add(fc->held, reply, strlen(reply));
@@ -444,7 +649,8 @@ typedef struct answers {
     int n;
     int order[MAX_ANSWERS];
     bool ok[MAX_ANSWERS];
-    rl_decision d[MAX_ANSWERS];
+    rl_decision d[MAX_ANSWERS];                    /* the first policy's */
+    rl_decision all[MAX_ANSWERS][RL_POLICIES_MAX]; /* every policy's */
     uint64_t at_ms[MAX_ANSWERS];
     bool in_take, called_inside;
     rl_redis *free_on_first; /* rl_redis_free from inside the first done */
@@ -454,6 +660,7 @@ typedef struct answers {
 typedef struct probe {
     answers *a;
     int id;
+    int npol; /* policies of its call */
     bool answered;
 } probe;
 
@@ -468,8 +675,11 @@ static void record_done(void *arg, bool ok, const rl_decision *d)
     assert_true(a->n < MAX_ANSWERS);
     a->order[a->n] = p->id;
     a->ok[a->n] = ok;
-    if (ok)
+    if (ok) {
         a->d[a->n] = *d;
+        for (int i = 0; i < p->npol; i++)
+            a->all[a->n][i] = d[i];
+    }
     a->at_ms[a->n] = ms_now();
     a->n++;
     if (a->free_on_first) {
@@ -518,7 +728,7 @@ static env *env_start(int timeout_ms, int conns)
     RUN_UNTIL(e->base, rl_redis_up(e->r) && fake_open(e->f) == conns, 2000);
     run_for(e->base, 10); /* every connection through its handshake */
     for (int i = 0; i < MAX_ANSWERS; i++)
-        e->p[i] = (probe){&e->a, i, false};
+        e->p[i] = (probe){&e->a, i, 1, false};
     return e;
 }
 
@@ -530,13 +740,21 @@ static void env_stop(env *e)
     free(e);
 }
 
+/* Probe id takes one request against n policies. */
+static rl_redis_call *take_set(env *e, int id, const rl_redis_policy *p, size_t n)
+{
+    e->p[id].npol = (int)n;
+    e->a.in_take = true;
+    rl_redis_call *c = rl_redis_take(e->r, p, n, record_done, &e->p[id]);
+    e->a.in_take = false;
+    return c;
+}
+
 /* Probe id takes one request of key for limit per window_ms. */
 static rl_redis_call *take(env *e, int id, const char *key, int64_t limit, int64_t window_ms)
 {
-    e->a.in_take = true;
-    rl_redis_call *c = rl_redis_take(e->r, key, strlen(key), limit, window_ms, record_done, &e->p[id]);
-    e->a.in_take = false;
-    return c;
+    rl_redis_policy p = {key, strlen(key), limit, window_ms, false};
+    return take_set(e, id, &p, 1);
 }
 
 /* ---- tests ------------------------------------------------------------------------------ */
@@ -796,6 +1014,250 @@ static void test_free_answers_everything(void **state)
     env_stop(e);
 }
 
+/* A request's policies go in ONE EVALSHA with all their keys, all or
+ * nothing: per client 2, route-wide 3 (period 10 s each... 20 s and 30 s
+ * windows). Client A x3 one after the other: 2 go, the 3rd is refused by A's
+ * own policy and costs the route-wide key nothing; client B x2: the 1st goes
+ * (the route's 3rd), the 2nd is refused by the route-wide policy while B's
+ * own says other_refused. */
+static void test_policies_in_one_call(void **state)
+{
+    (void)state;
+    env *e = env_start(1000, 1);
+    rl_redis_policy a[2] = {{"client:A", 8, 2, 20000, false}, {"route", 5, 3, 30000, false}};
+    rl_redis_policy b[2] = {{"client:B", 8, 2, 20000, false}, {"route", 5, 3, 30000, false}};
+    for (int id = 0; id < 3; id++) {
+        assert_non_null(take_set(e, id, a, 2));
+        RUN_UNTIL(e->base, e->a.n == id + 1, 2000);
+    }
+    for (int id = 3; id < 5; id++) {
+        assert_non_null(take_set(e, id, b, 2));
+        RUN_UNTIL(e->base, e->a.n == id + 1, 2000);
+    }
+    assert_int_equal(e->f->nscripts, 5);
+    for (int i = 0; i < 5; i++) {
+        assert_int_equal(e->f->scripts[i].nkeys, 2);
+        assert_int_equal(e->f->scripts[i].n, 1);
+        assert_true(e->f->scripts[i].enforce[0] && e->f->scripts[i].enforce[1]);
+    }
+    assert_string_equal(e->f->scripts[0].keys[1], e->f->scripts[4].keys[1]); /* the same route-wide key */
+    assert_string_not_equal(e->f->scripts[0].keys[0], e->f->scripts[4].keys[0]);
+    const rl_decision(*d)[RL_POLICIES_MAX] = e->a.all;
+    for (int i = 0; i < 5; i++)
+        assert_true(e->a.ok[i] && e->a.order[i] == i);
+    /* A: 2 allowed (route remaining 2, 1), then refused by its own */
+    assert_true(d[0][0].allowed && d[0][1].allowed && d[0][1].remaining == 2);
+    assert_true(d[1][0].allowed && d[1][1].allowed && d[1][1].remaining == 1);
+    assert_false(d[2][0].allowed);
+    assert_false(d[2][0].other_refused);
+    assert_int_equal(d[2][0].retry_after_ms, 10000);
+    assert_false(d[2][1].allowed);
+    assert_true(d[2][1].other_refused);
+    /* B: the route's 3rd, then the route refuses */
+    assert_true(d[3][0].allowed && d[3][1].allowed && d[3][1].remaining == 0);
+    assert_false(d[4][1].allowed);
+    assert_false(d[4][1].other_refused);
+    assert_int_equal(d[4][1].retry_after_ms, 10000);
+    assert_false(d[4][0].allowed);
+    assert_true(d[4][0].other_refused);
+    assert_int_equal(d[4][0].remaining, 0); /* had it gone: B's 2nd of 2 */
+    env_stop(e);
+}
+
+/* Calls batch by their whole set: A's requests wait behind A's call in
+ * flight and go as one EVALSHA for n; B's (another client key beside the
+ * same route-wide key) is another set and goes at once; a set whose
+ * route-wide policy is dry-run (the same key names) is another set too. The
+ * batch's decisions are those of the calls in sequence. */
+static void test_sets_batch_apart(void **state)
+{
+    (void)state;
+    env *e = env_start(1000, 1);
+    e->f->hold = true;
+    rl_redis_policy a[2] = {{"client:A", 8, 3, 30000, false}, {"route", 5, 4, 40000, false}};
+    rl_redis_policy b[2] = {{"client:B", 8, 3, 30000, false}, {"route", 5, 4, 40000, false}};
+    rl_redis_policy ad[2] = {{"client:A", 8, 3, 30000, false}, {"route", 5, 4, 40000, true}};
+    assert_non_null(take_set(e, 0, a, 2));
+    RUN_UNTIL(e->base, e->f->nscripts == 1, 2000);
+    for (int id = 1; id <= 4; id++)
+        assert_non_null(take_set(e, id, a, 2));
+    assert_non_null(take_set(e, 10, b, 2));
+    assert_non_null(take_set(e, 20, ad, 2));
+    RUN_UNTIL(e->base, e->f->nscripts == 3, 2000);
+    run_for(e->base, 20);
+    assert_int_equal(e->f->nscripts, 3);
+    assert_false(e->f->scripts[2].enforce[1]); /* the dry-run flag is sent */
+    assert_true(e->f->scripts[2].enforce[0]);
+    e->f->hold = false;
+    fake_release(e->f);
+    RUN_UNTIL(e->base, e->a.n == 7, 2000);
+    assert_int_equal(e->f->nscripts, 4);
+    assert_int_equal(e->f->scripts[3].n, 4);
+    assert_string_equal(e->f->scripts[3].keys[0], e->f->scripts[0].keys[0]);
+    /* The fake answered in order: A's first (route 1 of 4), B's (route 2),
+     * the dry-run set's (A 2 of 3; its route key charged too: 3), then A's
+     * batch of 4: A has 1 left, the route 1: request 1 goes, 2..4 refused
+     * by both policies (the route has none left either). */
+    const rl_decision(*d)[RL_POLICIES_MAX] = e->a.all;
+    int i0 = answer_of(&e->a, 0), i10 = answer_of(&e->a, 10), i20 = answer_of(&e->a, 20);
+    assert_true(d[i0][0].allowed && d[i0][1].allowed && d[i0][1].remaining == 3);
+    assert_true(d[i10][0].allowed && d[i10][1].allowed && d[i10][1].remaining == 2);
+    assert_true(d[i20][0].allowed && d[i20][1].allowed && d[i20][1].remaining == 1);
+    int i1 = answer_of(&e->a, 1);
+    assert_true(d[i1][0].allowed && d[i1][1].allowed);
+    for (int id = 2; id <= 4; id++) {
+        int i = answer_of(&e->a, id);
+        assert_true(e->a.ok[i]);
+        assert_false(d[i][0].allowed);
+        assert_false(d[i][1].allowed);
+        assert_false(d[i][0].other_refused);
+        assert_false(d[i][1].other_refused);
+    }
+    env_stop(e);
+}
+
+/* A dry-run policy never refuses and is charged only for requests that go:
+ * limit 1 dry-run beside an enforced 3: the first request goes and charges
+ * both, the next two go with the dry-run one saying it would have refused,
+ * the 4th is refused by the enforced one (the dry-run one also had no room). */
+static void test_dry_run_in_a_set(void **state)
+{
+    (void)state;
+    env *e = env_start(1000, 1);
+    rl_redis_policy p[2] = {{"dry", 3, 1, 10000, true}, {"real", 4, 3, 30000, false}};
+    for (int id = 0; id < 4; id++) {
+        assert_non_null(take_set(e, id, p, 2));
+        RUN_UNTIL(e->base, e->a.n == id + 1, 2000);
+    }
+    const rl_decision(*d)[RL_POLICIES_MAX] = e->a.all;
+    assert_true(d[0][0].allowed && d[0][1].allowed);
+    for (int i = 1; i < 3; i++) {
+        assert_false(d[i][0].allowed);
+        assert_false(d[i][0].other_refused);
+        assert_true(d[i][1].allowed);
+    }
+    assert_false(d[3][1].allowed);
+    assert_false(d[3][0].allowed);
+    e->f->now_us += 10000000; /* one dry-run period, one real period later: one each again */
+    assert_non_null(take_set(e, 4, p, 2));
+    RUN_UNTIL(e->base, e->a.n == 5, 2000);
+    assert_true(d[4][0].allowed && d[4][1].allowed);
+    env_stop(e);
+}
+
+/* NOSCRIPT answered late: the EVAL sent again gets only what is left of the
+ * first send's deadline. redis.timeout 150 ms; the NOSCRIPT comes at ~100 ms
+ * and the EVAL is never answered: the call is answered (failed) at ~150 ms,
+ * not ~250 ms. */
+static void test_noscript_resend_keeps_deadline(void **state)
+{
+    (void)state;
+    env *e = env_start(150, 1);
+    e->f->noscript_left = 1;
+    e->f->stall_eval = true;
+    e->f->hold = true;
+    uint64_t t0 = ms_now();
+    assert_non_null(take(e, 0, "nsd", 10, 10000));
+    while (ms_now() < t0 + 100)
+        run_for(e->base, 1);
+    assert_int_equal(e->a.n, 0);
+    e->f->hold = false;
+    fake_release(e->f);
+    RUN_UNTIL(e->base, e->a.n == 1, 2000);
+    assert_false(e->a.ok[0]);
+    assert_int_equal(e->f->nscripts, 1);
+    assert_true(e->f->scripts[0].eval);
+    uint64_t took = e->a.at_ms[0] - t0;
+    assert_true(took >= 145);
+    assert_true(took <= 200);
+    env_stop(e);
+}
+
+/* 1..RL_POLICIES_MAX policies per call: none or more is refused at once. */
+static void test_policy_count(void **state)
+{
+    (void)state;
+    env *e = env_start(1000, 1);
+    rl_redis_policy p[RL_POLICIES_MAX + 1];
+    char names[RL_POLICIES_MAX + 1][8];
+    for (int i = 0; i <= RL_POLICIES_MAX; i++) {
+        snprintf(names[i], sizeof names[i], "p%d", i);
+        p[i] = (rl_redis_policy){names[i], strlen(names[i]), 1 + i, 60000, i % 2 == 1};
+    }
+    assert_null(take_set(e, 0, p, 0));
+    assert_null(take_set(e, 0, p, RL_POLICIES_MAX + 1));
+    assert_non_null(take_set(e, 1, p, RL_POLICIES_MAX));
+    RUN_UNTIL(e->base, e->a.n == 1, 2000);
+    assert_int_equal(e->f->scripts[0].nkeys, RL_POLICIES_MAX);
+    assert_true(e->a.ok[0]);
+    for (int i = 0; i < RL_POLICIES_MAX; i++) {
+        assert_true(e->a.all[0][i].allowed);
+        assert_int_equal(e->a.all[0][i].limit, 1 + i);
+        assert_int_equal(e->a.all[0][i].remaining, i);
+    }
+    env_stop(e);
+}
+
+/* The first connect after a configure is waited for: a call made at once
+ * (not up yet) is not refused but goes once the connection is up, and is
+ * decided by Redis. A target where nothing listens: the call is answered as
+ * failed within redis.timeout of the configure, and after that window calls
+ * are refused at once (NULL) while Redis stays down. */
+static void test_first_connect_waited_for(void **state)
+{
+    (void)state;
+    static answers a;
+    memset(&a, 0, sizeof a);
+    struct event_base *base = event_base_new();
+    fake *f = fake_start(base);
+    char url[64];
+    snprintf(url, sizeof url, "redis://127.0.0.1:%d", f->port);
+    config_redis cfg = {
+        .enabled = true, .url = url, .password = "", .timeout_ms = 500, .connections_per_worker = 1};
+    rl_redis *r = rl_redis_create(base, test_log);
+    assert_non_null(r);
+    rl_redis_configure(r, &cfg);
+    assert_false(rl_redis_up(r));
+    probe p[4] = {{&a, 0, 1, false}, {&a, 1, 1, false}, {&a, 2, 1, false}, {&a, 3, 1, false}};
+    rl_redis_policy pol = {"first", 5, 2, 60000, false};
+    a.in_take = true;
+    assert_non_null(rl_redis_take(r, &pol, 1, record_done, &p[0]));
+    assert_non_null(rl_redis_take(r, &pol, 1, record_done, &p[1]));
+    assert_non_null(rl_redis_take(r, &pol, 1, record_done, &p[2]));
+    a.in_take = false;
+    RUN_UNTIL(base, a.n == 3, 2000);
+    assert_false(a.called_inside);
+    assert_int_equal(f->nscripts, 1); /* the three waited together: one batch of 3 */
+    assert_int_equal(f->scripts[0].n, 3);
+    for (int i = 0; i < 3; i++)
+        assert_true(a.ok[i]);
+    assert_true(a.d[0].allowed && a.d[1].allowed && !a.d[2].allowed);
+    rl_redis_free(r);
+
+    /* Nothing listens: answered as failed by the connect's deadline, then refused at once. */
+    int dead = f->port;
+    fake_stop(f);
+    snprintf(url, sizeof url, "redis://127.0.0.1:%d", dead);
+    cfg.timeout_ms = 150;
+    r = rl_redis_create(base, test_log);
+    assert_non_null(r);
+    uint64_t t0 = ms_now();
+    rl_redis_configure(r, &cfg);
+    assert_non_null(rl_redis_take(r, &pol, 1, record_done, &p[3]));
+    RUN_UNTIL(base, a.n == 4, 2000);
+    assert_false(a.ok[3]);
+    uint64_t took = ms_now() - t0;
+    assert_true(took <= 260);
+    probe q = {&a, 9, 1, false};
+    run_for(base, 20);
+    assert_null(rl_redis_take(r, &pol, 1, record_done, &q));
+    /* the same target again (a reload that changed nothing): no new wait */
+    rl_redis_configure(r, &cfg);
+    assert_null(rl_redis_take(r, &pol, 1, record_done, &q));
+    rl_redis_free(r);
+    event_base_free(base);
+}
+
 /* Not connected: NULL at once, nothing answered. */
 static void test_not_connected(void **state)
 {
@@ -804,9 +1266,10 @@ static void test_not_connected(void **state)
     rl_redis *r = rl_redis_create(base, test_log);
     assert_non_null(r);
     assert_false(rl_redis_up(r));
-    answers a = {0};
-    probe p = {&a, 0, false};
-    assert_null(rl_redis_take(r, "x", 1, 1, 1000, record_done, &p));
+    static answers a;
+    probe p = {&a, 0, 1, false};
+    rl_redis_policy pol = {"x", 1, 1, 1000, false};
+    assert_null(rl_redis_take(r, &pol, 1, record_done, &p));
     rl_redis_free(r);
     rl_redis_free(NULL);
     assert_int_equal(a.n, 0);
@@ -818,6 +1281,8 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_batch_arithmetic_hand_cases),
         cmocka_unit_test(test_batch_arithmetic_equals_sequence),
+        cmocka_unit_test(test_batch_arithmetic_two_policies),
+        cmocka_unit_test(test_batch_arithmetic_policies_equal_sequence),
         cmocka_unit_test(test_waiting_calls_go_as_one_batch),
         cmocka_unit_test(test_other_limit_not_batched),
         cmocka_unit_test(test_batch_cap),
@@ -826,6 +1291,12 @@ int main(void)
         cmocka_unit_test(test_waiting_batch_keeps_its_deadline),
         cmocka_unit_test(test_free_inside_done),
         cmocka_unit_test(test_free_answers_everything),
+        cmocka_unit_test(test_policies_in_one_call),
+        cmocka_unit_test(test_sets_batch_apart),
+        cmocka_unit_test(test_dry_run_in_a_set),
+        cmocka_unit_test(test_noscript_resend_keeps_deadline),
+        cmocka_unit_test(test_policy_count),
+        cmocka_unit_test(test_first_connect_waited_for),
         cmocka_unit_test(test_not_connected),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
