@@ -29,11 +29,13 @@
  * What is left: ABA on the TAT word, a taker that read TAT T and key K and
  * whose CAS finds T again although the slot changed owner in between; every
  * owner's first TAT is its claimer's now + period, so that needs the same
- * nanosecond twice. A refund (rl_local_take_all) on a slot whose key was
- * evicted and then claimed again by the same key since its take gives back
- * a request the new state never had: one extra request, under table
- * pressure only. And between a take and its refund another request can be
- * refused by the charge about to be given back (never let through).
+ * nanosecond twice. A refund (rl_local_take_all) moves a TAT back only from
+ * the exact value its take stored: anything in between (another take,
+ * which may have started from its own "now" and so absorbed this charge; a
+ * takeover; a reclaim) makes it keep the charge, so a refused request can
+ * cost a policy one request, never let one more through. Between a take and
+ * its refund another request can be refused by the charge about to be given
+ * back (never let through).
  */
 #include "ratelimit/ratelimit.h"
 
@@ -77,6 +79,7 @@ uint64_t rl_gcra(uint64_t tat, uint64_t now, int64_t limit, int64_t window_ms, r
     d->limit = limit;
     d->no_room = false;
     d->other_refused = false;
+    d->stored_tat = 0; /* set by the store that keeps it */
     if (next - now > window) {
         /* Refused: one more would be allowed once next - window has come. */
         d->allowed = false;
@@ -164,11 +167,14 @@ static slot_result take_in(rl_slot *s, uint64_t key, uint64_t now, int64_t limit
             return SLOT_LOST;
         }
         uint64_t next = rl_gcra(state, now, limit, window_ms, d);
+        d->stored_tat = 0;
         if (!d->allowed)
             return SLOT_DONE; /* refused: nothing to store */
         if (atomic_compare_exchange_weak_explicit(&s->tat, &tat, next, memory_order_acq_rel,
-                                                  memory_order_acquire))
+                                                  memory_order_acquire)) {
+            d->stored_tat = next;
             return SLOT_DONE;
+        }
     }
 }
 
@@ -185,8 +191,10 @@ static slot_result claim_and_take(rl_slot *s, uint64_t seen, uint64_t key, uint6
     uint64_t claim = claim_of(key);
     uint64_t next = rl_gcra(0, now, limit, window_ms, d); /* a fresh key: always allowed */
     if (atomic_compare_exchange_strong_explicit(&s->tat, &claim, next, memory_order_acq_rel,
-                                                memory_order_acquire))
+                                                memory_order_acquire)) {
+        d->stored_tat = next;
         return SLOT_DONE;
+    }
     /* Another request of key finished the claim with its own: count this one after it. */
     return take_in(s, key, now, limit, window_ms, d);
 }
@@ -272,33 +280,30 @@ void rl_local_take(rl_local *t, uint64_t key, uint64_t now, int64_t limit, int64
     local_take(t, key, now, limit, window_ms, d);
 }
 
-/* One period back on s while it holds key. */
-static bool refund_in(rl_slot *s, uint64_t key, uint64_t period)
+/* One period back on s while it holds key and its TAT is still the one the
+ * take stored (see rl_local_refund). */
+static bool refund_in(rl_slot *s, uint64_t key, uint64_t stored_tat, uint64_t period)
 {
-    uint64_t tat = atomic_load_explicit(&s->tat, memory_order_acquire);
-    for (;;) {
-        if (tat & RL_CLAIM || atomic_load_explicit(&s->key, memory_order_acquire) != key)
-            return false; /* taken over: its state, this request's included, went with it */
-        uint64_t back = tat > period ? tat - period : 0;
-        if (atomic_compare_exchange_weak_explicit(&s->tat, &tat, back, memory_order_acq_rel,
-                                                  memory_order_acquire))
-            return true;
-    }
+    if (!stored_tat || stored_tat & RL_CLAIM || atomic_load_explicit(&s->key, memory_order_acquire) != key)
+        return false; /* not stored, or taken over: its state, this request's included, went with it */
+    uint64_t expected = stored_tat;
+    uint64_t back = stored_tat > period ? stored_tat - period : 0;
+    return atomic_compare_exchange_strong_explicit(&s->tat, &expected, back, memory_order_acq_rel,
+                                                   memory_order_acquire);
 }
 
-bool rl_local_refund(rl_local *t, uint64_t key, int64_t limit, int64_t window_ms)
+bool rl_local_refund(rl_local *t, uint64_t key, uint64_t stored_tat, int64_t limit, int64_t window_ms)
 {
     size_t home = home_of(t, key);
     for (size_t i = 0; i < RL_PROBE; i++) {
         rl_slot *s = &t->slots[(home + i) & t->mask];
         if (atomic_load_explicit(&s->key, memory_order_acquire) == key &&
-            refund_in(s, key, period_ns(limit, window_ms)))
+            refund_in(s, key, stored_tat, period_ns(limit, window_ms)))
             return true;
     }
     return false;
 }
 
-/* What a request for key would be told now, nothing stored. */
 static void local_peek(rl_local *t, uint64_t key, uint64_t now, int64_t limit, int64_t window_ms,
                        rl_decision *d)
 {
@@ -371,7 +376,7 @@ bool rl_local_take_all(rl_local *t, const rl_local_policy *p, size_t n, uint64_t
             if (o == i || !d[o].allowed)
                 continue;
             if (m < j && taken[o])
-                refund_in(taken[o], p[o].key, period_ns(p[o].limit, p[o].window_ms));
+                refund_in(taken[o], p[o].key, d[o].stored_tat, period_ns(p[o].limit, p[o].window_ms));
             mark_other_refused(&d[o]);
         }
     }

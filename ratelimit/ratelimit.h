@@ -48,6 +48,7 @@ typedef struct rl_decision {
     int64_t remaining;      /* requests still allowed now (after this one, when allowed) */
     int64_t reset_ms;       /* until the full limit is available again */
     int64_t retry_after_ms; /* when refused: until one request is allowed */
+    uint64_t stored_tat;    /* local store, allowed: the TAT this take stored (0: none), a refund's proof */
 } rl_decision;
 
 /* One GCRA step, pure: the stored TAT (0: none), the time now, the policy.
@@ -64,11 +65,15 @@ void rl_local_free(rl_local *t);
  * (CLOCK_MONOTONIC ns). Any thread. */
 void rl_local_take(rl_local *t, uint64_t key, uint64_t now, int64_t limit, int64_t window_ms, rl_decision *d);
 
-/* Give back one request taken from key (same limit and window) as if it had
- * not come: its TAT moves back one period, by compare-and-swap, only while
- * the slot still holds key. False when key has no slot (taken over since:
- * its state went with it, there is nothing to give back). Any thread. */
-bool rl_local_refund(rl_local *t, uint64_t key, int64_t limit, int64_t window_ms);
+/* Give back the request whose take stored stored_tat (its d->stored_tat) for
+ * key (same limit and window), as if it had not come: the TAT moves back one
+ * period, by compare-and-swap, only while the slot still holds key AND its
+ * TAT is still stored_tat. A take in between may have started from "now"
+ * rather than from this TAT (the charge had drained into it), and then one
+ * period back would erase that take instead; so once anything moved the TAT
+ * the charge stays (fewer requests, never more). False when nothing was
+ * given back. Any thread. */
+bool rl_local_refund(rl_local *t, uint64_t key, uint64_t stored_tat, int64_t limit, int64_t window_ms);
 
 /* One policy of a request. */
 typedef struct rl_local_policy {

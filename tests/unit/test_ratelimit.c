@@ -498,32 +498,38 @@ static void test_local_many_keys_threads(void **state)
 
 /* ---- refund, all or nothing ---------------------------------------------------------- */
 
-/* A refund gives back exactly one period of the key's own slot: limit 3,
- * three taken, refunded once: one more, not two; twice: two. A key with no
- * slot has nothing to give back; nor has a key whose slot was taken over
- * (and the new owner's state is left alone). */
+/* A refund gives back exactly the request its take stored: limit 3, three
+ * taken, the last refunded: one more, not two; the last two refunded, in
+ * turn: two. A refund whose TAT something has moved since gives nothing
+ * back (the charge stays), nor does one for a key with no slot, or whose slot
+ * was taken over (the new owner's state is left alone). */
 static void test_local_refund(void **state)
 {
     (void)state;
     rl_local *t = rl_local_create(1024);
     assert_non_null(t);
-    rl_decision d;
+    rl_decision d, taken[3];
     uint64_t k = 0x5151515151ULL;
     for (int i = 0; i < 3; i++) {
-        rl_local_take(t, k, T0, 3, 3000, &d);
-        assert_true(d.allowed);
+        rl_local_take(t, k, T0, 3, 3000, &taken[i]);
+        assert_true(taken[i].allowed);
+        assert_true(taken[i].stored_tat != 0);
     }
     rl_local_take(t, k, T0, 3, 3000, &d);
     assert_false(d.allowed);
-    assert_true(rl_local_refund(t, k, 3, 3000));
+    assert_int_equal(d.stored_tat, 0);
+    assert_false(rl_local_refund(t, k, taken[1].stored_tat, 3, 3000)); /* not the TAT now */
+    assert_true(rl_local_refund(t, k, taken[2].stored_tat, 3, 3000));
+    assert_false(rl_local_refund(t, k, taken[2].stored_tat, 3, 3000)); /* given back once only */
     rl_local_take(t, k, T0, 3, 3000, &d);
     assert_true(d.allowed);
     assert_int_equal(d.remaining, 0);
     assert_int_equal(d.reset_ms, 3000);
+    rl_decision again = d;
     rl_local_take(t, k, T0, 3, 3000, &d);
     assert_false(d.allowed);
-    assert_true(rl_local_refund(t, k, 3, 3000));
-    assert_true(rl_local_refund(t, k, 3, 3000));
+    assert_true(rl_local_refund(t, k, again.stored_tat, 3, 3000));
+    assert_true(rl_local_refund(t, k, taken[1].stored_tat, 3, 3000));
     rl_local_take(t, k, T0, 3, 3000, &d);
     assert_true(d.allowed);
     assert_int_equal(d.remaining, 1);
@@ -531,7 +537,28 @@ static void test_local_refund(void **state)
     assert_true(d.allowed);
     rl_local_take(t, k, T0, 3, 3000, &d);
     assert_false(d.allowed);
-    assert_false(rl_local_refund(t, 0x777ULL, 3, 3000)); /* never seen */
+    assert_false(rl_local_refund(t, 0x777ULL, taken[0].stored_tat, 3, 3000)); /* never seen */
+    rl_local_free(t);
+
+    /* A take that started from its own "now" (the refunded charge had
+     * drained) is not erased by the refund: limit 2 per 2 s, one taken at
+     * 0; at 1.5 s two more are allowed and a third refused; the refund of
+     * the first then gives nothing back, and a fourth at 1.5 s is refused
+     * (2 allowed at that instant, as if the first had never come). */
+    t = rl_local_create(1024);
+    assert_non_null(t);
+    rl_decision first;
+    rl_local_take(t, k, T0, 2, 2000, &first);
+    assert_true(first.allowed);
+    for (int i = 0; i < 2; i++) {
+        rl_local_take(t, k, T0 + 1500 * MS, 2, 2000, &d);
+        assert_true(d.allowed);
+    }
+    rl_local_take(t, k, T0 + 1500 * MS, 2, 2000, &d);
+    assert_false(d.allowed);
+    assert_false(rl_local_refund(t, k, first.stored_tat, 2, 2000));
+    rl_local_take(t, k, T0 + 1500 * MS, 2, 2000, &d);
+    assert_false(d.allowed);
     rl_local_free(t);
 
     /* Taken over: 16 live keys around home 0, a 17th takes the slot done
@@ -539,16 +566,17 @@ static void test_local_refund(void **state)
      * newcomer keeps its one request counted. */
     t = rl_local_create(1);
     assert_non_null(t);
+    rl_decision each[RL_PROBE];
     for (int i = 0; i < RL_PROBE; i++) {
-        rl_local_take(t, home0_key(i), T0 + (uint64_t)i * MS, 1, 60000, &d);
-        assert_true(d.allowed && !d.no_room);
+        rl_local_take(t, home0_key(i), T0 + (uint64_t)i * MS, 1, 60000, &each[i]);
+        assert_true(each[i].allowed && !each[i].no_room);
     }
     rl_local_take(t, home0_key(RL_PROBE), T0 + SEC, 1, 60000, &d);
     assert_true(d.allowed && d.no_room);
-    assert_false(rl_local_refund(t, home0_key(0), 1, 60000));
+    assert_false(rl_local_refund(t, home0_key(0), each[0].stored_tat, 1, 60000));
     rl_local_take(t, home0_key(RL_PROBE), T0 + SEC, 1, 60000, &d);
     assert_false(d.allowed);
-    assert_true(rl_local_refund(t, home0_key(1), 1, 60000)); /* still resident */
+    assert_true(rl_local_refund(t, home0_key(1), each[1].stored_tat, 1, 60000)); /* still resident */
     rl_local_take(t, home0_key(1), T0 + SEC, 1, 60000, &d);
     assert_true(d.allowed);
     rl_local_free(t);
