@@ -767,6 +767,26 @@ static const char *entry_field(const cache_entry *e, const char *name, size_t *l
     return NULL;
 }
 
+/* The next element of an If-None-Match list at *p, spaces trimmed, as
+ * [*tag, *end); false at the end of the list. */
+static bool next_entity_tag(const char **p, const char **tag, const char **end)
+{
+    const char *s = *p;
+    while (*s == ' ' || *s == '\t' || *s == ',')
+        s++;
+    if (!*s)
+        return false;
+    *tag = s;
+    while (*s && *s != ',')
+        s++;
+    const char *e = s;
+    while (e > *tag && (e[-1] == ' ' || e[-1] == '\t'))
+        e--;
+    *end = e;
+    *p = s;
+    return true;
+}
+
 /* Does the request's If-None-Match name the entry's ETag (weak comparison,
  * RFC 9110 13.1.2), or "*"? Then a hit is answered 304, as nginx does. */
 static bool entry_not_modified(gw_request *r, const cache_entry *e)
@@ -780,15 +800,8 @@ static bool entry_not_modified(gw_request *r, const cache_entry *e)
         etag += 2;
         elen -= 2;
     }
-    for (const char *p = inm; *p;) {
-        while (*p == ' ' || *p == '\t' || *p == ',')
-            p++;
-        const char *tag = p;
-        while (*p && *p != ',')
-            p++;
-        const char *end = p;
-        while (end > tag && (end[-1] == ' ' || end[-1] == '\t'))
-            end--;
+    const char *p = inm, *tag, *end;
+    while (next_entity_tag(&p, &tag, &end)) {
         if (end - tag == 1 && *tag == '*')
             return true;
         if (end - tag >= 2 && strncmp(tag, "W/", 2) == 0)
@@ -1905,16 +1918,9 @@ static bool client_holds_weakened(gw_request *r, const upstream_response *resp)
             etag = &resp->fields[i];
     if (!etag || etag->value_len < 2 || etag->value[0] != '"')
         return false;
-    const char *inm = evhttp_find_header(evhttp_request_get_input_headers(r->req), "If-None-Match");
-    for (const char *p = inm; p && *p;) {
-        while (*p == ' ' || *p == '\t' || *p == ',')
-            p++;
-        const char *tag = p;
-        while (*p && *p != ',')
-            p++;
-        const char *end = p;
-        while (end > tag && (end[-1] == ' ' || end[-1] == '\t'))
-            end--;
+    const char *p = evhttp_find_header(evhttp_request_get_input_headers(r->req), "If-None-Match");
+    const char *tag, *end;
+    while (p && next_entity_tag(&p, &tag, &end)) {
         if ((size_t)(end - tag) == etag->value_len + 2 && strncmp(tag, "W/", 2) == 0 &&
             memcmp(tag + 2, etag->value, etag->value_len) == 0)
             return true;
