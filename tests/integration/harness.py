@@ -24,7 +24,9 @@ import ssl
 import subprocess
 import tempfile
 import time
+import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import requests
@@ -644,3 +646,22 @@ def tcp_sockets(local_port=None, remote_port=None):
 
 def open_fds(pid):
     return len(os.listdir("/proc/%d/fd" % pid))
+
+
+def burst_at_once(url, sessions):
+    """One request on each (connected) session at the same instant: the
+    threads are started first and released together, so the time measured is
+    the burst's, not the threads' start-up. (statuses, start, end)."""
+    barrier = threading.Barrier(len(sessions) + 1)
+
+    def one(s):
+        barrier.wait(timeout=10)
+        return s.get(url, timeout=10).status_code
+
+    with ThreadPoolExecutor(len(sessions)) as pool:
+        futures = [pool.submit(one, s) for s in sessions]
+        barrier.wait(timeout=10)
+        start = time.monotonic()
+        statuses = [f.result() for f in futures]
+        end = time.monotonic()
+    return statuses, start, end

@@ -13,7 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from harness import fresh, gateway_config, raw_connect, read_response, route, session, upstream_config
+from harness import (burst_at_once, fresh, gateway_config, raw_connect, read_response, route, session,
+                     upstream_config)
 
 # The test upstream runs in the test's own Python process, beside its client
 # threads: on a loaded 2-core box (ctest -j2) it has been seen to take over the
@@ -84,25 +85,6 @@ def one_gateway(stack, ratelimit, policies, routes):
 
 def rl_headers(r):
     return {h: r.headers.get(h) for h in RL_HEADERS}
-
-
-def burst_at_once(url, sessions):
-    """One request on each (connected) session at the same instant: the
-    threads are started first and released together, so the time measured is
-    the burst's, not the threads' start-up. (statuses, start, end)."""
-    barrier = threading.Barrier(len(sessions) + 1)
-
-    def one(s):
-        barrier.wait(timeout=10)
-        return s.get(url, timeout=10).status_code
-
-    with ThreadPoolExecutor(len(sessions)) as pool:
-        futures = [pool.submit(one, s) for s in sessions]
-        barrier.wait(timeout=10)
-        start = time.monotonic()
-        statuses = [f.result() for f in futures]
-        end = time.monotonic()
-    return statuses, start, end
 
 
 def assert_no_rl_headers(r):

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from harness import fresh, gateway_config, route, session, upstream_config, wait_until
+from harness import burst_at_once, fresh, gateway_config, route, session, upstream_config, wait_until
 from redis_server import redis_server  # noqa: F401 - the fixture
 
 # The test upstream runs in the test's own Python process, beside its client
@@ -33,25 +33,6 @@ RL_HEADERS = ("RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset")
 
 def rl_headers(r):
     return {h: r.headers.get(h) for h in RL_HEADERS}
-
-
-def burst_at_once(url, sessions):
-    """One request on each (connected) session at the same instant: the
-    threads are started first and released together, so the time measured is
-    the burst's, not the threads' start-up. (statuses, start, end)."""
-    barrier = threading.Barrier(len(sessions) + 1)
-
-    def one(s):
-        barrier.wait(timeout=10)
-        return s.get(url, timeout=10).status_code
-
-    with ThreadPoolExecutor(len(sessions)) as pool:
-        futures = [pool.submit(one, s) for s in sessions]
-        barrier.wait(timeout=10)
-        start = time.monotonic()
-        statuses = [f.result() for f in futures]
-        end = time.monotonic()
-    return statuses, start, end
 
 
 def assert_429(r, limit=None):
