@@ -6,13 +6,23 @@
  * Runs on the worker thread. A call is one request against a set of keys
  * (its route's policies: the Redis key names with their periods, limits and
  * dry-run flags). Calls for the same set meet in a per-worker hash of the
- * sets that have a script call in flight. A set's batches form a queue: the
- * head is in flight (one EVALSHA asking for n requests), the ones behind it
- * collect the calls that come meanwhile (at most RLR_BATCH_MAX each) and the
- * next one goes when the head's reply comes back. A set with nothing in
- * flight has no entry: its first call goes at once, alone. When Redis
- * answers NOSCRIPT (restarted, SCRIPT FLUSH) the same batch is sent again
- * with EVAL, which loads the script for the next ones.
+ * sets that have a batch ready or in flight. A set's batches form a queue:
+ * the head is ready or in flight, the ones behind it collect the calls that
+ * come meanwhile (at most RLR_BATCH_MAX each), and the next one is made
+ * ready when the head's reply comes back. A set with nothing ready or in
+ * flight has no entry.
+ *
+ * Ready batches go together: making a batch ready activates the flush event,
+ * which runs once the events already active in this turn of the loop (the
+ * other client requests read with this one, the other Redis replies) have
+ * run, and sends every batch made ready meanwhile as ONE script call
+ * (script_multi; script_one when it is one set of one key), up to
+ * RLR_FLIGHT_KEYS_MAX keys per call: a flight. With many clients on many
+ * keys that is one call and one round trip per turn instead of one per
+ * request, and no request waits longer for it than the turn it came in. The
+ * reply holds each set's answer in turn. When Redis answers NOSCRIPT
+ * (restarted, SCRIPT FLUSH) the flight is sent again with EVAL, which loads
+ * the script for the next ones.
  *
  * The first connect after rl_redis_configure gave a new target (start-up,
  * a reload that changed redis:) is waited for: calls made before it is up
@@ -25,17 +35,19 @@
  * refused at once (NULL) as before: no request waits on a Redis that is
  * known to be down.
  *
- * Deadlines: a batch sent at once has gw_redis's (redis.timeout from its
- * send). A batch that waited behind another is on a deadline list, oldest
- * first, with one timer armed for the oldest: redis.timeout after its first
- * call came, so its calls are answered (as failed, when Redis has not
- * decided) within redis.timeout as when each call was sent on its own. A
- * batch sent again after NOSCRIPT joins that list with its first send's
- * deadline (the EVAL gets only what is left of it, not a redis.timeout of
- * its own).
+ * Deadlines: a batch that went in the turn its first call came has its
+ * flight's, gw_redis's (redis.timeout from the send). A batch that waited
+ * behind another is on a deadline list, oldest first, with one timer armed
+ * for the oldest: redis.timeout after its first call came, so its calls are
+ * answered (as failed, when Redis has not decided) within redis.timeout as
+ * when each call was sent on its own; one that is past it while its flight
+ * is in Redis leaves the flight (the others still get the reply). A flight
+ * sent again after NOSCRIPT puts its batches on that list with its first
+ * send's deadline (the EVAL gets only what is left of it, not a
+ * redis.timeout of its own).
  *
- * Per call: one allocation (rl_redis_call); set entries and batches are
- * reused from free lists.
+ * Per call: one allocation (rl_redis_call); set entries, batches and flights
+ * are reused from free lists.
  */
 #include "ratelimit/rlredis.h"
 
@@ -56,64 +68,87 @@
 #define RLR_BATCH_MAX 256           /* calls in one script call; more wait for the next */
 #define RLR_DEFAULT_TIMEOUT_MS 1000 /* as gw_redis, when the config has none */
 #define RLR_BUCKETS_MIN 64
-#define RLR_CONNECT_POLL_MS 1                  /* how often calls waiting for the first connect look */
-#define RLR_ARGC_MAX (4 + 4 * RL_POLICIES_MAX) /* EVALSHA sha numkeys KEYS... n (period limit enforce)... */
+#define RLR_CONNECT_POLL_MS 1   /* how often calls waiting for the first connect look */
+#define RLR_FLIGHT_KEYS_MAX 128 /* keys in one script call (its sets' policies); more go in another */
+/* EVALSHA sha numkeys KEYS... nsets (n m (period limit enforce)...)... */
+#define RLR_ARGC_MAX (4 + RLR_FLIGHT_KEYS_MAX + 1 + 2 * RLR_FLIGHT_KEYS_MAX + 3 * RLR_FLIGHT_KEYS_MAX)
 
 _Static_assert(CONFIG_ROUTE_POLICIES_MAX <= RL_POLICIES_MAX, "a route's policies must fit in one call");
 
-/* KEYS: the request's keys. ARGV[1]: n, the requests asked for; then per
- * key ARGV[3i-1] period (us), ARGV[3i] limit (the bucket holds limit
- * periods: never limit + 1 in a burst, whatever the rounding), ARGV[3i+1]
- * "1" when enforced, "0" for a dry-run policy. Per key, k_i = how many of
- * the n it has room for; k = the least k_i of the enforced keys (n when none
- * is): the first k requests go on, the rest are refused (a refused request
- * is not stored, GCRA's rule), so each key is charged min(k, k_i), dry-run
- * ones included. Returns {k, wait_1, k_1, wait_2, k_2, ...} with wait_i =
- * max(TAT_i, now) - now (us): rl_redis_batch_decision() makes each request's
- * decisions from it. Redis's clock, so every gateway instance sees the same
- * time. k_i is computed with exact integer checks around the division (Lua
- * numbers are doubles). redis.replicate_commands() first: before Redis 5 a
- * script may not write after a non-deterministic TIME otherwise. The reply
- * is the one table the script makes (it holds wait_i and k_i between the
- * two passes). */
-static const char script_many[] =
+/* One script call decides the batches of several sets (what one worker had
+ * ready in one turn of its loop), one set after the other, atomically.
+ * KEYS: every set's keys, set after set. ARGV[1]: the number of sets; then
+ * per set: n (the requests asked for), m (its keys), and per key period
+ * (us), limit (the bucket holds limit periods: never limit + 1 in a burst,
+ * whatever the rounding), "1" when enforced, "0" for a dry-run policy.
+ *
+ * Per set, per key, k_i = how many of the n it has room for; k = the least
+ * k_i of the enforced keys (n when none is): the first k requests go on, the
+ * rest are refused (a refused request is not stored, GCRA's rule), so each
+ * key is charged min(k, k_i), dry-run ones included. The set's answer is
+ * {k, wait_1, k_1, ..., wait_m, k_m} with wait_i = max(TAT_i, now) - now
+ * (us), and the reply is the sets' answers one after the other:
+ * rl_redis_batch_decision() makes each request's decisions from its set's.
+ * A key in two sets of one call is simply taken by the first and then seen
+ * by the second, as two calls in a row. Redis's clock, so every gateway
+ * instance sees the same time. k_i is computed with exact integer checks
+ * around the division (Lua numbers are doubles).
+ * redis.replicate_commands() first: before Redis 5 a script may not write
+ * after a non-deterministic TIME otherwise. */
+static const char script_multi[] =
     "redis.replicate_commands()\n" /* writes after TIME: needed by Redis 3.2 to 4, a no-op from 5 */
     "local t = redis.call('TIME')\n"
     "local now = tonumber(t[1]) * 1000000 + tonumber(t[2])\n"
-    "local n = tonumber(ARGV[1])\n"
-    "local k = n\n"
-    "local out = {n}\n"
-    "for i = 1, #KEYS do\n"
-    "  local period = tonumber(ARGV[3 * i - 1])\n"
-    "  local tat = tonumber(redis.call('GET', KEYS[i])) or 0\n"
-    "  local b = tat > now and tat or now\n"
-    "  local r = now + period * tonumber(ARGV[3 * i]) - b\n"
-    "  local ki = 0\n"
-    "  if r >= period then\n"
-    "    ki = math.floor(r / period)\n"
-    "    if ki * period > r then ki = ki - 1 elseif (ki + 1) * period <= r then ki = ki + 1 end\n"
-    "    if ki > n then ki = n end\n"
+    "local out = {}\n"
+    "local o = 0\n"  /* out's last index */
+    "local a = 2\n"  /* ARGV's next index */
+    "local kb = 0\n" /* the keys of the sets before this one */
+    "for s = 1, tonumber(ARGV[1]) do\n"
+    "  local n = tonumber(ARGV[a])\n"
+    "  local m = tonumber(ARGV[a + 1])\n"
+    "  local p0 = a + 2\n"
+    "  local head = o + 1\n"
+    "  local k = n\n"
+    "  o = head\n"
+    "  for i = 1, m do\n"
+    "    local pa = p0 + 3 * (i - 1)\n"
+    "    local period = tonumber(ARGV[pa])\n"
+    "    local tat = tonumber(redis.call('GET', KEYS[kb + i])) or 0\n"
+    "    local b = tat > now and tat or now\n"
+    "    local r = now + period * tonumber(ARGV[pa + 1]) - b\n"
+    "    local ki = 0\n"
+    "    if r >= period then\n"
+    "      ki = math.floor(r / period)\n"
+    "      if ki * period > r then ki = ki - 1 elseif (ki + 1) * period <= r then ki = ki + 1 end\n"
+    "      if ki > n then ki = n end\n"
+    "    end\n"
+    "    out[o + 1] = b - now\n"
+    "    out[o + 2] = ki\n"
+    "    o = o + 2\n"
+    "    if ki < k and ARGV[pa + 2] == '1' then k = ki end\n"
     "  end\n"
-    "  out[2 * i] = b - now\n"
-    "  out[2 * i + 1] = ki\n"
-    "  if ki < k and ARGV[3 * i + 1] == '1' then k = ki end\n"
-    "end\n"
-    "out[1] = k\n"
-    "if k > 0 then\n"
-    "  for i = 1, #KEYS do\n"
-    "    local c = out[2 * i + 1]\n"
-    "    if c > k then c = k end\n"
-    "    if c > 0 then\n"
-    "      local nxt = now + out[2 * i] + c * tonumber(ARGV[3 * i - 1])\n"
-    "      redis.call('SET', KEYS[i], string.format('%d', nxt), 'PX', math.floor((nxt - now) / 1000) + 1)\n"
+    "  out[head] = k\n"
+    "  if k > 0 then\n"
+    "    for i = 1, m do\n"
+    "      local c = out[head + 2 * i]\n"
+    "      if c > k then c = k end\n"
+    "      if c > 0 then\n"
+    "        local nxt = now + out[head + 2 * i - 1] + c * tonumber(ARGV[p0 + 3 * (i - 1)])\n"
+    "        redis.call('SET', KEYS[kb + i], string.format('%d', nxt), 'PX', math.floor((nxt - now) / 1000) "
+    "+ 1)\n"
+    "      end\n"
     "    end\n"
     "  end\n"
+    "  a = p0 + 3 * m\n"
+    "  kb = kb + m\n"
     "end\n"
     "return out\n";
 
-/* The same for one key, straight-line (the common case: a route with one
- * policy costs Redis what it did before there were several): k_1 is also k
- * when the key is enforced, and when it is not, k = n and it is charged k_1. */
+/* One set of one key, straight-line (the common case when the worker had one
+ * call ready: a route with one policy costs Redis what it did before there
+ * were batches of sets). KEYS[1]; ARGV: n, period, limit, enforce. k_1 is
+ * also k when the key is enforced, and when it is not, k = n and it is
+ * charged k_1. The reply as script_multi's for one set. */
 static const char script_one[] =
     "redis.replicate_commands()\n"
     "local t = redis.call('TIME')\n"
@@ -135,6 +170,7 @@ static const char script_one[] =
 
 typedef struct rlr_set rlr_set;
 typedef struct rlr_batch rlr_batch;
+typedef struct rlr_flight rlr_flight;
 
 struct rl_redis_call {
     rl_redis_call *next, *prev; /* in its batch, in arrival order */
@@ -143,16 +179,42 @@ struct rl_redis_call {
     void *arg;
 };
 
+/* A script's answer for one set, copied out of the reply (and of the set,
+ * which the callbacks may reuse) for the calls of its batch. */
+typedef struct rlr_answer {
+    int64_t allowed;
+    size_t npol;
+    int64_t wait_us[RL_POLICIES_MAX], key_allowed[RL_POLICIES_MAX];
+    int64_t period_us[RL_POLICIES_MAX], limit[RL_POLICIES_MAX];
+} rlr_answer;
+
 struct rlr_batch {
     rl_redis *r;
     rlr_set *set;                 /* NULL once taken off its set to be answered */
-    rlr_batch *next;              /* the set's queue; the free list */
+    rlr_batch *next;              /* the set's queue; lists of batches to answer; the free list */
     rlr_batch *dl_prev, *dl_next; /* the deadline list, when on_dl */
-    gw_redis_call *pending;       /* the EVALSHA (or EVAL) in flight */
+    rlr_batch *rd_prev, *rd_next; /* the ready list, when on_ready */
+    rlr_flight *flight;           /* sent: the script call it is in (NULL once out of it) */
+    uint32_t slot;                /* its place in flight */
     rl_redis_call *first, *last;
     uint32_t n; /* calls in the list (sent: the n asked for) */
-    bool sent, noscript, on_dl;
+    bool sent, on_dl, on_ready;
+    bool ok;          /* its answer came (ans) */
     uint64_t born_ns; /* on the deadline list: its deadline is born_ns + redis.timeout */
+    rlr_answer ans;
+};
+
+/* One script call: the batches the worker had ready together, one per set,
+ * of at most RLR_FLIGHT_KEYS_MAX keys in all. */
+struct rlr_flight {
+    rl_redis *r;
+    rlr_flight *next;                  /* the free list */
+    gw_redis_call *pending;            /* the EVALSHA (or EVAL) */
+    uint32_t nb, live;                 /* batches sent; those still waiting for this reply */
+    rlr_batch *b[RLR_FLIGHT_KEYS_MAX]; /* NULL: answered already (its deadline) */
+    uint32_t n[RLR_FLIGHT_KEYS_MAX];   /* what each asked for, to read the reply */
+    unsigned char npol[RLR_FLIGHT_KEYS_MAX];
+    bool noscript;    /* sent again with EVAL */
     uint64_t sent_ns; /* its first send */
 };
 
@@ -165,38 +227,34 @@ typedef struct rlr_pol {
     char period[RLR_U64_DIGITS], limit_s[RLR_U64_DIGITS];
 } rlr_pol;
 
-/* A set of keys with a batch in flight. */
+/* A set of keys with a batch ready or in flight. */
 struct rlr_set {
     rlr_set *hnext; /* hash chain; the free list */
     uint64_t hash;
-    rlr_batch *head, *tail; /* head in flight, the others waiting */
+    rlr_batch *head,
+        *tail; /* head ready or in flight (or waiting for the first connect), the others waiting */
     size_t npol;
     rlr_pol pol[RL_POLICIES_MAX];
 };
 
-/* A script's answer, copied out of the reply (and of the set, which the
- * callbacks may reuse) for the calls of its batch. */
-typedef struct rlr_answer {
-    int64_t allowed;
-    size_t npol;
-    int64_t wait_us[RL_POLICIES_MAX], key_allowed[RL_POLICIES_MAX];
-    int64_t period_us[RL_POLICIES_MAX], limit[RL_POLICIES_MAX];
-} rlr_answer;
-
 struct rl_redis {
     gw_redis *redis;
     rl_redis_log_fn log;
-    char sha_one[RLR_SHA_LEN + 1], sha_many[RLR_SHA_LEN + 1]; /* of script_one, script_many */
+    char sha_one[RLR_SHA_LEN + 1], sha_multi[RLR_SHA_LEN + 1]; /* of script_one, script_multi */
     /* SHA-1 of the keys with the digest fetched once and one context reused:
      * OpenSSL 3's one-shot SHA1() fetches the algorithm on every call, which
      * cost more than the rest of building the command. */
     EVP_MD *sha1;
     EVP_MD_CTX *sha1_ctx;
-    /* sets with a batch in flight */
+    /* sets with a batch ready or in flight */
     rlr_set **buckets;
     size_t mask, nsets;
     rlr_set *free_sets;
     rlr_batch *free_batches;
+    rlr_flight *free_flights;
+    /* batches to send at the end of this turn of the loop (flush) */
+    rlr_batch *rd_head, *rd_tail;
+    struct event *flush;
     /* batches that waited (or were sent again), oldest deadline first, and
      * the timer of the oldest */
     rlr_batch *dl_head, *dl_tail;
@@ -282,6 +340,7 @@ void rl_redis_batch_decision(int64_t allowed, int64_t key_allowed, int64_t wait_
 
 static void deadline_cb(evutil_socket_t fd, short what, void *arg);
 static void connect_cb(evutil_socket_t fd, short what, void *arg);
+static void flush_cb(evutil_socket_t fd, short what, void *arg);
 
 rl_redis *rl_redis_create(struct event_base *base, rl_redis_log_fn log)
 {
@@ -297,15 +356,16 @@ rl_redis *rl_redis_create(struct event_base *base, rl_redis_log_fn log)
     r->mask = RLR_BUCKETS_MIN - 1;
     r->timer = evtimer_new(base, deadline_cb, r);
     r->connect_timer = evtimer_new(base, connect_cb, r);
-    if (!r->redis || !r->sha1 || !r->sha1_ctx || !r->buckets || !r->timer || !r->connect_timer)
+    r->flush = event_new(base, -1, 0, flush_cb, r);
+    if (!r->redis || !r->sha1 || !r->sha1_ctx || !r->buckets || !r->timer || !r->connect_timer || !r->flush)
         goto fail;
     unsigned char digest[SHA_DIGEST_LENGTH];
     SHA1((const unsigned char *)script_one, sizeof script_one - 1, digest);
     hex(digest, sizeof digest, r->sha_one);
     r->sha_one[RLR_SHA_LEN] = '\0';
-    SHA1((const unsigned char *)script_many, sizeof script_many - 1, digest);
-    hex(digest, sizeof digest, r->sha_many);
-    r->sha_many[RLR_SHA_LEN] = '\0';
+    SHA1((const unsigned char *)script_multi, sizeof script_multi - 1, digest);
+    hex(digest, sizeof digest, r->sha_multi);
+    r->sha_multi[RLR_SHA_LEN] = '\0';
     return r;
 
 fail:
@@ -340,6 +400,12 @@ static void destroy(rl_redis *r)
         bn = b->next;
         free(b);
     }
+    for (rlr_flight *f = r->free_flights, *fn; f; f = fn) {
+        fn = f->next;
+        free(f);
+    }
+    if (r->flush)
+        event_free(r->flush);
     if (r->timer)
         event_free(r->timer);
     if (r->connect_timer)
@@ -411,7 +477,7 @@ static bool connect_pending(const rl_redis *r)
     return r->connect_until_ns && now_ns() < r->connect_until_ns;
 }
 
-/* ---- sets, batches --------------------------------------------------------------- */
+/* ---- sets, batches, flights ------------------------------------------------------- */
 
 static bool set_equal(const rlr_set *a, const rlr_set *b)
 {
@@ -479,7 +545,15 @@ static rlr_batch *batch_new(rl_redis *r, rlr_set *k)
         r->free_batches = b->next;
     else if (!(b = malloc(sizeof *b)))
         return NULL;
-    *b = (rlr_batch){.r = r, .set = k};
+    b->r = r;
+    b->set = k;
+    b->next = b->dl_prev = b->dl_next = b->rd_prev = b->rd_next = NULL;
+    b->flight = NULL;
+    b->slot = 0;
+    b->first = b->last = NULL;
+    b->n = 0;
+    b->sent = b->on_dl = b->on_ready = b->ok = false;
+    b->born_ns = 0;
     return b;
 }
 
@@ -530,8 +604,80 @@ static void dl_remove(rl_redis *r, rlr_batch *b)
         r->dl_tail = b->dl_prev;
 }
 
-/* Take b off its set's queue (and the deadline list): it is about to be
- * answered, and its set no longer leads to it. */
+/* b (its set's head) goes with the next flush, at the end of this turn of
+ * the loop, in one script call with the other sets' batches ready then. */
+static void ready_add(rl_redis *r, rlr_batch *b)
+{
+    b->on_ready = true;
+    b->rd_next = NULL;
+    b->rd_prev = r->rd_tail;
+    if (r->rd_tail)
+        r->rd_tail->rd_next = b;
+    else
+        r->rd_head = b;
+    r->rd_tail = b;
+    /* Active now, so it runs after the events already active in this turn
+     * (the other clients' requests read with this one); a no-op when it is
+     * already. */
+    event_active(r->flush, EV_TIMEOUT, 1);
+}
+
+static void ready_remove(rl_redis *r, rlr_batch *b)
+{
+    if (!b->on_ready)
+        return;
+    b->on_ready = false;
+    if (b->rd_prev)
+        b->rd_prev->rd_next = b->rd_next;
+    else
+        r->rd_head = b->rd_next;
+    if (b->rd_next)
+        b->rd_next->rd_prev = b->rd_prev;
+    else
+        r->rd_tail = b->rd_prev;
+}
+
+static rlr_flight *flight_new(rl_redis *r)
+{
+    rlr_flight *f = r->free_flights;
+    if (f)
+        r->free_flights = f->next;
+    else if (!(f = malloc(sizeof *f)))
+        return NULL;
+    f->r = r;
+    f->next = NULL;
+    f->pending = NULL;
+    f->nb = f->live = 0;
+    f->noscript = false;
+    f->sent_ns = 0;
+    return f;
+}
+
+static void flight_release(rl_redis *r, rlr_flight *f)
+{
+    f->next = r->free_flights;
+    r->free_flights = f;
+}
+
+/* b leaves its flight (answered without it: its deadline, a free); a flight
+ * left with no batch is cancelled (Redis may still run it: as for clients
+ * gone after their decisions). */
+static void batch_unflight(rl_redis *r, rlr_batch *b)
+{
+    rlr_flight *f = b->flight;
+    if (!f)
+        return;
+    b->flight = NULL;
+    f->b[b->slot] = NULL;
+    if (--f->live == 0) {
+        gw_redis_cancel(f->pending);
+        f->pending = NULL;
+        flight_release(r, f);
+    }
+}
+
+/* Take b off its set's queue (and the deadline and ready lists): it is about
+ * to be answered, and its set no longer leads to it. */
 static void batch_detach(rl_redis *r, rlr_batch *b)
 {
     rlr_set *k = b->set;
@@ -547,6 +693,7 @@ static void batch_detach(rl_redis *r, rlr_batch *b)
     b->set = NULL;
     b->next = NULL;
     dl_remove(r, b);
+    ready_remove(r, b);
 }
 
 /* Answer b's calls, in order, and release b: a (NULL: failed) is the
@@ -578,95 +725,146 @@ static void batch_answer(rl_redis *r, rlr_batch *b, const rlr_answer *a)
     batch_release(r, b);
 }
 
-static void batch_reply(void *arg, const redisReply *rep);
-
-static bool batch_send(rlr_batch *b)
+/* Answer a list of detached batches (linked by next): with their answers
+ * when they have one (ok), else as failed. */
+static void answer_list(rl_redis *r, rlr_batch *list)
 {
-    rl_redis *r = b->r;
-    rlr_set *k = b->set;
-    char n[RLR_U64_DIGITS], numkeys[RLR_U64_DIGITS];
-    const char *argv[RLR_ARGC_MAX];
-    size_t len[RLR_ARGC_MAX];
-    int argc = 0;
-    bool one = k->npol == 1;
-    argv[argc] = b->noscript ? "EVAL" : "EVALSHA";
-    len[argc++] = b->noscript ? 4 : 7;
-    if (b->noscript) {
-        argv[argc] = one ? script_one : script_many;
-        len[argc++] = one ? sizeof script_one - 1 : sizeof script_many - 1;
-    } else {
-        argv[argc] = one ? r->sha_one : r->sha_many;
-        len[argc++] = RLR_SHA_LEN;
+    while (list) {
+        rlr_batch *b = list;
+        list = b->next;
+        b->next = NULL;
+        batch_answer(r, b, b->ok ? &b->ans : NULL);
     }
-    argv[argc] = numkeys;
-    len[argc++] = u64_decimal(k->npol, numkeys);
-    for (size_t i = 0; i < k->npol; i++) {
-        argv[argc] = k->pol[i].name;
-        len[argc++] = RLR_KEY_LEN;
-    }
-    argv[argc] = n;
-    len[argc++] = u64_decimal(b->n, n);
-    for (size_t i = 0; i < k->npol; i++) {
-        const rlr_pol *p = &k->pol[i];
-        argv[argc] = p->period;
-        len[argc++] = p->period_len;
-        argv[argc] = p->limit_s;
-        len[argc++] = p->limit_len;
-        argv[argc] = p->enforce ? "1" : "0";
-        len[argc++] = 1;
-    }
-    b->pending = r->closing ? NULL : gw_redis_command(r->redis, batch_reply, b, argc, argv, len);
-    if (b->pending && !b->sent) {
-        b->sent = true;
-        b->sent_ns = now_ns();
-    }
-    return b->pending != NULL;
 }
 
-/* k's head is gone: send the next batch, or fail the ones that cannot go
- * (not connected, past their deadline); k leaves the table when it has no
- * batch left. Answers (callbacks) come last, with k consistent. */
-static void set_advance(rl_redis *r, rlr_set *k)
+/* k's head is gone: its next batch goes on the ready list, or waits for the
+ * first connect, or, when it cannot go (not connected, past its deadline,
+ * closing), is detached onto *failed for the caller to answer; k leaves the
+ * table when it has no batch left. Calls nothing back: the caller answers
+ * once every set is consistent. */
+static void set_advance(rl_redis *r, rlr_set *k, rlr_batch ***failed)
 {
-    rlr_batch *failed = NULL, **failed_tail = &failed;
+    bool up = !r->closing && gw_redis_up(r->redis);
     uint64_t now = 0;
-    while (k->head && !k->head->sent) {
+    while (k->head && !k->head->sent && !k->head->on_ready) {
         rlr_batch *b = k->head;
         if (b->on_dl && !now)
             now = now_ns();
-        if ((!b->on_dl || b->born_ns + r->timeout_ns > now) && batch_send(b))
+        bool alive = !b->on_dl || b->born_ns + r->timeout_ns > now;
+        if (alive && up) {
+            ready_add(r, b);
             break;
+        }
+        if (alive && !r->closing && connect_pending(r))
+            break; /* connect_cb sends it */
         batch_detach(r, b);
-        *failed_tail = b;
-        failed_tail = &b->next;
+        b->ok = false;
+        **failed = b;
+        *failed = &b->next;
     }
     if (!k->head)
         set_remove(r, k);
-    while (failed) {
-        rlr_batch *b = failed;
-        failed = b->next;
-        b->next = NULL;
-        batch_answer(r, b, NULL);
-    }
 }
 
-/* The script's reply for b, checked: false when it is not one. */
-static bool parse_answer(const rlr_batch *b, const redisReply *rep, rlr_answer *a)
+static void flight_reply(void *arg, const redisReply *rep);
+
+/* Send f's batches as one script call (script_one for one set of one key). */
+static bool flight_send(rlr_flight *f)
 {
-    const rlr_set *k = b->set;
-    if (!rep || rep->type != REDIS_REPLY_ARRAY || rep->elements != 1 + 2 * k->npol)
-        return false;
-    for (size_t i = 0; i < rep->elements; i++)
-        if (rep->element[i]->type != REDIS_REPLY_INTEGER || rep->element[i]->integer < 0 ||
-            (i != 0 && i % 2 == 0 && rep->element[i]->integer > (long long)b->n))
+    static const char *const small[] = {"0", "1", "2", "3", "4", "5", "6", "7", "8"};
+    _Static_assert(sizeof small / sizeof small[0] > RL_POLICIES_MAX, "a set's key count is one digit");
+    rl_redis *r = f->r;
+    char nums[RLR_FLIGHT_KEYS_MAX + 2][RLR_U64_DIGITS]; /* each set's n; numkeys; the set count */
+    const char *argv[RLR_ARGC_MAX];
+    size_t len[RLR_ARGC_MAX];
+    int argc = 0;
+    bool one = f->nb == 1 && f->b[0]->set->npol == 1;
+    argv[argc] = f->noscript ? "EVAL" : "EVALSHA";
+    len[argc++] = f->noscript ? 4 : 7;
+    if (f->noscript) {
+        argv[argc] = one ? script_one : script_multi;
+        len[argc++] = one ? sizeof script_one - 1 : sizeof script_multi - 1;
+    } else {
+        argv[argc] = one ? r->sha_one : r->sha_multi;
+        len[argc++] = RLR_SHA_LEN;
+    }
+    size_t nkeys = 0;
+    for (uint32_t s = 0; s < f->nb; s++)
+        nkeys += f->b[s]->set->npol;
+    argv[argc] = nums[RLR_FLIGHT_KEYS_MAX];
+    len[argc++] = u64_decimal(nkeys, nums[RLR_FLIGHT_KEYS_MAX]);
+    for (uint32_t s = 0; s < f->nb; s++) {
+        const rlr_set *k = f->b[s]->set;
+        for (size_t i = 0; i < k->npol; i++) {
+            argv[argc] = k->pol[i].name;
+            len[argc++] = RLR_KEY_LEN;
+        }
+    }
+    if (!one) {
+        argv[argc] = nums[RLR_FLIGHT_KEYS_MAX + 1];
+        len[argc++] = u64_decimal(f->nb, nums[RLR_FLIGHT_KEYS_MAX + 1]);
+    }
+    for (uint32_t s = 0; s < f->nb; s++) {
+        const rlr_set *k = f->b[s]->set;
+        argv[argc] = nums[s];
+        len[argc++] = u64_decimal(f->n[s], nums[s]);
+        if (!one) {
+            argv[argc] = small[k->npol];
+            len[argc++] = 1;
+        }
+        for (size_t i = 0; i < k->npol; i++) {
+            const rlr_pol *p = &k->pol[i];
+            argv[argc] = p->period;
+            len[argc++] = p->period_len;
+            argv[argc] = p->limit_s;
+            len[argc++] = p->limit_len;
+            argv[argc] = p->enforce ? "1" : "0";
+            len[argc++] = 1;
+        }
+    }
+    f->pending = r->closing ? NULL : gw_redis_command(r->redis, flight_reply, f, argc, argv, len);
+    if (f->pending && !f->sent_ns)
+        f->sent_ns = now_ns();
+    return f->pending != NULL;
+}
+
+/* f could not go (or not again): its batches are answered as failed. */
+static void flight_fail(rl_redis *r, rlr_flight *f)
+{
+    rlr_batch *list = NULL, **tail = &list;
+    for (uint32_t s = 0; s < f->nb; s++) {
+        rlr_batch *b = f->b[s];
+        if (!b)
+            continue;
+        rlr_set *k = b->set;
+        b->flight = NULL;
+        batch_detach(r, b);
+        b->ok = false;
+        *tail = b;
+        tail = &b->next;
+        set_advance(r, k, &tail);
+    }
+    flight_release(r, f);
+    answer_list(r, list);
+}
+
+/* One set's answer at rep->element[at..], checked: false when it is not one
+ * for n requests against k's keys. */
+static bool parse_answer(const redisReply *rep, size_t at, uint32_t n, const rlr_set *k, rlr_answer *a)
+{
+    for (size_t i = 0; i < 1 + 2 * k->npol; i++) {
+        const redisReply *e = rep->element[at + i];
+        if (e->type != REDIS_REPLY_INTEGER || e->integer < 0 ||
+            (i != 0 && i % 2 == 0 && e->integer > (long long)n))
             return false;
-    a->allowed = rep->element[0]->integer;
+    }
+    a->allowed = rep->element[at]->integer;
     a->npol = k->npol;
-    if (a->allowed > (long long)b->n)
+    if (a->allowed > (long long)n)
         return false;
     for (size_t i = 0; i < k->npol; i++) {
-        a->wait_us[i] = rep->element[1 + 2 * i]->integer;
-        a->key_allowed[i] = rep->element[2 + 2 * i]->integer;
+        a->wait_us[i] = rep->element[at + 1 + 2 * i]->integer;
+        a->key_allowed[i] = rep->element[at + 2 + 2 * i]->integer;
         a->period_us[i] = k->pol[i].period_us;
         a->limit[i] = k->pol[i].limit;
         if (k->pol[i].enforce && a->key_allowed[i] < a->allowed)
@@ -675,43 +873,128 @@ static bool parse_answer(const rlr_batch *b, const redisReply *rep, rlr_answer *
     return true;
 }
 
-/* gw_redis_done_fn: the script's answer for b (the head of its set), or NULL
- * (timeout, connection lost). */
-static void batch_reply(void *arg, const redisReply *rep)
+static void log_bad_reply(rl_redis *r, const redisReply *rep)
 {
-    rlr_batch *b = arg;
-    rl_redis *r = b->r;
-    rlr_set *k = b->set;
-    b->pending = NULL;
-    if (rep && rep->type == REDIS_REPLY_ERROR && !b->noscript && rep->len >= 8 &&
+    if (!rep || !r->log)
+        return;
+    char line[512];
+    if (rep->type == REDIS_REPLY_ERROR) {
+        size_t n = rep->len < sizeof line - 8 ? rep->len : sizeof line - 8;
+        memcpy(line, "redis: ", 7);
+        memcpy(line + 7, rep->str, n);
+        line[7 + n] = '\0';
+    } else {
+        snprintf(line, sizeof line, "redis: the rate-limit script answered an unexpected reply (type %d)",
+                 rep->type);
+    }
+    r->log(CONFIG_LOG_WARN, line);
+}
+
+/* gw_redis_done_fn: the script's answer for f's batches (each its set's
+ * head), or NULL (timeout, connection lost). */
+static void flight_reply(void *arg, const redisReply *rep)
+{
+    rlr_flight *f = arg;
+    rl_redis *r = f->r;
+    f->pending = NULL;
+    if (rep && rep->type == REDIS_REPLY_ERROR && !f->noscript && rep->len >= 8 &&
         memcmp(rep->str, "NOSCRIPT", 8) == 0) {
-        /* Again with EVAL, within what is left of the first send's deadline
-         * (gw_redis would give the resend a whole redis.timeout of its own). */
-        b->noscript = true;
-        if (!b->on_dl)
-            dl_add(r, b, b->sent_ns);
-        if (b->born_ns + r->timeout_ns > now_ns() && batch_send(b))
-            return; /* this batch comes back with EVAL's reply */
-    }
-    rlr_answer a;
-    bool ok = parse_answer(b, rep, &a);
-    if (!ok && rep && r->log) {
-        char line[512];
-        if (rep->type == REDIS_REPLY_ERROR) {
-            size_t n = rep->len < sizeof line - 8 ? rep->len : sizeof line - 8;
-            memcpy(line, "redis: ", 7);
-            memcpy(line + 7, rep->str, n);
-            line[7 + n] = '\0';
-        } else {
-            snprintf(line, sizeof line, "redis: the rate-limit script answered an unexpected reply (type %d)",
-                     rep->type);
+        /* Again with EVAL (the batches still waiting for it), within what is
+         * left of the first send's deadline: gw_redis would give the resend
+         * a whole redis.timeout of its own. */
+        f->noscript = true;
+        uint32_t live = 0;
+        for (uint32_t s = 0; s < f->nb; s++) {
+            rlr_batch *b = f->b[s];
+            if (!b)
+                continue;
+            if (!b->on_dl)
+                dl_add(r, b, f->sent_ns);
+            b->slot = live;
+            f->b[live] = b;
+            f->n[live] = f->n[s];
+            f->npol[live] = f->npol[s];
+            live++;
         }
-        r->log(CONFIG_LOG_WARN, line);
+        f->nb = live;
+        if (f->sent_ns + r->timeout_ns > now_ns() && flight_send(f))
+            return; /* these batches come back with EVAL's reply */
     }
+    size_t want = 0;
+    for (uint32_t s = 0; s < f->nb; s++)
+        want += 1 + 2 * (size_t)f->npol[s];
+    bool whole = rep && rep->type == REDIS_REPLY_ARRAY && rep->elements == want;
+    bool logged = false;
+    if (!whole) {
+        log_bad_reply(r, rep);
+        logged = true;
+    }
+    /* Every batch off its set first, each set's next batch made ready; the
+     * answers last, with every set consistent. */
+    rlr_batch *list = NULL, **tail = &list;
+    size_t at = 0;
+    for (uint32_t s = 0; s < f->nb; s++) {
+        rlr_batch *b = f->b[s];
+        size_t seg = 1 + 2 * (size_t)f->npol[s];
+        if (b) {
+            rlr_set *k = b->set;
+            b->ok = whole && parse_answer(rep, at, f->n[s], k, &b->ans);
+            if (whole && !b->ok && !logged) {
+                log_bad_reply(r, rep);
+                logged = true;
+            }
+            b->flight = NULL;
+            batch_detach(r, b);
+            *tail = b;
+            tail = &b->next;
+            set_advance(r, k, &tail);
+        }
+        at += seg;
+    }
+    flight_release(r, f);
     enter(r);
-    batch_detach(r, b);
-    set_advance(r, k); /* the next batch goes before these answers are made */
-    batch_answer(r, b, ok ? &a : NULL);
+    answer_list(r, list);
+    leave(r);
+}
+
+/* The end of a turn of the loop: the batches made ready in it go, as few
+ * script calls as RLR_FLIGHT_KEYS_MAX allows (one, mostly). */
+static void flush_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    rl_redis *r = arg;
+    enter(r);
+    while (!r->closing && r->rd_head) {
+        rlr_flight *f = flight_new(r);
+        if (!f) { /* out of memory: the first ready batch fails, the others try again */
+            rlr_batch *b = r->rd_head, *list = NULL, **tail = &list;
+            rlr_set *k = b->set;
+            batch_detach(r, b);
+            b->ok = false;
+            *tail = b;
+            tail = &b->next;
+            set_advance(r, k, &tail);
+            answer_list(r, list);
+            continue;
+        }
+        size_t keys = 0;
+        rlr_batch *b;
+        while ((b = r->rd_head) && keys + b->set->npol <= RLR_FLIGHT_KEYS_MAX) {
+            ready_remove(r, b);
+            b->sent = true;
+            b->flight = f;
+            b->slot = f->nb;
+            f->b[f->nb] = b;
+            f->n[f->nb] = b->n;
+            f->npol[f->nb] = (unsigned char)b->set->npol;
+            f->nb++;
+            keys += b->set->npol;
+        }
+        f->live = f->nb;
+        if (!flight_send(f))
+            flight_fail(r, f);
+    }
     leave(r);
 }
 
@@ -724,30 +1007,33 @@ static void deadline_cb(evutil_socket_t fd, short what, void *arg)
     rl_redis *r = arg;
     enter(r);
     uint64_t now = now_ns();
-    rlr_batch *b;
+    rlr_batch *b, *list = NULL, **tail = &list;
     while (!r->closing && (b = r->dl_head) && b->born_ns + r->timeout_ns <= now) {
         rlr_set *k = b->set;
         bool was_head = k->head == b;
-        gw_redis_cancel(b->pending); /* Redis may still take them: as for a client gone after its decision */
-        b->pending = NULL;
+        batch_unflight(r, b);
         batch_detach(r, b);
+        b->ok = false;
+        *tail = b;
+        tail = &b->next;
         if (was_head)
-            set_advance(r, k);
-        batch_answer(r, b, NULL);
+            set_advance(r, k, &tail);
     }
     if (!r->closing && r->dl_head) {
         uint64_t due = r->dl_head->born_ns + r->timeout_ns;
         timer_arm_ns(r->timer, due > now ? due - now : 0);
     }
+    answer_list(r, list);
     leave(r);
 }
 
-/* A set whose first batch has not gone (it waits for the first connect), or NULL. */
+/* A set whose first batch has not gone and is not ready (it waits for the
+ * first connect), or NULL. */
 static rlr_set *set_waiting(const rl_redis *r)
 {
     for (size_t i = 0; i <= r->mask; i++)
         for (rlr_set *k = r->buckets[i]; k; k = k->hnext)
-            if (k->head && !k->head->sent)
+            if (k->head && !k->head->sent && !k->head->on_ready)
                 return k;
     return NULL;
 }
@@ -768,9 +1054,11 @@ static void connect_cb(evutil_socket_t fd, short what, void *arg)
     }
     r->connect_until_ns = 0;
     enter(r);
+    rlr_batch *list = NULL, **tail = &list;
     rlr_set *k;
     while (!r->closing && (k = set_waiting(r)))
-        set_advance(r, k); /* sends its first batch, or answers it as failed: either way progress */
+        set_advance(r, k, &tail); /* ready, or failed: either way progress */
+    answer_list(r, list);
     leave(r);
 }
 
@@ -784,20 +1072,25 @@ void rl_redis_free(rl_redis *r)
         evtimer_del(r->timer);
     if (r->connect_timer)
         evtimer_del(r->connect_timer);
-    gw_redis_free(r->redis); /* answers the batches in flight; the ones behind them fail to go */
+    if (r->flush)
+        event_del(r->flush);
+    gw_redis_free(r->redis); /* answers the flights in flight; the batches behind them fail to go */
     r->redis = NULL;
-    /* Whatever is left (nothing in flight can be): answered as failed. */
+    /* Whatever is left (ready, waiting for the first connect): answered as failed. */
+    rlr_batch *list = NULL, **tail = &list;
     for (size_t i = 0; r->buckets && i <= r->mask; i++) {
         rlr_set *k;
         while ((k = r->buckets[i])) {
             rlr_batch *b = k->head;
-            gw_redis_cancel(b->pending);
-            b->pending = NULL;
+            batch_unflight(r, b);
             batch_detach(r, b);
-            set_advance(r, k); /* closing: fails the ones behind it */
-            batch_answer(r, b, NULL);
+            b->ok = false;
+            *tail = b;
+            tail = &b->next;
+            set_advance(r, k, &tail); /* closing: fails the ones behind it */
         }
     }
+    answer_list(r, list);
     leave(r); /* frees r unless a callback up the stack still runs */
 }
 
@@ -864,7 +1157,7 @@ rl_redis_call *rl_redis_take(rl_redis *r, const rl_redis_policy *p, size_t n, rl
     c->arg = arg;
 
     rlr_set *k = set_find(r, &want);
-    if (k) { /* a batch in flight: this call waits in the next one */
+    if (k) { /* a batch ready or in flight: this call joins the last one not sent, or a new one */
         rlr_batch *b = k->tail;
         if (b->sent || b->n >= RLR_BATCH_MAX) {
             b = batch_new(r, k);
@@ -880,7 +1173,7 @@ rl_redis_call *rl_redis_take(rl_redis *r, const rl_redis_policy *p, size_t n, rl
         return c;
     }
 
-    /* Nothing in flight for this set: the call goes now, alone. */
+    /* Nothing ready or in flight for this set: it goes with this turn's flush. */
     k = r->free_sets;
     if (k)
         r->free_sets = k->hnext;
@@ -891,26 +1184,21 @@ rl_redis_call *rl_redis_take(rl_redis *r, const rl_redis_policy *p, size_t n, rl
     k->hash = want.hash;
     k->npol = want.npol;
     memcpy(k->pol, want.pol, want.npol * sizeof want.pol[0]);
-    k->head = k->tail = NULL;
     rlr_batch *b = batch_new(r, k);
-    if (b) {
-        k->head = k->tail = b;
-        batch_append(b, c);
-        if (!up) { /* waits for the first connect (connect_cb), within redis.timeout of this call */
-            set_insert(r, k);
-            dl_add(r, b, now_ns());
-            return c;
-        }
-        if (batch_send(b)) {
-            set_insert(r, k);
-            return c;
-        }
-        batch_release(r, b);
+    if (!b) {
+        k->hnext = r->free_sets;
+        r->free_sets = k;
+        free(c);
+        return NULL;
     }
-    k->hnext = r->free_sets;
-    r->free_sets = k;
-    free(c);
-    return NULL;
+    k->head = k->tail = b;
+    batch_append(b, c);
+    set_insert(r, k);
+    if (up)
+        ready_add(r, b);
+    else /* waits for the first connect (connect_cb), within redis.timeout of this call */
+        dl_add(r, b, now_ns());
+    return c;
 }
 
 void rl_redis_cancel(rl_redis_call *c)
@@ -934,13 +1222,15 @@ void rl_redis_cancel(rl_redis_call *c)
         b->last = c->prev;
     b->n--;
     free(c);
-    if (b->n == 0 &&
-        b->set) { /* a waiting batch left empty (a head only while the first connect is waited for) */
+    if (b->n == 0 && b->set) { /* a batch not sent left empty goes nowhere */
         rl_redis *r = b->r;
         rlr_set *k = b->set;
+        bool was_head = k->head == b;
         batch_detach(r, b);
         batch_release(r, b);
         if (!k->head)
             set_remove(r, k);
+        else if (was_head && !k->head->sent && !k->head->on_ready && !r->closing && gw_redis_up(r->redis))
+            ready_add(r, k->head); /* the one behind it (else its deadline answers it) */
     }
 }

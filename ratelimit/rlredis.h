@@ -12,11 +12,17 @@
  * Batched per set of keys: while a script call for a set (the same keys with
  * the same limits, windows and dry-run flags) is in flight on a worker, that
  * worker's further calls for it wait, and when the reply comes back they go
- * together as one script call taking up to n requests atomically; each call
- * still gets its own decisions, the ones it would have had as one of n calls
- * made one after the other. So a hot key costs one round trip per batch
- * instead of one per request, and the count stays exact across instances
- * (the script is atomic).
+ * together as one batch taking up to n requests atomically; each call still
+ * gets its own decisions, the ones it would have had as one of n calls made
+ * one after the other. So a hot key costs one round trip per batch instead
+ * of one per request, and the count stays exact across instances (the
+ * script is atomic).
+ *
+ * And batched across sets: the batches a worker has ready in one turn of its
+ * event loop (the requests of many clients on many keys, read together) go
+ * at the end of that turn as ONE script call, which decides them one set
+ * after the other. So many keys cost one round trip and one script run per
+ * turn instead of one per request, and no call waits for a later turn.
  *
  * One client per worker, on the worker's event_base, never touched by another
  * thread. It owns one gw_redis (redis/redis.h): redis.connections_per_worker
@@ -70,9 +76,11 @@ typedef void (*rl_redis_done_fn)(void *arg, bool ok, const rl_decision *d);
 
 /* One request against n policies (1..RL_POLICIES_MAX), all or nothing. NULL
  * when not connected or out of memory (or n out of range): the caller
- * decides without Redis at once. Answered within redis.timeout of this call,
- * whether it went at once or waited for its set's call in flight, and
- * whether or not the script had to be sent again after NOSCRIPT. */
+ * decides without Redis at once. Answered within redis.timeout of this call
+ * (of the end of this turn of the loop, when its batch goes then), whether
+ * it went in this turn or waited for its set's call in flight, and whether
+ * or not the script had to be sent again after NOSCRIPT; answered as failed
+ * when its batch could not be sent. */
 rl_redis_call *rl_redis_take(rl_redis *r, const rl_redis_policy *p, size_t n, rl_redis_done_fn done,
                              void *arg);
 

@@ -57,8 +57,8 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_proxy import (DEFAULT_GATEWAY, Proc, fixed_body, free_port, parse_wrk,  # noqa: E402
-                         start_upstream)
+from bench_proxy import (DEFAULT_GATEWAY, Proc, cpu_seconds, fixed_body, free_port,  # noqa: E402
+                         parse_wrk, start_upstream)
 
 START_TIMEOUT = 10.0
 # Never reached by wrk, and within what store: redis can hold (a whole
@@ -201,7 +201,7 @@ def fmt_row(label, r):
     return "  %-20s %12.0f %10.3f %10.3f%s" % (label, r["rps"], r["p50"], r["p99"], errs)
 
 
-def bench_workers(args, scratch, procs, up_port, redis_port, body, workers):
+def bench_workers(args, scratch, procs, up_port, redis_port, body, workers, redis_pid):
     """Start the two gateways with `workers` workers, run the rounds, stop them; True when clean."""
     ports = {"local": free_port(), "redis": free_port()}
     gws = {}
@@ -235,7 +235,11 @@ def bench_workers(args, scratch, procs, up_port, redis_port, body, workers):
 
     results = {name: [] for name in TARGETS}
     calls = {"redis": [], "redis-keys": []}  # EVALSHA per request, per run
-    print("  %-20s %12s %10s %10s %14s" % ("run", "req/s", "P50 ms", "P99 ms", "EVALSHA/req"))
+    # CPU per request, us, per run: the gateway's own, and Redis's (redis targets)
+    cpu = {name: [] for name in TARGETS}
+    rcpu = {"redis": [], "redis-keys": []}
+    print("  %-20s %12s %10s %10s %8s %8s %12s" % ("run", "req/s", "P50 ms", "P99 ms", "gw us", "redis us",
+                                                 "EVALSHA/req"))
     n = len(TARGETS)
     for rnd in range(args.rounds):
         order = list(TARGETS[rnd % n:] + TARGETS[:rnd % n])
@@ -247,19 +251,27 @@ def bench_workers(args, scratch, procs, up_port, redis_port, body, workers):
                     raise RuntimeError("%s died (exit %s):\n%s" % (p.name, p.returncode, p.stderr_tail()))
             port, path, sc = targets[name]
             before = evalsha_calls(args.redis_cli, redis_port) if name in calls else 0
+            gw_pid = gws["redis" if name.startswith("redis") else "local"].proc.pid
+            cpu0 = (cpu_seconds([gw_pid]), cpu_seconds([redis_pid]))
             r = run_wrk(args.wrk, port, path, args.threads, args.connections, args.duration, sc)
-            per = ""
+            cpu1 = (cpu_seconds([gw_pid]), cpu_seconds([redis_pid]))
+            reqs = max(r["requests"] or 0, 1)
+            cpu[name].append((cpu1[0] - cpu0[0]) / reqs * 1e6)
+            per = "%9.1f %8s" % (cpu[name][-1], "")
             if name in calls and r["requests"]:
+                rcpu[name].append((cpu1[1] - cpu0[1]) / reqs * 1e6)
                 calls[name].append((evalsha_calls(args.redis_cli, redis_port) - before) / r["requests"])
-                per = "%14.3f" % calls[name][-1]
+                per = "%9.1f %8.1f %12.3f" % (cpu[name][-1], rcpu[name][-1], calls[name][-1])
             results[name].append(r)
             print(fmt_row("%s #%d" % (name, rnd + 1), r) + per, flush=True)
 
     med = {name: {k: statistics.median(r[k] for r in rs) for k in ("rps", "p50", "p99")}
            for name, rs in results.items()}
-    print("\n  %-20s %12s %10s %10s" % ("median", "req/s", "P50 ms", "P99 ms"))
+    print("\n  %-20s %12s %10s %10s %8s %8s" % ("median", "req/s", "P50 ms", "P99 ms", "gw us", "redis us"))
     for name in TARGETS:
-        print("  %-20s %12.0f %10.3f %10.3f" % (name, med[name]["rps"], med[name]["p50"], med[name]["p99"]))
+        print("  %-20s %12.0f %10.3f %10.3f %8.1f %8s" % (
+            name, med[name]["rps"], med[name]["p50"], med[name]["p99"], statistics.median(cpu[name]),
+            "%.1f" % statistics.median(rcpu[name]) if rcpu.get(name) else ""))
     clean = True
     for name, base in BASELINE.items():
         target = RATIO_TARGET[name]
@@ -269,6 +281,15 @@ def bench_workers(args, scratch, procs, up_port, redis_port, body, workers):
             "%s/%s" % (name, base), ratio, (1 - ratio) * 100, (1 - target) * 100,
             "met" if ratio >= target else "NOT met", statistics.median(paired),
             " ".join("%.3f" % x for x in paired)))
+    # CPU per request is steadier than req/s on a shared machine: what the
+    # limiter adds to the gateway (and, for Redis, what Redis spends) per request.
+    for name, base in BASELINE.items():
+        gw, b = statistics.median(cpu[name]), statistics.median(cpu[base])
+        extra = statistics.median(rcpu[name]) if rcpu.get(name) else 0.0
+        print("  %-26s gateway CPU %+6.1f us per request (%+5.1f %%)%s" % (
+            "%s vs %s" % (name, base), gw - b, (gw / b - 1) * 100 if b else 0.0,
+            "; Redis %.1f us per request: gateway + Redis %+5.1f %%" % (extra, (gw + extra) / b * 100 - 100)
+            if extra else ""))
     for name, per in calls.items():
         if per:
             print("  %-26s %7.3f EVALSHA per request (median of the runs)" % (name, statistics.median(per)))
@@ -338,10 +359,11 @@ def main():
         body = fixed_body(args.body_bytes)
         up_port, redis_port = free_port(), free_port()
         procs.append(start_upstream(scratch, args.nginx, up_port, body))
-        procs.append(start_redis(scratch, args.redis_server, args.redis_cli, redis_port))
+        redis = start_redis(scratch, args.redis_server, args.redis_cli, redis_port)
+        procs.append(redis)
         print("upstream body %d bytes; policy %d per 1 s (never refuses)" % (len(body), LIMIT), flush=True)
         for w in worker_counts:
-            if not bench_workers(args, scratch, procs, up_port, redis_port, body, w):
+            if not bench_workers(args, scratch, procs, up_port, redis_port, body, w, redis.proc.pid):
                 status = 1
     except KeyboardInterrupt:
         print("\nbench_ratelimit: interrupted; stopping everything", file=sys.stderr)

@@ -341,72 +341,100 @@ class Resp:
 
 
 def test_scripts_match_the_model(redis_server):
-    """The two Lua scripts as Redis runs them, on 1000 random cases of 1..8 keys
-    (TATs absent, passed, or ahead of Redis's clock; enforced and dry-run;
-    limits small enough to bind): k, each key's wait and k_i, and the TAT and
-    expiry each key is left with, against the same arithmetic in Python (exact
-    integers)."""
+    """The two Lua scripts as Redis runs them, on 1000 random cases: one set of
+    one key (script_one), or 1..5 sets of 1..8 keys each in one call
+    (script_multi), the sets often sharing keys (TATs absent, passed, or ahead
+    of Redis's clock; enforced and dry-run; limits small enough to bind).
+    Each set's k and each key's wait and k_i, and the TAT and expiry each key
+    is left with, against the same arithmetic in Python (exact integers), the
+    sets taken one after the other: a key a set charged is seen charged by
+    the next."""
     import random
     redis_server.flushall()
     rnd = random.Random(5)
     cmd = Resp(redis_server.port)
-    scripts = {1: script_text("script_one"), 2: script_text("script_many")}
+    one, multi = script_text("script_one"), script_text("script_multi")
+    multi_calls = shared = 0
     for case in range(1000):
-        m = 1 if case % 3 == 0 else rnd.randint(2, 8)
-        keys = ["rl:model:%d:%d" % (case, i) for i in range(m)]
+        single = case % 4 == 0
+        nsets = 1 if single or case % 4 == 1 else rnd.randint(2, 5)
+        pool = ["rl:model:%d:%d" % (case, i) for i in range(1 if single else rnd.randint(1, 10))]
         sec, usec = cmd("time")
         approx_now = int(sec) * 1000000 + int(usec)
-        pols, ahead = [], []
-        for i in range(m):
-            period = rnd.choice([1, 7, 1000, 999983, rnd.randint(1, 3000000)])
-            limit = rnd.randint(1, 12)
-            enforce = rnd.random() < 0.7
+        ahead = {}
+        for key in pool:
             kind = rnd.choice(["absent", "past", "ahead"])
             if kind == "ahead":  # well ahead of the clock at the script's run: base = TAT
-                tat = approx_now + 5000000 + rnd.randint(0, period * limit + 1)
-                cmd("set", keys[i], tat)
+                cmd("set", key, approx_now + 5000000 + rnd.randint(0, 40000000))
             elif kind == "past":
-                cmd("set", keys[i], approx_now - rnd.randint(1, 10000000))
-            pols.append((period, limit, enforce))
-            ahead.append(kind == "ahead")
-        n = rnd.randint(1, 40)
-        argv = [str(n)]
-        for period, limit, enforce in pols:
-            argv += [str(period), str(limit), "1" if enforce else "0"]
-        before = [cmd("get", key) for key in keys]
-        out = cmd("eval", scripts[1 if m == 1 else 2], m, *keys, *argv)
-        assert len(out) == 1 + 2 * m, out
-        k, waits, rooms = out[0], out[1::2], out[2::2]
+                cmd("set", key, approx_now - rnd.randint(1, 10000000))
+            ahead[key] = kind == "ahead"
+        sets = []
+        for _ in range(nsets):
+            keys = rnd.sample(pool, 1 if single else rnd.randint(1, len(pool) if len(pool) < 8 else 8))
+            pols = [(rnd.choice([1, 7, 1000, 999983, rnd.randint(1, 3000000)]), rnd.randint(1, 12),
+                     rnd.random() < 0.7) for _ in keys]
+            sets.append((keys, pols, rnd.randint(1, 40)))
+        before = {key: cmd("get", key) for key in pool}
+        all_keys = [key for keys, _, _ in sets for key in keys]
+        shared += len(all_keys) != len(set(all_keys))
+        if single:
+            (keys, pols, n), = sets
+            period, limit, enforce = pols[0]
+            out = cmd("eval", one, 1, keys[0], n, period, limit, "1" if enforce else "0")
+        else:
+            multi_calls += 1
+            argv = [str(nsets)]
+            for keys, pols, n in sets:
+                argv += [str(n), str(len(keys))]
+                for period, limit, enforce in pols:
+                    argv += [str(period), str(limit), "1" if enforce else "0"]
+            out = cmd("eval", multi, len(all_keys), *all_keys, *argv)
+        assert len(out) == sum(1 + 2 * len(keys) for keys, _, _ in sets), (case, out)
+        # Every key's TAT relative to the script's now (None: not ahead of it),
+        # as the model moves it, set after set.
+        rel = {}
+        first_wait = {}
+        at = 0
+        for s, (keys, pols, n) in enumerate(sets):
+            k, waits, rooms = out[at], out[at + 1:at + 1 + 2 * len(keys):2], out[at + 2:at + 1 + 2 * len(keys):2]
+            at += 1 + 2 * len(keys)
+            want_k = n
+            for i, key in enumerate(keys):
+                period, limit, enforce = pols[i]
+                if key not in first_wait:  # as the call found it
+                    first_wait[key] = waits[i]
+                    if not ahead[key]:
+                        assert waits[i] == 0, (case, s, i, waits[i])  # absent or passed: base = now
+                    rel[key] = waits[i]
+                else:  # as an earlier set of the call left it
+                    assert waits[i] == rel[key], (case, s, i, waits[i], rel[key])
+                room = period * limit - waits[i]  # now + window - base
+                ki = min(n, room // period) if room >= period else 0
+                assert rooms[i] == ki, (case, s, i, pols[i], waits[i], rooms[i], ki)
+                if enforce:
+                    want_k = min(want_k, ki)
+            assert k == want_k, (case, s, k, want_k, pols, rooms)
+            for i, key in enumerate(keys):
+                charged = min(k, rooms[i])
+                if charged:
+                    rel[key] = waits[i] + charged * pols[i][0]
         # Redis's now at the run, from a key whose TAT was ahead (base = TAT), else unknown
-        nows = {int(before[i]) - waits[i] for i in range(m) if ahead[i]}
+        nows = {int(before[key]) - first_wait[key] for key in first_wait if ahead[key]}
         assert len(nows) <= 1, (case, nows)
         now = nows.pop() if nows else None
-        want_k = n
-        for i, (period, limit, enforce) in enumerate(pols):
-            wait = waits[i]
-            if not ahead[i]:
-                assert wait == 0, (case, i, wait)  # absent or passed: base = now
-            room = period * limit - wait  # now + window - base
-            ki = min(n, room // period) if room >= period else 0
-            assert rooms[i] == ki, (case, i, pols[i], wait, rooms[i], ki)
-            if enforce:
-                want_k = min(want_k, ki)
-        assert k == want_k, (case, k, want_k, pols, rooms)
-        for i, (period, limit, enforce) in enumerate(pols):
-            charged = min(k, rooms[i])
-            after = cmd("get", keys[i])
-            if charged == 0:
-                assert after == before[i], (case, i, before[i], after)
+        for key in first_wait:
+            after = cmd("get", key)
+            if rel[key] == first_wait[key]:  # never charged: as it was
+                assert after == before[key], (case, key, before[key], after)
                 continue
-            px = (waits[i] + charged * period) // 1000 + 1  # the expiry the script set, ms
+            px = rel[key] // 1000 + 1  # the expiry the last SET gave it, ms
             if not after:  # expired since: only a short one may have
-                assert px < 1000, (case, i, px)
+                assert px < 1000, (case, key, px)
                 continue
-            tat = int(after)
             if now is not None:
-                assert tat == now + waits[i] + charged * period, (case, i)
-            elif ahead[i]:
-                assert tat == int(before[i]) + charged * period, (case, i)
-            pttl = cmd("pttl", keys[i])
-            assert pttl <= px and (pttl >= 0 or pttl == -2), (case, i, pttl, px)
+                assert int(after) == now + rel[key], (case, key)
+            pttl = cmd("pttl", key)
+            assert pttl <= px and (pttl >= 0 or pttl == -2), (case, key, pttl, px)
+    assert multi_calls > 600 and shared > 300, (multi_calls, shared)
     cmd.close()

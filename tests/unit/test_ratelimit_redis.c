@@ -379,8 +379,9 @@ static void test_batch_arithmetic_policies_equal_sequence(void **state)
 
 #define FAKE_MAX_CONNS 16
 #define FAKE_MAX_SCRIPTS 1024
-#define FAKE_MAX_KEYS 64
-#define FAKE_MAX_ARGS (4 + 4 * RL_POLICIES_MAX)
+#define FAKE_MAX_KEYS 1024
+#define FAKE_MAX_SETS 160                     /* sets in one script call: more than the client sends */
+#define FAKE_MAX_ARGS (5 + 6 * FAKE_MAX_SETS) /* EVALSHA sha numkeys KEYS... nsets (n m (p l e)...)... */
 
 typedef struct fake fake;
 
@@ -391,14 +392,22 @@ typedef struct fake_conn {
     struct evbuffer *held; /* replies not sent yet (in order) */
 } fake_conn;
 
+/* One script call as the fake saw it: its sets (one for script_one's
+ * shape), the first one in full. */
 typedef struct script_call {
-    bool eval; /* EVAL, not EVALSHA */
+    bool eval;  /* EVAL, not EVALSHA */
+    bool multi; /* script_multi's shape (else script_one's) */
     int conn;
-    char key[64]; /* the first key */
-    int nkeys;
+    char key[64]; /* the first set's first key */
+    int nkeys;    /* the first set's */
     char keys[RL_POLICIES_MAX][64];
     bool enforce[RL_POLICIES_MAX];
     int64_t n;
+    int nsets;                    /* every set's: */
+    int64_t set_n[FAKE_MAX_SETS]; /* requests asked for */
+    int set_nkeys[FAKE_MAX_SETS];
+    char set_key[FAKE_MAX_SETS][64];     /* first key */
+    unsigned set_enforce[FAKE_MAX_SETS]; /* bit i: key i enforced */
 } script_call;
 
 struct fake {
@@ -493,55 +502,94 @@ static void fake_read_cb(struct bufferevent *bev, void *arg)
         size_t used = parse_command(p, n, &argc, argv, lens, FAKE_MAX_ARGS);
         if (used == 0)
             return;
-        /* EVALSHA sha numkeys KEYS... n (period limit enforce)... */
+        /* EVALSHA sha numkeys KEYS... then script_one's ARGV (n period limit
+         * enforce, one key) or script_multi's (nsets, per set n m and per key
+         * period limit enforce). */
         int nkeys = argc >= 3 ? (int)arg_int(argv[2], lens[2]) : 0;
-        bool shape = nkeys >= 1 && nkeys <= RL_POLICIES_MAX && argc == 4 + 4 * nkeys;
-        bool evalsha = shape && lens[0] == 7 && strncasecmp(argv[0], "EVALSHA", 7) == 0;
-        bool eval = shape && lens[0] == 4 && strncasecmp(argv[0], "EVAL", 4) == 0;
-        char reply[64 + 48 * RL_POLICIES_MAX];
+        int nargv = argc - 3 - nkeys;
+        bool one = nkeys == 1 && nargv == 4;
+        bool multi = !one && nkeys >= 1 && nargv >= 1;
+        bool evalsha = (one || multi) && lens[0] == 7 && strncasecmp(argv[0], "EVALSHA", 7) == 0;
+        bool eval = (one || multi) && lens[0] == 4 && strncasecmp(argv[0], "EVAL", 4) == 0;
+        struct evbuffer *reply = evbuffer_new();
+        assert_non_null(reply);
         bool script = false, stalled = false;
         if (evalsha && f->noscript_left > 0) {
             f->noscript_left--;
             script = true;
-            snprintf(reply, sizeof reply, "-NOSCRIPT No matching script. Please use EVAL.\r\n");
+            evbuffer_add_printf(reply, "-NOSCRIPT No matching script. Please use EVAL.\r\n");
         } else if (evalsha || eval) {
             script = true;
             stalled = f->stall || (eval && f->stall_eval);
             assert_true(f->nscripts < FAKE_MAX_SCRIPTS);
             script_call *sc = &f->scripts[f->nscripts++];
+            memset(sc, 0, sizeof *sc);
             sc->eval = eval;
+            sc->multi = multi;
             sc->conn = fc->id;
-            sc->nkeys = nkeys;
-            sc->n = arg_int(argv[3 + nkeys], lens[3 + nkeys]);
-            model_pol mp[RL_POLICIES_MAX];
-            int64_t *tats[RL_POLICIES_MAX], wait[RL_POLICIES_MAX], room[RL_POLICIES_MAX];
-            for (int i = 0; i < nkeys; i++) {
-                snprintf(sc->keys[i], sizeof sc->keys[i], "%.*s", (int)lens[3 + i], argv[3 + i]);
-                int a = 4 + nkeys + 3 * i;
-                mp[i].period = arg_int(argv[a], lens[a]);
-                mp[i].limit = arg_int(argv[a + 1], lens[a + 1]);
-                assert_true(lens[a + 2] == 1 && (argv[a + 2][0] == '1' || argv[a + 2][0] == '0'));
-                mp[i].enforce = sc->enforce[i] = argv[a + 2][0] == '1';
-                tats[i] = fake_tat(f, sc->keys[i]);
+            int a = 3 + nkeys; /* ARGV's next */
+            int nsets = multi ? (int)arg_int(argv[a], lens[a]) : 1;
+            a += multi;
+            assert_true(nsets >= 1 && nsets <= FAKE_MAX_SETS);
+            int kb = 0, out = 0; /* keys of the sets before; integers in the reply */
+            struct evbuffer *body = evbuffer_new();
+            assert_non_null(body);
+            for (int s = 0; s < nsets; s++) {
+                int64_t asked = arg_int(argv[a], lens[a]);
+                int m = multi ? (int)arg_int(argv[a + 1], lens[a + 1]) : 1;
+                a += multi ? 2 : 1;
+                assert_true(m >= 1 && m <= RL_POLICIES_MAX && kb + m <= nkeys && a + 3 * m <= argc);
+                model_pol mp[RL_POLICIES_MAX];
+                int64_t *tats[RL_POLICIES_MAX], wait[RL_POLICIES_MAX], room[RL_POLICIES_MAX];
+                char keys[RL_POLICIES_MAX][64];
+                for (int i = 0; i < m; i++, a += 3) {
+                    snprintf(keys[i], sizeof keys[i], "%.*s", (int)lens[3 + kb + i], argv[3 + kb + i]);
+                    mp[i].period = arg_int(argv[a], lens[a]);
+                    mp[i].limit = arg_int(argv[a + 1], lens[a + 1]);
+                    assert_true(lens[a + 2] == 1 && (argv[a + 2][0] == '1' || argv[a + 2][0] == '0'));
+                    mp[i].enforce = argv[a + 2][0] == '1';
+                    tats[i] = fake_tat(f, keys[i]);
+                }
+                if (s == 0) {
+                    sc->nkeys = m;
+                    sc->n = asked;
+                    for (int i = 0; i < m; i++) {
+                        memcpy(sc->keys[i], keys[i], sizeof keys[i]);
+                        sc->enforce[i] = mp[i].enforce;
+                    }
+                    memcpy(sc->key, keys[0], sizeof sc->key);
+                }
+                sc->set_n[s] = asked;
+                sc->set_nkeys[s] = m;
+                for (int i = 0; i < m; i++)
+                    sc->set_enforce[s] |= (unsigned)mp[i].enforce << i;
+                memcpy(sc->set_key[s], keys[0], sizeof sc->set_key[s]);
+                int64_t k = batch_script(tats, mp, m, f->now_us, asked, wait, room);
+                evbuffer_add_printf(body, ":%lld\r\n", (long long)k);
+                for (int i = 0; i < m; i++)
+                    evbuffer_add_printf(body, ":%lld\r\n:%lld\r\n", (long long)wait[i], (long long)room[i]);
+                out += 1 + 2 * m;
+                kb += m;
             }
-            memcpy(sc->key, sc->keys[0], sizeof sc->key);
-            int64_t k = batch_script(tats, mp, nkeys, f->now_us, sc->n, wait, room);
-            int at = snprintf(reply, sizeof reply, "*%d\r\n:%lld\r\n", 1 + 2 * nkeys, (long long)k);
-            for (int i = 0; i < nkeys; i++)
-                at += snprintf(reply + at, sizeof reply - (size_t)at, ":%lld\r\n:%lld\r\n",
-                               (long long)wait[i], (long long)room[i]);
+            assert_int_equal(kb, nkeys);
+            assert_int_equal(a, argc); /* every argument read */
+            sc->nsets = nsets;
+            evbuffer_add_printf(reply, "*%d\r\n", out);
+            evbuffer_add_buffer(reply, body);
+            evbuffer_free(body);
         } else if (argc >= 1 && lens[0] == 4 && strncasecmp(argv[0], "PING", 4) == 0) {
-            snprintf(reply, sizeof reply, "+PONG\r\n");
+            evbuffer_add_printf(reply, "+PONG\r\n");
         } else {
-            snprintf(reply, sizeof reply, "+OK\r\n");
+            evbuffer_add_printf(reply, "+OK\r\n");
         }
         evbuffer_drain(in, used);
-        if (stalled)
-            continue;
-        if ((script && f->hold) || evbuffer_get_length(fc->held))
-            evbuffer_add(fc->held, reply, strlen(reply));
-        else
-            bufferevent_write(fc->bev, reply, strlen(reply));
+        if (!stalled) {
+            if ((script && f->hold) || evbuffer_get_length(fc->held))
+                evbuffer_add_buffer(fc->held, reply);
+            else
+                bufferevent_write_buffer(fc->bev, reply);
+        }
+        evbuffer_free(reply);
     }
 }
 
@@ -655,6 +703,8 @@ typedef struct answers {
     bool in_take, called_inside;
     rl_redis *free_on_first; /* rl_redis_free from inside the first done */
     int n_after_free;
+    void (*hook)(void *); /* called (once) from inside the next done */
+    void *hook_arg;
 } answers;
 
 typedef struct probe {
@@ -682,6 +732,11 @@ static void record_done(void *arg, bool ok, const rl_decision *d)
     }
     a->at_ms[a->n] = ms_now();
     a->n++;
+    if (a->hook) {
+        void (*hook)(void *) = a->hook;
+        a->hook = NULL;
+        hook(a->hook_arg);
+    }
     if (a->free_on_first) {
         rl_redis *r = a->free_on_first;
         a->free_on_first = NULL;
@@ -818,7 +873,9 @@ static void test_waiting_calls_go_as_one_batch(void **state)
     env_stop(e);
 }
 
-/* Same key, another limit (a reload changed the policy): not the same batch. */
+/* Same key, another limit (a reload changed the policy): not the same batch,
+ * another set; made in one turn of the loop, the three sets go in one
+ * script call, in order, each asking for one. */
 static void test_other_limit_not_batched(void **state)
 {
     (void)state;
@@ -827,10 +884,187 @@ static void test_other_limit_not_batched(void **state)
     assert_non_null(take(e, 0, "k", 3, 30000));
     assert_non_null(take(e, 1, "k", 4, 30000));
     assert_non_null(take(e, 2, "k", 3, 60000));
-    RUN_UNTIL(e->base, e->f->nscripts == 3, 2000);
+    RUN_UNTIL(e->base, e->f->nscripts == 1, 2000);
+    run_for(e->base, 20);
+    assert_int_equal(e->f->nscripts, 1);
+    assert_true(e->f->scripts[0].multi);
+    assert_int_equal(e->f->scripts[0].nsets, 3);
+    for (int s = 0; s < 3; s++) {
+        assert_int_equal(e->f->scripts[0].set_n[s], 1);
+        assert_string_equal(e->f->scripts[0].set_key[s], e->f->scripts[0].key); /* one Redis key */
+    }
     e->f->hold = false;
     fake_release(e->f);
     RUN_UNTIL(e->base, e->a.n == 3, 2000);
+    for (int i = 0; i < 3; i++)
+        assert_true(e->a.ok[i] && e->a.d[i].allowed);
+    env_stop(e);
+}
+
+/* Calls for many sets made in one turn of the loop (many clients, many
+ * keys) go as ONE script call, the sets in call order; two calls for one set
+ * in that turn are one batch asking for 2; a key shared by two sets of the
+ * call is taken by the first and seen by the second, as for two calls in a
+ * row: route-wide limit 1, client A's request goes, client B's is refused by
+ * the route (its own policy says other_refused). Each call gets its own
+ * decisions. */
+static void test_sets_in_one_turn_go_together(void **state)
+{
+    (void)state;
+    env *e = env_start(1000, 1);
+    char keys[40][16];
+    for (int id = 0; id < 40; id++) {
+        snprintf(keys[id], sizeof keys[id], "many:%d", id);
+        assert_non_null(take(e, id, keys[id], 2, 20000));
+    }
+    assert_non_null(take(e, 40, keys[7], 2, 20000)); /* many:7 again: its batch asks for 2 */
+    RUN_UNTIL(e->base, e->a.n == 41, 2000);
+    assert_false(e->a.called_inside);
+    assert_int_equal(e->f->nscripts, 1);
+    const script_call *sc = &e->f->scripts[0];
+    assert_true(sc->multi);
+    assert_int_equal(sc->nsets, 40);
+    for (int s = 0; s < 40; s++)
+        assert_int_equal(sc->set_n[s], s == 7 ? 2 : 1);
+    for (int id = 0; id <= 40; id++) {
+        int i = answer_of(&e->a, id);
+        assert_true(i >= 0 && e->a.ok[i] && e->a.d[i].allowed);
+        assert_int_equal(e->a.d[i].remaining, id == 40 ? 0 : 1);
+    }
+    assert_true(answer_of(&e->a, 7) < answer_of(&e->a, 40));
+
+    rl_redis_policy a[2] = {{"client:A", 8, 5, 50000, false}, {"route1", 6, 1, 10000, false}};
+    rl_redis_policy b[2] = {{"client:B", 8, 5, 50000, false}, {"route1", 6, 1, 10000, false}};
+    assert_non_null(take_set(e, 50, a, 2));
+    assert_non_null(take_set(e, 51, b, 2));
+    RUN_UNTIL(e->base, e->a.n == 43, 2000);
+    assert_int_equal(e->f->nscripts, 2);
+    assert_int_equal(e->f->scripts[1].nsets, 2);
+    assert_int_equal(e->f->scripts[1].set_nkeys[0], 2);
+    assert_int_equal(e->f->scripts[1].set_nkeys[1], 2);
+    const rl_decision(*d)[RL_POLICIES_MAX] = e->a.all;
+    int ia = answer_of(&e->a, 50), ib = answer_of(&e->a, 51);
+    assert_true(d[ia][0].allowed && d[ia][1].allowed && d[ia][1].remaining == 0);
+    assert_false(d[ib][1].allowed);
+    assert_false(d[ib][1].other_refused);
+    assert_int_equal(d[ib][1].retry_after_ms, 10000);
+    assert_false(d[ib][0].allowed);
+    assert_true(d[ib][0].other_refused);
+    env_stop(e);
+}
+
+/* A call carries at most 128 keys: 300 one-key sets in one turn go as calls
+ * of 128, 128 and 44 sets (the first two sent before the third); 20 sets
+ * of 8 keys as 16 sets and 4; every call answered. */
+static void test_flight_key_cap(void **state)
+{
+    (void)state;
+    env *e = env_start(2000, 1);
+    char keys[300][16];
+    for (int id = 0; id < 300; id++) {
+        snprintf(keys[id], sizeof keys[id], "cap:%d", id);
+        assert_non_null(take(e, id, keys[id], 5, 50000));
+    }
+    RUN_UNTIL(e->base, e->a.n == 300, 2000);
+    assert_int_equal(e->f->nscripts, 3);
+    assert_int_equal(e->f->scripts[0].nsets, 128);
+    assert_int_equal(e->f->scripts[1].nsets, 128);
+    assert_int_equal(e->f->scripts[2].nsets, 44);
+    for (int i = 0; i < 300; i++)
+        assert_true(e->a.ok[i] && e->a.d[i].allowed && e->a.d[i].remaining == 4);
+
+    static char names[20][RL_POLICIES_MAX][16];
+    rl_redis_policy p[20][RL_POLICIES_MAX];
+    for (int s = 0; s < 20; s++) {
+        for (int i = 0; i < RL_POLICIES_MAX; i++) {
+            snprintf(names[s][i], sizeof names[s][i], "w%d:%d", s, i);
+            p[s][i] = (rl_redis_policy){names[s][i], strlen(names[s][i]), 5, 50000, false};
+        }
+        assert_non_null(take_set(e, 300 + s, p[s], RL_POLICIES_MAX));
+    }
+    RUN_UNTIL(e->base, e->a.n == 320, 2000);
+    assert_int_equal(e->f->nscripts, 5);
+    assert_int_equal(e->f->scripts[3].nsets, 16);
+    assert_int_equal(e->f->scripts[4].nsets, 4);
+    for (int i = 300; i < 320; i++)
+        assert_true(e->a.ok[i] && e->a.all[i][RL_POLICIES_MAX - 1].allowed);
+    env_stop(e);
+}
+
+typedef struct hook_take {
+    env *e;
+    int id;
+    const char *key;
+} hook_take;
+
+static void take_from_hook(void *arg)
+{
+    hook_take *h = arg;
+    assert_non_null(take(h->e, h->id, h->key, 3, 30000));
+}
+
+/* redis.timeout 300 ms. A0 goes (held); at t=0 A1 waits behind it (its
+ * deadline t=300). At t=150 A0's answer comes, and from inside its done a
+ * fresh set C is taken: A1 and C go in one call (held). At t=300 A1 is
+ * answered as failed and leaves the call; when the reply comes (t=400) C
+ * gets its decision, and A1 is not answered again. */
+static void test_deadline_leaves_flight(void **state)
+{
+    (void)state;
+    env *e = env_start(300, 1);
+    e->f->hold = true;
+    assert_non_null(take(e, 0, "A", 3, 30000));
+    RUN_UNTIL(e->base, e->f->nscripts == 1, 2000);
+    uint64_t t0 = ms_now();
+    assert_non_null(take(e, 1, "A", 3, 30000)); /* after A0 went: waits behind it */
+    while (ms_now() < t0 + 150)
+        run_for(e->base, 1);
+    hook_take h = {e, 2, "C"};
+    e->a.hook = take_from_hook;
+    e->a.hook_arg = &h;
+    fake_release(e->f); /* A0's reply only; hold stays */
+    RUN_UNTIL(e->base, e->f->nscripts == 2, 2000);
+    assert_int_equal(e->f->scripts[1].nsets, 2);
+    assert_string_equal(e->f->scripts[1].set_key[0], e->f->scripts[0].key);
+    assert_int_equal(e->a.n, 1);
+    RUN_UNTIL(e->base, e->a.n == 2, 2000);
+    uint64_t a1_at = e->a.at_ms[1] - t0;
+    assert_int_equal(e->a.order[1], 1);
+    assert_false(e->a.ok[1]);
+    assert_true(a1_at >= 295 && a1_at <= 360);
+    while (ms_now() < t0 + 400)
+        run_for(e->base, 1);
+    assert_int_equal(e->a.n, 2); /* C's reply is held */
+    e->f->hold = false;
+    fake_release(e->f);
+    RUN_UNTIL(e->base, e->a.n == 3, 2000);
+    run_for(e->base, 20);
+    assert_int_equal(e->a.n, 3);
+    assert_int_equal(e->a.order[2], 2);
+    assert_true(e->a.ok[2] && e->a.d[2].allowed && e->a.d[2].remaining == 2);
+    env_stop(e);
+}
+
+/* NOSCRIPT for a call of several sets: it goes again with EVAL, the same
+ * sets asking for the same; decisions as usual. */
+static void test_noscript_resends_flight(void **state)
+{
+    (void)state;
+    env *e = env_start(1000, 1);
+    e->f->noscript_left = 1;
+    assert_non_null(take(e, 0, "ns1", 1, 10000));
+    assert_non_null(take(e, 1, "ns2", 1, 10000));
+    assert_non_null(take(e, 2, "ns1", 1, 10000));
+    RUN_UNTIL(e->base, e->a.n == 3, 2000);
+    assert_int_equal(e->f->nscripts, 1); /* the NOSCRIPT answer is not a script run */
+    assert_true(e->f->scripts[0].eval && e->f->scripts[0].multi);
+    assert_int_equal(e->f->scripts[0].nsets, 2);
+    assert_int_equal(e->f->scripts[0].set_n[0], 2);
+    assert_int_equal(e->f->scripts[0].set_n[1], 1);
+    int i0 = answer_of(&e->a, 0), i1 = answer_of(&e->a, 1), i2 = answer_of(&e->a, 2);
+    assert_true(e->a.ok[i0] && e->a.d[i0].allowed);
+    assert_true(e->a.ok[i1] && e->a.d[i1].allowed);
+    assert_true(e->a.ok[i2] && !e->a.d[i2].allowed);
     env_stop(e);
 }
 
@@ -1065,10 +1299,11 @@ static void test_policies_in_one_call(void **state)
 }
 
 /* Calls batch by their whole set: A's requests wait behind A's call in
- * flight and go as one EVALSHA for n; B's (another client key beside the
- * same route-wide key) is another set and goes at once; a set whose
- * route-wide policy is dry-run (the same key names) is another set too. The
- * batch's decisions are those of the calls in sequence. */
+ * flight and go as one batch asking for n; B's (another client key beside
+ * the same route-wide key) is another set and does not wait for A's; a set
+ * whose route-wide policy is dry-run (the same key names) is another set too
+ * (B's and that one, made in one turn, go in one call). The batch's
+ * decisions are those of the calls in sequence. */
 static void test_sets_batch_apart(void **state)
 {
     (void)state;
@@ -1083,17 +1318,19 @@ static void test_sets_batch_apart(void **state)
         assert_non_null(take_set(e, id, a, 2));
     assert_non_null(take_set(e, 10, b, 2));
     assert_non_null(take_set(e, 20, ad, 2));
-    RUN_UNTIL(e->base, e->f->nscripts == 3, 2000);
+    RUN_UNTIL(e->base, e->f->nscripts == 2, 2000);
     run_for(e->base, 20);
-    assert_int_equal(e->f->nscripts, 3);
-    assert_false(e->f->scripts[2].enforce[1]); /* the dry-run flag is sent */
-    assert_true(e->f->scripts[2].enforce[0]);
+    assert_int_equal(e->f->nscripts, 2);
+    assert_int_equal(e->f->scripts[1].nsets, 2);
+    assert_int_equal(e->f->scripts[1].set_enforce[0], 3u);
+    assert_int_equal(e->f->scripts[1].set_enforce[1], 1u); /* the dry-run flag is sent */
+    assert_string_equal(e->f->scripts[1].set_key[1], e->f->scripts[0].keys[0]);
     e->f->hold = false;
     fake_release(e->f);
     RUN_UNTIL(e->base, e->a.n == 7, 2000);
-    assert_int_equal(e->f->nscripts, 4);
-    assert_int_equal(e->f->scripts[3].n, 4);
-    assert_string_equal(e->f->scripts[3].keys[0], e->f->scripts[0].keys[0]);
+    assert_int_equal(e->f->nscripts, 3);
+    assert_int_equal(e->f->scripts[2].n, 4);
+    assert_string_equal(e->f->scripts[2].keys[0], e->f->scripts[0].keys[0]);
     /* The fake answered in order: A's first (route 1 of 4), B's (route 2),
      * the dry-run set's (A 2 of 3; its route key charged too: 3), then A's
      * batch of 4: A has 1 left, the route 1: request 1 goes, 2..4 refused
@@ -1285,6 +1522,10 @@ int main(void)
         cmocka_unit_test(test_batch_arithmetic_policies_equal_sequence),
         cmocka_unit_test(test_waiting_calls_go_as_one_batch),
         cmocka_unit_test(test_other_limit_not_batched),
+        cmocka_unit_test(test_sets_in_one_turn_go_together),
+        cmocka_unit_test(test_flight_key_cap),
+        cmocka_unit_test(test_deadline_leaves_flight),
+        cmocka_unit_test(test_noscript_resends_flight),
         cmocka_unit_test(test_batch_cap),
         cmocka_unit_test(test_cancel),
         cmocka_unit_test(test_noscript_resends_batch_with_eval),
