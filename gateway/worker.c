@@ -2843,44 +2843,93 @@ static bool limit_client_line(const gw_runtime *rt, const char *xff, char *out, 
     return true;
 }
 
-/* The policy's key material: its name and each part of `key` (client_ip,
- * route, header:NAME), each followed by a NUL, into buf (cut at size).
- * Returns the length. */
-static size_t limit_key(gw_request *r, const config_policy *pol, const char *route, char *buf, size_t size)
+/* The first header field named name[0..len) (any case), or NULL. */
+static const char *limit_header(gw_request *r, const char *name, size_t len)
 {
-    size_t used = 0;
-    const char *parts[16];
-    size_t lens[16], count = 0;
+    const struct evkeyval *h;
+    TAILQ_FOREACH(h, evhttp_request_get_input_headers(r->req), next)
+    {
+        if (strncasecmp(h->key, name, len) == 0 && h->key[len] == '\0')
+            return h->value;
+    }
+    return NULL;
+}
+
+/* Takes one part of a key's material: part[0..len] (its terminating NUL included). */
+typedef void (*limit_part_fn)(void *arg, const char *part, size_t len);
+
+/* The policy's key material, part by part to fn: its name, then each part of
+ * `key` (client_ip, route, header:NAME; an absent header is "\n", which no
+ * value can be, so it differs from an empty one and from every other), each
+ * with its NUL. Nothing is cut, whatever the length of a header or the number
+ * of parts: two requests whose parts differ anywhere never share a bucket. */
+static void limit_key_parts(gw_request *r, const config_policy *pol, const char *route, limit_part_fn fn,
+                            void *arg)
+{
     char ip[INET6_ADDRSTRLEN + 1];
-    parts[count] = pol->name;
-    lens[count++] = strlen(pol->name);
-    for (const char *p = pol->key; *p && count < 16;) {
+    bool have_ip = false;
+    fn(arg, pol->name, strlen(pol->name));
+    for (const char *p = pol->key; *p;) {
         size_t n = strcspn(p, "+");
         if (n == 9 && strncmp(p, "client_ip", 9) == 0) {
-            limit_client(r, ip, sizeof ip);
-            parts[count] = ip;
-            lens[count++] = strlen(ip);
+            if (!have_ip)
+                limit_client(r, ip, sizeof ip);
+            have_ip = true;
+            fn(arg, ip, strlen(ip));
         } else if (n == 5 && strncmp(p, "route", 5) == 0) {
-            parts[count] = route;
-            lens[count++] = strlen(route);
-        } else if (n > 7) {
-            char name[256];
-            size_t k = n - 7 < sizeof name - 1 ? n - 7 : sizeof name - 1;
-            memcpy(name, p + 7, k);
-            name[k] = '\0';
-            const char *v = evhttp_find_header(evhttp_request_get_input_headers(r->req), name);
-            parts[count] = v ? v : "\x01"; /* absent differs from empty */
-            lens[count++] = v ? strlen(v) : 1;
+            fn(arg, route, strlen(route));
+        } else if (n > 7) { /* header:NAME (the configuration allows nothing else) */
+            const char *v = limit_header(r, p + 7, n - 7);
+            fn(arg, v ? v : "\n", v ? strlen(v) : 1); /* no value is "\n": evhttp ends a line there */
         }
         p += n + (p[n] == '+');
     }
-    for (size_t i = 0; i < count && used < size; i++) {
-        size_t k = lens[i] < size - used - 1 ? lens[i] : size - used - 1;
-        memcpy(buf + used, parts[i], k);
-        used += k;
-        buf[used++] = '\0';
+}
+
+/* The local store's key: rl_hash over the parts one after the other. */
+typedef struct limit_hash {
+    uint64_t seed, h;
+} limit_hash;
+
+static void limit_hash_part(void *arg, const char *part, size_t len)
+{
+    limit_hash *k = arg;
+    k->h = rl_hash(k->seed, part, len + 1, k->h);
+}
+
+#define GW_RL_KEY_STACK 1024 /* key material up to this size is built on the stack, longer on the heap */
+
+/* The Redis store's key: the material itself (rlredis hashes it with SHA-1
+ * into the key name), on the stack and moved to the heap when it outgrows it. */
+typedef struct limit_material {
+    char *buf; /* stack, or heap (caller frees) when heap */
+    size_t len, cap;
+    bool heap, oom;
+    char stack[GW_RL_KEY_STACK];
+} limit_material;
+
+static void limit_material_part(void *arg, const char *part, size_t len)
+{
+    limit_material *m = arg;
+    if (m->oom)
+        return;
+    if (len + 1 > m->cap - m->len) {
+        size_t cap = m->cap;
+        while (len + 1 > cap - m->len)
+            cap *= 2;
+        char *b = m->heap ? realloc(m->buf, cap) : malloc(cap);
+        if (!b) {
+            m->oom = true;
+            return;
+        }
+        if (!m->heap)
+            memcpy(b, m->buf, m->len);
+        m->buf = b;
+        m->cap = cap;
+        m->heap = true;
     }
-    return used;
+    memcpy(m->buf + m->len, part, len + 1);
+    m->len += len + 1;
 }
 
 static void set_limit_headers(gw_request *r, const rl_decision *d)
@@ -2895,8 +2944,6 @@ static void set_limit_headers(gw_request *r, const rl_decision *d)
     evhttp_add_header(oh, "RateLimit-Reset", v);
 }
 
-#define GW_RL_KEY_MAX 1024 /* a policy's key material, cut there */
-
 /* A request's rate-limit decisions, while Redis answers: one call for all of
  * the route's policies (all or nothing). */
 struct gw_rl_state {
@@ -2905,6 +2952,9 @@ struct gw_rl_state {
     unsigned char idx[CONFIG_ROUTE_POLICIES_MAX]; /* call position -> route position */
     rl_redis_call *call;
     rl_decision dec[CONFIG_ROUTE_POLICIES_MAX];
+    /* No store decided: on_store_error allow or deny did, by configuration
+     * (dec[] then holds no numbers worth showing, only allowed). */
+    bool undecided;
 };
 
 static void count_fallback(gw_request *r)
@@ -2926,10 +2976,9 @@ static void limit_local(gw_request *r, bool fallback)
     size_t m = 0;
     for (size_t j = 0; j < st->m; j++) {
         const config_policy *pol = rt->route_policies[r->route_index][st->idx[j]];
-        char key[GW_RL_KEY_MAX];
-        size_t len = limit_key(r, pol, route->name, key, sizeof key);
-        lp[m++] = (rl_local_policy){rl_hash(r->w->srv->rl_seed, key, len, 0), pol->limit, pol->window_ms,
-                                    pol->dry_run};
+        limit_hash key = {r->w->srv->rl_seed, 0};
+        limit_key_parts(r, pol, route->name, limit_hash_part, &key);
+        lp[m++] = (rl_local_policy){key.h, pol->limit, pol->window_ms, pol->dry_run};
     }
     rl_local_take_all(r->w->srv->rl, lp, m, gw_now_ns(), d);
     for (size_t j = 0; j < m; j++) {
@@ -2939,7 +2988,11 @@ static void limit_local(gw_request *r, bool fallback)
     }
 }
 
-/* Decide every policy without Redis: ratelimit.on_store_error. */
+/* Decide every policy without Redis: ratelimit.on_store_error. With local
+ * the local store decides; with allow or deny no store does (undecided):
+ * allow lets the request go with no numbers, deny refuses it (a 429 in the
+ * name of each enforced policy: Remaining 0, the window as Reset,
+ * Retry-After 1 s). */
 static void limit_fallback(gw_request *r)
 {
     const gw_runtime *rt = r->gen->rt;
@@ -2950,12 +3003,13 @@ static void limit_fallback(gw_request *r)
         return;
     }
     bool allow = rc->on_store_error == CONFIG_ON_ERROR_ALLOW;
+    st->undecided = true;
     for (size_t j = 0; j < st->m; j++) {
         const config_policy *pol = rt->route_policies[r->route_index][st->idx[j]];
         count_fallback(r);
         st->dec[st->idx[j]] = (rl_decision){.allowed = allow,
                                             .limit = pol->limit,
-                                            .remaining = allow ? pol->limit : 0,
+                                            .remaining = 0,
                                             .reset_ms = pol->window_ms,
                                             .retry_after_ms = allow ? 0 : 1000};
     }
@@ -2964,28 +3018,43 @@ static void limit_fallback(gw_request *r)
 static void backend(gw_request *r);
 
 /* Every policy has decided: count, then 429 or go on. False when the
- * request was answered. RateLimit-* headers are those of the enforcing
- * policy with the least room (on a 429: of the refusing one that frees up
- * last); dry-run policies are counted, never enforced; a policy that had
- * room for a request another refused (other_refused) is neither. */
+ * request was answered.
+ *
+ * Counted (gateway_ratelimit_requests_total): a policy's decision when a
+ * store (Redis, or the local one) made it, allowed or limited, dry-run ones
+ * included; not a policy that had room for a request another refused
+ * (other_refused), and nothing that on_store_error allow or deny decided,
+ * except an enforced policy's 429 under deny (limited: it was sent).
+ *
+ * Shown (RateLimit-*): on a 429 the refusing policy that frees up last (and
+ * Retry-After); else the enforced policy with the least room; on a route
+ * whose policies are all dry-run, the dry-run one with the least room (never
+ * a 429, never Retry-After). Nothing when no store decided and the request
+ * goes on (on_store_error allow): there are no numbers to tell. */
 static bool limit_finish(gw_request *r)
 {
     const gw_runtime *rt = r->gen->rt;
     const gw_metrics *m = &r->w->srv->metrics;
     struct gw_rl_state *st = r->rl;
-    rl_decision shown = {0}, refused = {0};
-    bool any = false, limited = false;
+    rl_decision shown = {0}, refused = {0}, dry = {0};
+    bool any = false, any_dry = false, limited = false;
     for (size_t i = 0; i < st->n; i++) {
         const config_policy *pol = rt->route_policies[r->route_index][i];
         const rl_decision *d = &st->dec[i];
         if (!pol || d->other_refused)
             continue;
+        if (st->undecided && (d->allowed || pol->dry_run))
+            continue;
         const char *labels[2] = {pol->name, d->allowed ? "allowed" : "limited"};
         metrics_series_t *s = metrics_series(r->w->shard, m->ratelimit, labels);
         if (s)
             metrics_counter_add(s, 1);
-        if (pol->dry_run)
+        if (pol->dry_run) {
+            if (!any_dry || d->remaining < dry.remaining)
+                dry = *d;
+            any_dry = true;
             continue;
+        }
         if (!d->allowed) {
             if (!limited || d->retry_after_ms > refused.retry_after_ms)
                 refused = *d;
@@ -3006,6 +3075,8 @@ static bool limit_finish(gw_request *r)
     }
     if (any)
         set_limit_headers(r, &shown);
+    else if (any_dry)
+        set_limit_headers(r, &dry);
     return true;
 }
 
@@ -3059,17 +3130,33 @@ static int rate_limit(gw_request *r)
         limit_local(r, false);
         return limit_finish(r) ? 0 : 1;
     }
-    char keys[CONFIG_ROUTE_POLICIES_MAX][GW_RL_KEY_MAX];
+    limit_material keys[CONFIG_ROUTE_POLICIES_MAX];
     rl_redis_policy rp[CONFIG_ROUTE_POLICIES_MAX];
+    bool oom = false;
     for (size_t j = 0; j < st->m; j++) {
         const config_policy *pol = rt->route_policies[r->route_index][st->idx[j]];
-        rp[j] = (rl_redis_policy){.key = keys[j],
-                                  .key_len = limit_key(r, pol, route->name, keys[j], sizeof keys[j]),
+        limit_material *k = &keys[j];
+        k->buf = k->stack;
+        k->len = 0;
+        k->cap = sizeof k->stack;
+        k->heap = k->oom = false;
+        limit_key_parts(r, pol, route->name, limit_material_part, k);
+        oom |= k->oom;
+        rp[j] = (rl_redis_policy){.key = k->buf,
+                                  .key_len = k->len,
                                   .limit = pol->limit,
                                   .window_ms = pol->window_ms,
                                   .dry_run = pol->dry_run};
     }
-    st->call = st->m ? rl_redis_take(r->w->rlr, rp, st->m, limit_redis_done, r) : NULL;
+    /* The material is hashed into key names within rl_redis_take: freed after. */
+    st->call = st->m && !oom ? rl_redis_take(r->w->rlr, rp, st->m, limit_redis_done, r) : NULL;
+    for (size_t j = 0; j < st->m; j++)
+        if (keys[j].heap)
+            free(keys[j].buf);
+    if (oom) {
+        respond_error(r, 503, "out of memory");
+        return 1;
+    }
     if (st->call)
         return 2;
     if (st->m)

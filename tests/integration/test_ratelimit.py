@@ -41,6 +41,8 @@ POLICIES = {
     "dry": {"limit": 2, "window": "1m", "key": "client_ip", "dry_run": True},
     "mix_dry": {"limit": 1, "window": "1m", "key": "client_ip", "dry_run": True},
     "mix_real": {"limit": 4, "window": "1m", "key": "client_ip"},
+    "dry_a": {"limit": 5, "window": "1m", "key": "client_ip", "dry_run": True},
+    "dry_b": {"limit": 2, "window": "1m", "key": "client_ip", "dry_run": True},
 }
 
 ROUTES = [
@@ -51,6 +53,7 @@ ROUTES = [
     limited_route("apikey", "/apikey/", ["apikey"]),
     limited_route("dry", "/dry/", ["dry"]),
     limited_route("mix", "/mix/", ["mix_dry", "mix_real"]),
+    limited_route("dry2", "/dry2/", ["dry_a", "dry_b"]),
     route("free", "up", prefix="/free/"),
 ]
 
@@ -325,13 +328,37 @@ def test_api_key_budgets(env):
 
 # --- dry run ----------------------------------------------------------------------
 
+def assert_dry_headers(r, limit, remaining):
+    """A dry-run-only route's answer: 200 with the dry-run policy's numbers, never Retry-After."""
+    assert r.status_code == 200, r.text[:300]
+    h = rl_headers(r)
+    assert h["RateLimit-Limit"] == str(limit) and h["RateLimit-Remaining"] == str(remaining), h
+    assert h["RateLimit-Reset"] is not None and h["RateLimit-Reset"].isdigit(), h
+    assert "Retry-After" not in r.headers, dict(r.headers)
+    return int(h["RateLimit-Reset"])
+
+
 def test_dry_run_counts_but_never_refuses(env):
-    for _ in range(6):
+    """A route whose only policy is dry-run: it is limited too, so its answers
+    carry RateLimit-* (PRODUCT.md: on every limited route), with Remaining 0
+    once the policy would refuse, and never Retry-After or a 429."""
+    resets = []
+    for i in range(6):
         r = fresh("GET", env.gw.url("/dry/echo"))
-        assert r.status_code == 200, r.text[:300]
-        assert_no_rl_headers(r)
+        resets.append(assert_dry_headers(r, 2, max(1 - i, 0)))
+    assert resets[0] >= 1 and all(30 <= t <= 60 for t in resets[1:]), resets  # 2 per minute: 30 s per request
     assert env.up.count(prefix="/dry/") == 6
     assert counts(env.gw, "dry") == (2, 4)
+
+
+def test_dry_run_only_route_shows_least_room(env):
+    """Two dry-run policies (5 and 2 per minute, the first listed first): the
+    answers show the one with the least room, dry_b."""
+    for i in range(4):
+        assert_dry_headers(fresh("GET", env.gw.url("/dry2/echo")), 2, max(1 - i, 0))
+    assert env.up.count(prefix="/dry2/") == 4
+    assert counts(env.gw, "dry_a") == (4, 0)
+    assert counts(env.gw, "dry_b") == (2, 2)
 
 
 def test_dry_run_next_to_enforcing_policy(env):
@@ -353,42 +380,63 @@ def test_dry_run_next_to_enforcing_policy(env):
 
 # --- store: redis (not built: on_store_error decides) -----------------------------
 
-REDIS_POLICIES = {"rp": {"limit": 100, "window": "1m", "key": "client_ip"}}
-REDIS_ROUTES = [limited_route("rl", "/rl/", ["rp"]), route("free", "up", prefix="/free/")]
+REDIS_POLICIES = {"rp": {"limit": 100, "window": "1m", "key": "client_ip"},
+                  "rp_dry": {"limit": 1, "window": "1m", "key": "client_ip", "dry_run": True}}
+REDIS_ROUTES = [limited_route("rl", "/rl/", ["rp", "rp_dry"]), limited_route("rldry", "/rldry/", ["rp_dry"]),
+                route("free", "up", prefix="/free/")]
 
 
 def test_store_error_deny(stack):
+    """on_store_error: deny, no store: a route with an enforced policy answers
+    429 (counted limited for the enforced policy: its 429 was sent); the
+    dry-run policy beside it and a dry-run-only route count nothing (no store
+    decided them; before, deny counted them limited) and the dry-run-only
+    route's answers go on without RateLimit-* (nobody decided its numbers)."""
     gw, up = one_gateway(stack, {"store": "redis", "on_store_error": "deny"}, REDIS_POLICIES, REDIS_ROUTES)
     for _ in range(5):
         r = fresh("GET", gw.url("/rl/echo"))
         assert_429(r, limit=100)
+    for _ in range(3):
+        r = fresh("GET", gw.url("/rldry/echo"))
+        assert r.status_code == 200, r.text[:300]
+        assert_no_rl_headers(r)
     r = fresh("GET", gw.url("/free/echo"))
     assert r.status_code == 200
     assert_no_rl_headers(r)
-    assert up.count(prefix="/rl/") == 0
-    m = gw.metrics()
-    assert m.value("gateway_ratelimit_store_fallbacks_total") == 5
-    assert m.value("gateway_ratelimit_requests_total", policy="rp", decision="limited") == 5
+    assert up.count(prefix="/rl/") == 0 and up.count(prefix="/rldry/") == 3
+    assert gw.metrics().value("gateway_ratelimit_store_fallbacks_total") == 5 * 2 + 3
+    assert counts(gw, "rp") == (0, 5)
+    assert counts(gw, "rp_dry") == (0, 0)
 
 
 def test_store_error_allow(stack):
-    gw, up = one_gateway(stack, {"store": "redis", "on_store_error": "allow"},
-                         {"rp": {"limit": 2, "window": "1m", "key": "client_ip"}}, REDIS_ROUTES)
-    for _ in range(6):
-        r = fresh("GET", gw.url("/rl/echo"))
-        assert r.status_code == 200, r.text[:300]
-    assert up.count(prefix="/rl/") == 6
-    m = gw.metrics()
-    assert m.value("gateway_ratelimit_store_fallbacks_total") == 6
-    assert m.value("gateway_ratelimit_requests_total", policy="rp", decision="allowed") == 6
+    """on_store_error: allow, no store: every request goes, with no RateLimit-*
+    headers (no store decided, so there is no Remaining to tell: before, it
+    said the full limit was left) and nothing counted allowed or limited;
+    each policy's fallback is counted."""
+    policies = dict(REDIS_POLICIES, rp={"limit": 2, "window": "1m", "key": "client_ip"})
+    gw, up = one_gateway(stack, {"store": "redis", "on_store_error": "allow"}, policies, REDIS_ROUTES)
+    for path in ("/rl/echo", "/rldry/echo"):
+        for _ in range(6):
+            r = fresh("GET", gw.url(path))
+            assert r.status_code == 200, r.text[:300]
+            assert_no_rl_headers(r)
+    assert up.count(prefix="/rl/") == 6 and up.count(prefix="/rldry/") == 6
+    assert gw.metrics().value("gateway_ratelimit_store_fallbacks_total") == 6 * 2 + 6
+    assert counts(gw, "rp") == (0, 0)
+    assert counts(gw, "rp_dry") == (0, 0)
 
 
 def test_store_error_local(stack):
-    """on_store_error: local: the local store enforces, every decision counts as a fallback."""
-    gw, up = one_gateway(stack, {"store": "redis", "on_store_error": "local"},
-                         {"rp": {"limit": 3, "window": "1m", "key": "client_ip"}}, REDIS_ROUTES)
-    statuses = [fresh("GET", gw.url("/rl/echo")).status_code for _ in range(5)]
-    assert statuses == [200, 200, 200, 429, 429]
+    """on_store_error: local: the local store enforces, every decision counts as
+    a fallback, and, decided by a store, is counted and shown as usual."""
+    policies = dict(REDIS_POLICIES, rp={"limit": 3, "window": "1m", "key": "client_ip"})
+    gw, up = one_gateway(stack, {"store": "redis", "on_store_error": "local"}, policies, REDIS_ROUTES)
+    got = [fresh("GET", gw.url("/rl/echo")) for _ in range(5)]
+    assert [r.status_code for r in got] == [200, 200, 200, 429, 429]
+    assert [r.headers.get("RateLimit-Remaining") for r in got] == ["2", "1", "0", "0", "0"]
     assert up.count(prefix="/rl/") == 3
-    m = gw.metrics()
-    assert m.value("gateway_ratelimit_store_fallbacks_total") == 5
+    assert gw.metrics().value("gateway_ratelimit_store_fallbacks_total") == 5 * 2
+    assert counts(gw, "rp") == (3, 2)
+    # charged for the first that went; would have refused the other 4 (no room for the refused ones either)
+    assert counts(gw, "rp_dry") == (1, 4)

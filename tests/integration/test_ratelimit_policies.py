@@ -261,15 +261,25 @@ def test_check_refuses_more_than_eight_policies(stack, tmp_path):
 def test_dry_run_only_route_refuses_nothing(stack, request, store):
     """A route whose only policy is dry-run (Redis: the one-key script with its
     enforce flag 0): every request goes; the policy is charged for its limit
-    and counts the rest as would-be refusals."""
+    and counts the rest as would-be refusals. The route is limited, so its
+    answers carry the policy's RateLimit-* (Remaining 0 once it would refuse),
+    never Retry-After."""
     redis = request.getfixturevalue("redis_server") if store == "redis" else None
     if redis:
         redis.flushall()
     r = route("dryonly", "up", prefix="/dryonly/")
     r["ratelimit"] = ["dry_wide"]
     gw, up = start_gateway(stack, store, redis, routes=[r])
-    got = codes(send(gw.url("/dryonly/echo"), "A", 6))
+    answers = send(gw.url("/dryonly/echo"), "A", 6)
+    got = codes(answers)
     assert got == [200] * 6, got
+    for i, a in enumerate(answers):
+        h = a.headers
+        assert h.get("RateLimit-Limit") == "3", dict(h)
+        assert h.get("RateLimit-Remaining") == str(max(2 - i, 0)), dict(h)
+        assert h.get("RateLimit-Reset", "").isdigit() and 20 * min(i + 1, 3) - 1 <= int(h["RateLimit-Reset"]) <= 60, \
+            dict(h)
+        assert "Retry-After" not in h, dict(h)
     assert up.count(prefix="/dryonly/") == 6
     assert counts([gw], "dry_wide") == (3, 3)
     if redis:
