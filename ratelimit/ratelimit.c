@@ -334,6 +334,11 @@ bool rl_local_take_all(rl_local *t, const rl_local_policy *p, size_t n, uint64_t
 {
     if (n > RL_POLICIES_MAX)
         abort(); /* the configuration allows no more */
+    if (n == 1 && !p[0].dry_run) {
+        /* Most routes: one enforced policy, nothing to order or give back. */
+        local_take(t, p[0].key, now, p[0].limit, p[0].window_ms, &d[0]);
+        return d[0].allowed;
+    }
     size_t order[RL_POLICIES_MAX], enforced = 0;
     rl_slot *taken[RL_POLICIES_MAX] = {0};
     bool refused = false;

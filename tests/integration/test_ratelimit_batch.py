@@ -1,4 +1,4 @@
-"""Rate limiting with store: redis: decisions for one key batched per worker.
+"""Rate limiting with store: redis: decisions batched per worker, per key and across keys.
 
 While a worker's script call for a key is in flight, its further requests for
 that key wait and then go as one EVALSHA asking for n; each still gets the
@@ -112,3 +112,50 @@ def test_batches_from_two_gateways_stay_exact(stack, redis_server):
     assert up.count(prefix="/lim/") == 20
     for gw in (gw1, gw2):
         assert gw.metrics().value(FALLBACKS) == 0
+
+
+def test_many_keys_read_together_are_one_script_call(stack, redis_server):
+    """Cross-set batching, end to end: one worker, policy key header:X-Key,
+    limit 3 per 5 min. 40 keep-alive clients (10 keys, 4 clients each) send
+    while the gateway is stopped (SIGSTOP), so their requests are read in the
+    same turn or two of its loop when it resumes: at most 3 EVALSHA for the 40
+    (one per key, as before, would be at least 10), and still exactly 3
+    allowed per key with Remaining 2, 1, 0 each once, and 1 refused."""
+    import os
+    import signal
+    up = stack.upstream("up")
+    gw = one_worker_gateway(stack, redis_server, {"rb_keys": {"limit": 3, "window": "5m", "key": "header:X-Key"}},
+                            limited_routes("/lim/", "rb_keys"), up, "gw-keys")
+    keys = ["key-%d" % k for k in range(10)]
+    jobs = [k for k in keys for _ in range(4)]
+    sessions = [session() for _ in jobs]
+    for s in sessions:  # connected and warm, so the stopped gateway need not accept
+        assert s.get(gw.url("/free/echo"), timeout=5).status_code == 200
+    before = redis_server.command_calls("evalsha")
+
+    def one(i):
+        r = sessions[i].get(gw.url("/lim/echo"), headers={"X-Key": jobs[i]}, timeout=20)
+        return jobs[i], r.status_code, r.headers.get("RateLimit-Remaining")
+
+    os.kill(gw.pid, signal.SIGSTOP)
+    try:
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            futures = [pool.submit(one, i) for i in range(len(jobs))]
+            time.sleep(1.0)  # every request sent and waiting in the gateway's sockets
+            os.kill(gw.pid, signal.SIGCONT)
+            got = [f.result() for f in futures]
+    finally:
+        os.kill(gw.pid, signal.SIGCONT)
+        for s in sessions:
+            s.close()
+    runs = redis_server.command_calls("evalsha") - before
+    assert 1 <= runs <= 3, "EVALSHA runs for 40 requests on 10 keys: %d" % runs
+    for k in keys:
+        mine = [(code, rem) for key, code, rem in got if key == k]
+        assert sorted(int(rem) for code, rem in mine if code == 200) == [0, 1, 2], (k, mine)
+        assert sum(1 for code, _ in mine if code == 429) == 1, (k, mine)
+    m = gw.metrics()
+    assert m.value("gateway_ratelimit_requests_total", policy="rb_keys", decision="allowed") == 30
+    assert m.value("gateway_ratelimit_requests_total", policy="rb_keys", decision="limited") == 10
+    assert m.value(FALLBACKS) == 0
+    assert up.count(prefix="/lim/") == 30
