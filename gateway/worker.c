@@ -2789,7 +2789,9 @@ static void canonical_address(char *hop)
 static void limit_client(gw_request *r, char *out, size_t size)
 {
     const gw_runtime *rt = r->gen->rt;
-    snprintf(out, size, "%s", r->client);
+    size_t len = strnlen(r->client, size - 1);
+    memcpy(out, r->client, len);
+    out[len] = '\0';
     if (!rt->trusted_count || !gw_cidr_match(rt->trusted, rt->trusted_count, r->client))
         return;
     /* Every X-Forwarded-For line, as one list (RFC 9110 5.3): the proxy's
@@ -2932,16 +2934,28 @@ static void limit_material_part(void *arg, const char *part, size_t len)
     m->len += len + 1;
 }
 
+/* n >= 0 in decimal into out (at least 21 bytes), NUL-terminated: the
+ * three RateLimit-* values of every limited answer, where snprintf's
+ * machinery cost more than the rest of the header work. */
+static const char *limit_decimal(int64_t n, char out[21])
+{
+    uint64_t v = n > 0 ? (uint64_t)n : 0;
+    char *p = out + 20;
+    *p = '\0';
+    do {
+        *--p = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    return p;
+}
+
 static void set_limit_headers(gw_request *r, const rl_decision *d)
 {
     struct evkeyvalq *oh = evhttp_request_get_output_headers(r->req);
-    char v[32];
-    snprintf(v, sizeof v, "%lld", (long long)d->limit);
-    evhttp_add_header(oh, "RateLimit-Limit", v);
-    snprintf(v, sizeof v, "%lld", (long long)(d->remaining > 0 ? d->remaining : 0));
-    evhttp_add_header(oh, "RateLimit-Remaining", v);
-    snprintf(v, sizeof v, "%lld", (long long)((d->reset_ms + 999) / 1000));
-    evhttp_add_header(oh, "RateLimit-Reset", v);
+    char v[21];
+    evhttp_add_header(oh, "RateLimit-Limit", limit_decimal(d->limit, v));
+    evhttp_add_header(oh, "RateLimit-Remaining", limit_decimal(d->remaining, v));
+    evhttp_add_header(oh, "RateLimit-Reset", limit_decimal((d->reset_ms + 999) / 1000, v));
 }
 
 /* A request's rate-limit decisions, while Redis answers: one call for all of
