@@ -15,8 +15,6 @@
 
 #include <event2/buffer.h>
 
-#include "gateway/httputil.h"
-
 enum {
     ST_HEAD,
     ST_BODY_LENGTH,
@@ -49,6 +47,8 @@ void http1_response_reset(http1_response *r, bool head_request)
     r->minor_version = 0;
     r->reason = "";
     r->field_count = 0;
+    r->connection_field = r->length_field = r->coding_field = -1;
+    r->length_conflict = false;
     r->keep_alive = false;
     r->error = NULL;
     r->got_bytes = false;
@@ -130,8 +130,9 @@ static size_t find_head_end(struct evbuffer *in, size_t limit)
     return 0;
 }
 
-/* Cut the next line out of [*p, end): returns it NUL-terminated (CR dropped). */
-static char *next_line(char **p, char *end)
+/* Cut the next line out of [*p, end): returns it NUL-terminated (CR dropped),
+ * its length in *len. */
+static char *next_line(char **p, char *end, size_t *len)
 {
     char *line = *p;
     char *nl = memchr(line, '\n', (size_t)(end - line));
@@ -141,10 +142,11 @@ static char *next_line(char **p, char *end)
     if (nl > line && nl[-1] == '\r')
         nl--;
     *nl = '\0';
+    *len = (size_t)(nl - line);
     return line;
 }
 
-static http1_result parse_status(http1_response *r, char *line)
+static http1_result parse_status(http1_response *r, char *line, size_t len)
 {
     /* HTTP/1.x SP 3DIGIT [SP reason] */
     if (strncmp(line, "HTTP/1.", 7) != 0 || (line[7] != '0' && line[7] != '1') || line[8] != ' ')
@@ -157,50 +159,107 @@ static http1_result parse_status(http1_response *r, char *line)
     r->status = (c[0] - '0') * 100 + (c[1] - '0') * 10 + (c[2] - '0');
     if (r->status < 100)
         return fail(r, "malformed status code");
-    r->reason = c[3] == ' ' ? c + 4 : "";
-    for (const char *s = r->reason; *s; s++)
-        if (*s == '\r' || (unsigned char)*s < 0x09)
-            return fail(r, "control character in the reason phrase");
+    r->reason = "";
+    if (c[3] == ' ') {
+        r->reason = c + 4;
+        for (const char *s = c + 4, *end = line + len; s < end; s++)
+            if (*s == '\r' || (unsigned char)*s < 0x09)
+                return fail(r, "control character in the reason phrase");
+    }
     return HTTP1_NEED_MORE;
 }
 
-static http1_result parse_field(http1_response *r, char *line)
+/* May c continue a field name? Not a control, space, DEL or the colon that
+ * ends it (8-bit bytes pass, as they always did). */
+static bool name_byte(unsigned char c)
+{
+    return c > 0x20 && c != ':' && c != 0x7f;
+}
+
+/* The framing fields are noted as they are parsed, so that frame_body does
+ * not look for them again: the first Connection, the last Transfer-Encoding,
+ * the first Content-Length (a later one must say the same). */
+static void note_field(http1_response *r, const http1_field *f, size_t index)
+{
+    switch (f->name_len) {
+    case 10:
+        if (r->connection_field < 0 && strncasecmp(f->name, "Connection", 10) == 0)
+            r->connection_field = (int)index;
+        break;
+    case 14:
+        if (strncasecmp(f->name, "Content-Length", 14) == 0) {
+            if (r->length_field < 0)
+                r->length_field = (int)index;
+            else if (strcmp(r->fields[r->length_field].value, f->value) != 0)
+                r->length_conflict = true;
+        }
+        break;
+    case 17:
+        if (strncasecmp(f->name, "Transfer-Encoding", 17) == 0)
+            r->coding_field = (int)index;
+        break;
+    default:
+        break;
+    }
+}
+
+static http1_result parse_field(http1_response *r, char *line, size_t len)
 {
     if (line[0] == ' ' || line[0] == '\t')
         return fail(r, "obsolete header line folding");
-    char *colon = strchr(line, ':');
-    if (!colon || colon == line)
-        return fail(r, "malformed header line");
-    for (char *p = line; p < colon; p++)
-        if (*p == ' ' || *p == '\t' || (unsigned char)*p < 0x21 || (unsigned char)*p == 0x7f)
-            return fail(r, "invalid character in a header name");
-    char *value = colon + 1;
+    char *colon = line;
+    while (name_byte((unsigned char)*colon))
+        colon++;
+    if (*colon != ':' || colon == line)
+        return fail(r, *colon == ':' || colon == line + len ? "malformed header line"
+                                                            : "invalid character in a header name");
+    char *value = colon + 1, *end = line + len;
     while (*value == ' ' || *value == '\t')
         value++;
-    char *end = value + strlen(value);
     while (end > value && (end[-1] == ' ' || end[-1] == '\t'))
         end--;
-    for (char *p = value; p < end; p++)
-        if (*p == '\r')
-            return fail(r, "CR in a header value");
+    if (memchr(value, '\r', (size_t)(end - value)))
+        return fail(r, "CR in a header value");
     if (r->field_count == HTTP1_MAX_FIELDS)
         return fail(r, "too many header fields");
     *colon = '\0';
     *end = '\0';
-    http1_field *f = &r->fields[r->field_count++];
+    http1_field *f = &r->fields[r->field_count];
     f->name = line;
     f->name_len = (size_t)(colon - line);
     f->value = value;
     f->value_len = (size_t)(end - value);
+    note_field(r, f, r->field_count++);
     return HTTP1_NEED_MORE;
+}
+
+/* Does the Connection value list close and/or keep-alive? One pass. */
+static void connection_tokens(const char *p, bool *close, bool *keep)
+{
+    *close = *keep = false;
+    while (*p) {
+        while (*p == ' ' || *p == '\t' || *p == ',')
+            p++;
+        const char *start = p;
+        while (*p && *p != ',')
+            p++;
+        const char *end = p;
+        while (end > start && (end[-1] == ' ' || end[-1] == '\t'))
+            end--;
+        size_t n = (size_t)(end - start);
+        if (n == 5 && strncasecmp(start, "close", 5) == 0)
+            *close = true;
+        else if (n == 10 && strncasecmp(start, "keep-alive", 10) == 0)
+            *keep = true;
+    }
 }
 
 /* Decide how the body is framed once the fields are in. */
 static http1_result frame_body(http1_response *r)
 {
-    const http1_field *connection = http1_find(r, "Connection");
-    bool close = connection && gw_header_list_has_token(connection->value, "close");
-    bool keep_token = connection && gw_header_list_has_token(connection->value, "keep-alive");
+    bool close = false, keep_token = false;
+    if (r->connection_field >= 0)
+        connection_tokens(r->fields[r->connection_field].value, &close, &keep_token);
     r->keep_alive = r->minor_version == 1 ? !close : keep_token && !close;
     r->head_done = true;
 
@@ -208,17 +267,10 @@ static http1_result frame_body(http1_response *r)
         r->state = ST_DONE;
         return HTTP1_DONE;
     }
-    const char *te = NULL, *cl = NULL;
-    for (size_t i = 0; i < r->field_count; i++) {
-        const http1_field *f = &r->fields[i];
-        if (f->name_len == 17 && strcasecmp(f->name, "Transfer-Encoding") == 0) {
-            te = f->value;
-        } else if (f->name_len == 14 && strcasecmp(f->name, "Content-Length") == 0) {
-            if (cl && strcmp(cl, f->value) != 0)
-                return fail(r, "conflicting Content-Length");
-            cl = f->value;
-        }
-    }
+    if (r->length_conflict)
+        return fail(r, "conflicting Content-Length");
+    const char *te = r->coding_field >= 0 ? r->fields[r->coding_field].value : NULL;
+    const char *cl = r->length_field >= 0 ? r->fields[r->length_field].value : NULL;
     if (te) {
         /* chunked must be the last coding; anything else is read to close. */
         const char *last = strrchr(te, ',');
@@ -236,13 +288,17 @@ static http1_result frame_body(http1_response *r)
         return HTTP1_NEED_MORE;
     }
     if (cl) {
-        char *endp;
-        if (!isdigit((unsigned char)cl[0]))
-            return fail(r, "malformed Content-Length");
-        unsigned long long n = strtoull(cl, &endp, 10);
-        if (*endp != '\0')
-            return fail(r, "malformed Content-Length");
-        if (n > (unsigned long long)INT64_MAX)
+        /* Digits only, at most INT64_MAX (no sign, space or "0x", which
+         * strtoull would take). */
+        uint64_t n = 0;
+        const char *d = cl;
+        for (; *d >= '0' && *d <= '9'; d++) {
+            uint64_t digit = (uint64_t)(*d - '0');
+            if (n > ((uint64_t)INT64_MAX - digit) / 10)
+                return fail(r, "malformed Content-Length");
+            n = n * 10 + digit;
+        }
+        if (d == cl || *d != '\0')
             return fail(r, "malformed Content-Length");
         r->content_length = (int64_t)n;
         r->remaining = n;
@@ -272,12 +328,15 @@ static http1_result parse_head(http1_response *r, struct evbuffer *in, size_t le
     if (memchr(r->head, '\0', len))
         return fail(r, "NUL in the response header");
     char *p = r->head, *end = r->head + len;
-    char *line = next_line(&p, end);
-    if (!line || parse_status(r, line) != HTTP1_NEED_MORE)
+    size_t line_len;
+    char *line = next_line(&p, end, &line_len);
+    if (!line || parse_status(r, line, line_len) != HTTP1_NEED_MORE)
         return HTTP1_ERROR;
     r->field_count = 0;
-    while ((line = next_line(&p, end)) != NULL && line[0] != '\0')
-        if (parse_field(r, line) != HTTP1_NEED_MORE)
+    r->connection_field = r->length_field = r->coding_field = -1;
+    r->length_conflict = false;
+    while ((line = next_line(&p, end, &line_len)) != NULL && line[0] != '\0')
+        if (parse_field(r, line, line_len) != HTTP1_NEED_MORE)
             return HTTP1_ERROR;
     if (r->status < 200) {
         /* Interim answer (100 Continue, 103 Early Hints): wait for the real one. */

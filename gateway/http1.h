@@ -58,7 +58,11 @@ typedef struct http1_response {
     int64_t content_length; /* the body's length when framed by Content-Length; -1 otherwise */
 
     /* Parser state. */
-    char *head; /* the header block, NUL-separated after parsing */
+    int connection_field; /* index of the first Connection field, or -1 */
+    int length_field;     /* of the first Content-Length, or -1 */
+    int coding_field;     /* of the last Transfer-Encoding, or -1 */
+    bool length_conflict; /* a later Content-Length differs from the first */
+    char *head;           /* the header block, NUL-separated after parsing */
     size_t head_cap;
     int state;
     uint64_t remaining; /* bytes of Content-Length or of the current chunk */

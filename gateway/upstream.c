@@ -4,10 +4,11 @@
  * Runs only on the owning worker's thread. The one idea: an upstream connection
  * is a nonblocking socket registered once with the event loop, edge-triggered
  * for both reading and writing, for its whole life. A request is written at
- * once (writev) when the connection is idle and connected, and the answer is
- * read until EAGAIN and fed to the incremental parser (http1.c). So a proxied
- * request costs no epoll_ctl and no ioctl on the upstream side; evhttp's client
- * re-arms its events for every request, which is why it is not used here.
+ * once (one send, or sendmsg with a body) when the connection is idle and
+ * connected, and the answer is read until EAGAIN and fed to the incremental
+ * parser (http1.c). So a proxied request costs no epoll_ctl and no ioctl on
+ * the upstream side; evhttp's client re-arms its events for every request,
+ * which is why it is not used here.
  *
  * Deadlines are ours: one timer per call, first at the connect deadline, then
  * at the call deadline (min of the upstream's `timeout` and the request's),
@@ -277,7 +278,7 @@ static void conn_put(up_conn *c)
 static int conn_flush(up_conn *c)
 {
     while (evbuffer_get_length(c->out) > 0) {
-        int n = evbuffer_write(c->out, c->fd);
+        ssize_t n = gw_write_socket(c->fd, c->out);
         if (n < 0) {
             if (errno == EAGAIN || errno == EWOULDBLOCK)
                 return 0;
@@ -482,12 +483,16 @@ static void call_finish(upstream_call_t *call, const upstream_response *resp, in
     done(arg, resp, status, target);
 }
 
-static void arm_timer(upstream_call_t *call, int phase, uint64_t at_ns)
+static void arm_timer_now(upstream_call_t *call, int phase, uint64_t at_ns, uint64_t now)
 {
-    uint64_t now = gw_now_ns();
     struct timeval tv = ns_to_tv(at_ns > now ? at_ns - now : 0);
     call->timer_phase = phase;
     evtimer_add(call->timer, &tv);
+}
+
+static void arm_timer(upstream_call_t *call, int phase, uint64_t at_ns)
+{
+    arm_timer_now(call, phase, at_ns, gw_now_ns());
 }
 
 static uint64_t idle_ns(const upstream_call_t *call)
@@ -851,10 +856,20 @@ static void call_timer_cb(evutil_socket_t fd, short what, void *arg)
 static void build_request(upstream_call_t *call, up_conn *c)
 {
     const char *method = method_token(call->cmd);
-    evbuffer_add(c->out, method, strlen(method));
-    evbuffer_add(c->out, " ", 1);
-    evbuffer_add(c->out, call->uri, strlen(call->uri));
-    evbuffer_add(c->out, " HTTP/1.1\r\n", 11);
+    size_t m = strlen(method), u = strlen(call->uri);
+    char line[512]; /* the request line in one piece when it fits (it nearly always does) */
+    if (m + u + 12 <= sizeof line) {
+        memcpy(line, method, m);
+        line[m] = ' ';
+        memcpy(line + m + 1, call->uri, u);
+        memcpy(line + m + 1 + u, " HTTP/1.1\r\n", 11);
+        evbuffer_add(c->out, line, m + u + 12);
+    } else {
+        evbuffer_add(c->out, method, m);
+        evbuffer_add(c->out, " ", 1);
+        evbuffer_add(c->out, call->uri, u);
+        evbuffer_add(c->out, " HTTP/1.1\r\n", 11);
+    }
     call->h->fill(call->arg, c->out, call->pool->scratch, c->target->addr->label);
     evbuffer_add(c->out, "\r\n", 2);
     evbuffer_add_buffer(c->out, call->pool->scratch);
@@ -893,9 +908,9 @@ static void call_attempt(upstream_call_t *call, up_target *t, bool fresh_conn)
 
     uint64_t connect_deadline = now + (uint64_t)call->up->cfg->connect_timeout_ms * 1000000ULL;
     if (c->state == CONN_CONNECTING && connect_deadline < call->attempt_deadline_ns)
-        arm_timer(call, CALL_TIMER_CONNECT, connect_deadline);
+        arm_timer_now(call, CALL_TIMER_CONNECT, connect_deadline, now);
     else
-        arm_timer(call, CALL_TIMER_DEADLINE, call->attempt_deadline_ns);
+        arm_timer_now(call, CALL_TIMER_DEADLINE, call->attempt_deadline_ns, now);
 
     if (c->state == CONN_BUSY && conn_flush(c) != 0) {
         /* The kept-alive connection is gone: fail from the loop (we may be

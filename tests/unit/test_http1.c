@@ -339,6 +339,72 @@ static void test_head_done_and_length(void **state)
                      HTTP1_ERROR);
 }
 
+/* The framing fields are noted while the head is parsed (not looked up
+ * afterwards): the first Connection, the last Transfer-Encoding, the first
+ * Content-Length and any later one that differs; and lines are taken by their
+ * length. */
+static void test_framing_fields_noted(void **state)
+{
+    fixture *f = *state;
+    static const struct {
+        const char *text;
+        http1_result want;
+        int64_t length;
+        bool keep_alive;
+    } cases[] = {
+        /* No reason phrase at all, and an empty one. */
+        {"HTTP/1.1 200\r\nContent-Length: 0\r\n\r\n", HTTP1_DONE, 0, true},
+        {"HTTP/1.1 200 \r\nContent-Length: 0\r\n\r\n", HTTP1_DONE, 0, true},
+        /* Several tokens; the second Connection line is not the one read. */
+        {"HTTP/1.1 200 OK\r\nConnection: keep-alive , Close\r\nContent-Length: 0\r\n\r\n", HTTP1_DONE, 0,
+         false},
+        {"HTTP/1.1 200 OK\r\nConnection: x-a\r\nConnection: close\r\nContent-Length: 0\r\n\r\n", HTTP1_DONE,
+         0, true},
+        {"HTTP/1.0 200 OK\r\nconnection: foo,keep-alive\r\nContent-Length: 0\r\n\r\n", HTTP1_DONE, 0, true},
+        /* The same Content-Length twice is one; case does not matter. */
+        {"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nCONTENT-LENGTH: 3\r\n\r\nabc", HTTP1_DONE, 3, true},
+        {"HTTP/1.1 200 OK\r\nContent-Length: 9223372036854775807\r\n\r\n", HTTP1_NEED_MORE, INT64_MAX, true},
+        {"HTTP/1.1 200 OK\r\nContent-Length: 9223372036854775808\r\n\r\n", HTTP1_ERROR, -1, false},
+        {"HTTP/1.1 200 OK\r\nContent-Length: +3\r\n\r\nabc", HTTP1_ERROR, -1, false},
+        {"HTTP/1.1 200 OK\r\nContent-Length: 3 \r\n\r\nabc", HTTP1_DONE, 3,
+         true}, /* trailing space trimmed */
+        {"HTTP/1.1 200 OK\r\nContent-Length: 3x\r\n\r\nabc", HTTP1_ERROR, -1, false},
+        /* Differing lengths are refused even after an equal pair, but not on a 304. */
+        {"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+         HTTP1_ERROR, -1, false},
+        {"HTTP/1.1 304 Not Modified\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n", HTTP1_DONE, -1, true},
+        /* The last Transfer-Encoding line decides. */
+        {"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+         HTTP1_DONE, -1, true},
+        {"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n\r\n", HTTP1_NEED_MORE,
+         -1, false},
+        /* Field names: no colon, a bad byte before the colon, an empty name. */
+        {"HTTP/1.1 200 OK\r\nNoColon\r\n\r\n", HTTP1_ERROR, -1, false},
+        {"HTTP/1.1 200 OK\r\nBad\x01Name: a\r\n\r\n", HTTP1_ERROR, -1, false},
+        {"HTTP/1.1 200 OK\r\nBad\x01NoColon\r\n\r\n", HTTP1_ERROR, -1, false},
+        {"HTTP/1.1 200 OK\r\n: a\r\n\r\n", HTTP1_ERROR, -1, false},
+        {"HTTP/1.1 200 OK\x01\r\n\r\n", HTTP1_ERROR, -1, false},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        http1_response_reset(&f->r, false);
+        evbuffer_drain(f->in, evbuffer_get_length(f->in));
+        http1_result got = feed(f, cases[i].text, false);
+        if (got != cases[i].want)
+            fail_msg("case %zu: got %d, want %d", i, (int)got, (int)cases[i].want);
+        if (got != HTTP1_ERROR) {
+            assert_int_equal(f->r.content_length, cases[i].length);
+            if (f->r.keep_alive != cases[i].keep_alive)
+                fail_msg("case %zu: keep_alive %d", i, (int)f->r.keep_alive);
+        }
+    }
+    /* A status line without a reason reads as "". */
+    http1_response_reset(&f->r, false);
+    evbuffer_drain(f->in, evbuffer_get_length(f->in));
+    assert_int_equal(feed(f, "HTTP/1.1 204\r\n\r\n", false), HTTP1_DONE);
+    assert_string_equal(f->r.reason, "");
+    assert_int_equal(f->r.status, 204);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -358,6 +424,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_header_limit, setup, teardown),
         cmocka_unit_test_setup_teardown(test_streamed_body_over_the_limit, setup, teardown),
         cmocka_unit_test_setup_teardown(test_head_done_and_length, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_framing_fields_noted, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -41,6 +41,16 @@ static void test_minted_ids(void **state)
     assert_int_equal(strspn(a, "0123456789abcdef"), 32);
     assert_string_not_equal(a, b);
     assert_true(gw_request_id_is_sane(a));
+    /* Every digit turns up (the sixteen-at-a-time path maps all of them). */
+    bool seen[16] = {false};
+    for (int i = 0; i < 64; i++) {
+        gw_rng_hex(&rng, a, 16);
+        assert_int_equal(strspn(a, "0123456789abcdef"), 32);
+        for (size_t k = 0; k < 32; k++)
+            seen[a[k] <= '9' ? a[k] - '0' : a[k] - 'a' + 10] = true;
+    }
+    for (int d = 0; d < 16; d++)
+        assert_true(seen[d]);
     /* Lengths that are not a multiple of a draw's eight bytes. */
     for (size_t n = 0; n <= 13; n++) {
         char c[40];
