@@ -259,6 +259,7 @@ struct gw_request {
     sqlroute_params sql;
     router_match match;     /* the route's match (SQL params point into the request's path) */
     struct gw_rl_state *rl; /* rate-limit decisions, while Redis answers */
+    bool limit_shown;       /* our RateLimit-* are in the answer (the upstream's are dropped) */
     const char *upstream_name;
     uint64_t start_ns;
     int status;
@@ -2056,6 +2057,11 @@ static void pass_response_fields(gw_request *r, const upstream_response *resp, i
                 f->name, connection && f->name_len <= connection->value_len ? connection->value : NULL) ||
             field_is(f, "X-Request-Id", 12) || (!head && field_is(f, "Content-Length", 14)))
             continue;
+        /* Our RateLimit-* replace any the upstream sent (a client would
+         * read two lists of numbers for one answer). */
+        if (r->limit_shown && (field_is(f, "RateLimit-Limit", 15) || field_is(f, "RateLimit-Remaining", 19) ||
+                               field_is(f, "RateLimit-Reset", 15)))
+            continue;
         /* On a cached route our cache's lines replace any the upstream sent. */
         if (extra_len &&
             (field_is(f, "X-Cache", 7) || field_is(f, "X-Cache-Key", 11) || field_is(f, "Cache-Status", 12)))
@@ -3019,13 +3025,42 @@ static const char *limit_decimal(int64_t n, char out[21])
     return p;
 }
 
+/* The three RateLimit-* fields as ONE output entry, keyed RateLimit-Limit,
+ * whose value holds the other two lines (as pass_response_fields joins the
+ * upstream's fields): evhttp writes every entry with a printf of its own and
+ * allocates three pieces per entry, which for three entries was most of what
+ * a limited request cost. */
 static void set_limit_headers(gw_request *r, const rl_decision *d)
 {
     struct evkeyvalq *oh = evhttp_request_get_output_headers(r->req);
-    char v[21];
-    evhttp_add_header(oh, "RateLimit-Limit", limit_decimal(d->limit, v));
-    evhttp_add_header(oh, "RateLimit-Remaining", limit_decimal(d->remaining, v));
-    evhttp_add_header(oh, "RateLimit-Reset", limit_decimal((d->reset_ms + 999) / 1000, v));
+    char v[21], value[128];
+    const char *s = limit_decimal(d->limit, v);
+    size_t n = strlen(s);
+    memcpy(value, s, n);
+    memcpy(value + n, "\r\nRateLimit-Remaining: ", 23);
+    n += 23;
+    s = limit_decimal(d->remaining, v);
+    memcpy(value + n, s, strlen(s));
+    n += strlen(s);
+    memcpy(value + n, "\r\nRateLimit-Reset: ", 19);
+    n += 19;
+    s = limit_decimal((d->reset_ms + 999) / 1000, v);
+    memcpy(value + n, s, strlen(s) + 1);
+    r->limit_shown = true;
+    struct evkeyval *kv = calloc(1, sizeof *kv);
+    if (kv) {
+        kv->key = strdup("RateLimit-Limit");
+        kv->value = strdup(value);
+    }
+    if (!kv || !kv->key || !kv->value) { /* out of memory: nothing half-made */
+        if (kv) {
+            free(kv->key);
+            free(kv->value);
+            free(kv);
+        }
+        return;
+    }
+    TAILQ_INSERT_TAIL(oh, kv, next);
 }
 
 /* A request's rate-limit decisions, while Redis answers: one call for all of

@@ -43,6 +43,7 @@ POLICIES = {
     "mix_real": {"limit": 4, "window": "1m", "key": "client_ip"},
     "dry_a": {"limit": 5, "window": "1m", "key": "client_ip", "dry_run": True},
     "dry_b": {"limit": 2, "window": "1m", "key": "client_ip", "dry_run": True},
+    "upq": {"limit": 100, "window": "1m", "key": "client_ip"},
 }
 
 ROUTES = [
@@ -54,6 +55,7 @@ ROUTES = [
     limited_route("dry", "/dry/", ["dry"]),
     limited_route("mix", "/mix/", ["mix_dry", "mix_real"]),
     limited_route("dry2", "/dry2/", ["dry_a", "dry_b"]),
+    limited_route("upq", "/upq/", ["upq"]),
     route("free", "up", prefix="/free/"),
 ]
 
@@ -190,6 +192,27 @@ def test_unlimited_route_has_no_headers(env):
         assert r.status_code == 200
         assert_no_rl_headers(r)
     assert env.up.count(prefix="/free/") == 5
+
+
+def test_upstream_ratelimit_fields_replaced_on_limited_route(env):
+    """An upstream that sends RateLimit-* of its own: on a limited route the
+    answer carries ours, each field exactly once (raw head lines), and the
+    upstream's other fields; on an unlimited route the upstream's pass."""
+    query = "/headers?RateLimit-Limit=999&RateLimit-Remaining=998&RateLimit-Reset=7&X-Other=kept"
+    for path, ours in (("/upq" + query, True), ("/free" + query, False)):
+        sock = raw_connect(env.gw.port)
+        try:
+            sock.sendall(("GET %s HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n" % path).encode())
+            status, msg, _ = read_response(sock)
+        finally:
+            sock.close()
+        assert status == 200, (path, status)
+        for name in RL_HEADERS:
+            assert len(msg.get_all(name) or []) == 1, (path, name, msg.items())
+        want = ("100", "99") if ours else ("999", "998")
+        assert (msg["RateLimit-Limit"], msg["RateLimit-Remaining"]) == want, (path, msg.items())
+        assert msg["RateLimit-Reset"] == ("1" if ours else "7"), (path, msg.items())
+        assert msg["X-Other"] == "kept", (path, msg.items())
 
 
 # --- the window edge --------------------------------------------------------------
