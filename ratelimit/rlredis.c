@@ -35,16 +35,22 @@
  * refused at once (NULL) as before: no request waits on a Redis that is
  * known to be down.
  *
- * Deadlines: a batch that went in the turn its first call came has its
- * flight's, gw_redis's (redis.timeout from the send). A batch that waited
- * behind another is on a deadline list, oldest first, with one timer armed
- * for the oldest: redis.timeout after its first call came, so its calls are
- * answered (as failed, when Redis has not decided) within redis.timeout as
- * when each call was sent on its own; one that is past it while its flight
- * is in Redis leaves the flight (the others still get the reply). A flight
- * sent again after NOSCRIPT puts its batches on that list with its first
- * send's deadline (the EVAL gets only what is left of it, not a
- * redis.timeout of its own).
+ * Deadlines: redis.timeout is the deadline of each script call, from its
+ * send (gw_redis's per-command deadline), as it is for every other Redis
+ * command: a Redis that answers within it decides. A batch that waits behind
+ * its set's call in flight has no clock of its own until it is sent: the
+ * call ahead of it is answered or failed within its own redis.timeout, then
+ * this one goes (or, with Redis gone, fails at once). So a call waits at
+ * most about twice redis.timeout, and a Redis slower than half of it (but
+ * within it) still decides every call; timed from the first call instead, a
+ * waiting batch failed whenever Redis took more than half the timeout, and
+ * each failure left the next batch older still. Two kinds of batch are on a
+ * deadline list, oldest first, with one timer armed for the oldest: those
+ * waiting for the first connect (redis.timeout from their first call), and
+ * those of a flight sent again after NOSCRIPT (its first send's deadline:
+ * the EVAL gets only what is left of it, not a redis.timeout of its own).
+ * One that is past its deadline while its flight is in Redis leaves the
+ * flight (the others still get the reply).
  *
  * Per call: one allocation (rl_redis_call); set entries, batches and flights
  * are reused from free lists.
@@ -1167,7 +1173,8 @@ rl_redis_call *rl_redis_take(rl_redis *r, const rl_redis_policy *p, size_t n, rl
             }
             k->tail->next = b;
             k->tail = b;
-            dl_add(r, b, now_ns());
+            if (!up) /* waits for the first connect: on its clock */
+                dl_add(r, b, now_ns());
         }
         batch_append(b, c);
         return c;

@@ -76,11 +76,12 @@ typedef void (*rl_redis_done_fn)(void *arg, bool ok, const rl_decision *d);
 
 /* One request against n policies (1..RL_POLICIES_MAX), all or nothing. NULL
  * when not connected or out of memory (or n out of range): the caller
- * decides without Redis at once. Answered within redis.timeout of this call
- * (of the end of this turn of the loop, when its batch goes then), whether
- * it went in this turn or waited for its set's call in flight, and whether
- * or not the script had to be sent again after NOSCRIPT; answered as failed
- * when its batch could not be sent. */
+ * decides without Redis at once. Its batch goes at the end of this turn of
+ * the loop, or, when its set has a call in flight, once that call is
+ * answered or failed; it is answered within redis.timeout of its send
+ * (NOSCRIPT's resend included), so within about twice redis.timeout of this
+ * call at most (redis.timeout while waiting for the first connect); answered
+ * as failed when its batch could not be sent. */
 rl_redis_call *rl_redis_take(rl_redis *r, const rl_redis_policy *p, size_t n, rl_redis_done_fn done,
                              void *arg);
 

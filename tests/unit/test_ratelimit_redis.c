@@ -420,6 +420,8 @@ struct fake {
     bool hold;         /* hold script replies (NOSCRIPT ones too) until fake_release */
     bool stall;        /* never answer script calls */
     bool stall_eval;   /* never answer EVAL */
+    bool hold_ping;    /* hold PING replies (the handshake) until fake_release */
+    int delay_ms;      /* send every script reply this long after its command came */
     int noscript_left; /* answer this many EVALSHA with NOSCRIPT */
     script_call scripts[FAKE_MAX_SCRIPTS];
     int nscripts;
@@ -484,6 +486,26 @@ static int64_t *fake_tat(fake *f, const char *key)
     memcpy(f->keys[f->nkeys], key, len + 1);
     f->tats[f->nkeys] = 0;
     return &f->tats[f->nkeys++];
+}
+
+/* A script reply sent delay_ms after its command came (in order: every
+ * reply waits as long). */
+typedef struct delayed {
+    fake *f;
+    int conn;
+    struct evbuffer *reply;
+} delayed;
+
+static void delayed_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    delayed *dr = arg;
+    fake_conn *fc = dr->f->conns[dr->conn]; /* NULL once closed: the reply goes nowhere */
+    if (fc)
+        bufferevent_write_buffer(fc->bev, dr->reply);
+    evbuffer_free(dr->reply);
+    free(dr);
 }
 
 static void fake_read_cb(struct bufferevent *bev, void *arg)
@@ -577,19 +599,30 @@ static void fake_read_cb(struct bufferevent *bev, void *arg)
             evbuffer_add_printf(reply, "*%d\r\n", out);
             evbuffer_add_buffer(reply, body);
             evbuffer_free(body);
-        } else if (argc >= 1 && lens[0] == 4 && strncasecmp(argv[0], "PING", 4) == 0) {
+        }
+        bool ping = false;
+        if (!script && argc >= 1 && lens[0] == 4 && strncasecmp(argv[0], "PING", 4) == 0) {
+            ping = true;
             evbuffer_add_printf(reply, "+PONG\r\n");
-        } else {
+        } else if (!script) {
             evbuffer_add_printf(reply, "+OK\r\n");
         }
         evbuffer_drain(in, used);
-        if (!stalled) {
-            if ((script && f->hold) || evbuffer_get_length(fc->held))
-                evbuffer_add_buffer(fc->held, reply);
-            else
-                bufferevent_write_buffer(fc->bev, reply);
+        if (stalled) {
+            evbuffer_free(reply);
+        } else if ((script && f->hold) || (ping && f->hold_ping) || evbuffer_get_length(fc->held)) {
+            evbuffer_add_buffer(fc->held, reply);
+            evbuffer_free(reply);
+        } else if (script && f->delay_ms > 0) {
+            delayed *dr = malloc(sizeof *dr);
+            assert_non_null(dr);
+            *dr = (delayed){f, fc->id, reply};
+            struct timeval tv = {f->delay_ms / 1000, (f->delay_ms % 1000) * 1000};
+            assert_int_equal(event_base_once(f->base, -1, EV_TIMEOUT, delayed_cb, dr, &tv), 0);
+        } else {
+            bufferevent_write_buffer(fc->bev, reply);
+            evbuffer_free(reply);
         }
-        evbuffer_free(reply);
     }
 }
 
@@ -703,8 +736,6 @@ typedef struct answers {
     bool in_take, called_inside;
     rl_redis *free_on_first; /* rl_redis_free from inside the first done */
     int n_after_free;
-    void (*hook)(void *); /* called (once) from inside the next done */
-    void *hook_arg;
 } answers;
 
 typedef struct probe {
@@ -732,11 +763,6 @@ static void record_done(void *arg, bool ok, const rl_decision *d)
     }
     a->at_ms[a->n] = ms_now();
     a->n++;
-    if (a->hook) {
-        void (*hook)(void *) = a->hook;
-        a->hook = NULL;
-        hook(a->hook_arg);
-    }
     if (a->free_on_first) {
         rl_redis *r = a->free_on_first;
         a->free_on_first = NULL;
@@ -764,13 +790,16 @@ typedef struct env {
     probe p[MAX_ANSWERS];
 } env;
 
-static env *env_start(int timeout_ms, int conns)
+/* A client configured for the fake, not yet waited for (hold_ping: the
+ * handshake's PING is not answered until fake_release). */
+static env *env_new(int timeout_ms, int conns, bool hold_ping)
 {
     env *e = calloc(1, sizeof *e);
     assert_non_null(e);
     e->base = event_base_new();
     assert_non_null(e->base);
     e->f = fake_start(e->base);
+    e->f->hold_ping = hold_ping;
     snprintf(e->url, sizeof e->url, "redis://127.0.0.1:%d", e->f->port);
     e->cfg = (config_redis){.enabled = true,
                             .url = e->url,
@@ -779,11 +808,17 @@ static env *env_start(int timeout_ms, int conns)
                             .connections_per_worker = conns};
     e->r = rl_redis_create(e->base, test_log);
     assert_non_null(e->r);
-    rl_redis_configure(e->r, &e->cfg);
-    RUN_UNTIL(e->base, rl_redis_up(e->r) && fake_open(e->f) == conns, 2000);
-    run_for(e->base, 10); /* every connection through its handshake */
     for (int i = 0; i < MAX_ANSWERS; i++)
         e->p[i] = (probe){&e->a, i, 1, false};
+    rl_redis_configure(e->r, &e->cfg);
+    return e;
+}
+
+static env *env_start(int timeout_ms, int conns)
+{
+    env *e = env_new(timeout_ms, conns, false);
+    RUN_UNTIL(e->base, rl_redis_up(e->r) && fake_open(e->f) == conns, 2000);
+    run_for(e->base, 10); /* every connection through its handshake */
     return e;
 }
 
@@ -991,57 +1026,73 @@ static void test_flight_key_cap(void **state)
     env_stop(e);
 }
 
-typedef struct hook_take {
-    env *e;
-    int id;
-    const char *key;
-} hook_take;
-
-static void take_from_hook(void *arg)
-{
-    hook_take *h = arg;
-    assert_non_null(take(h->e, h->id, h->key, 3, 30000));
-}
-
-/* redis.timeout 300 ms. A0 goes (held); at t=0 A1 waits behind it (its
- * deadline t=300). At t=150 A0's answer comes, and from inside its done a
- * fresh set C is taken: A1 and C go in one call (held). At t=300 A1 is
- * answered as failed and leaves the call; when the reply comes (t=400) C
- * gets its decision, and A1 is not answered again. */
+/* redis.timeout 300 ms, the handshake held: A is taken at t=0 and C at
+ * t=150, both waiting for the first connect (deadlines 300 and 450). At
+ * t=200 Redis answers the handshake: A and C go in one call (held). At t=300
+ * A is answered as failed and leaves the call; when the reply comes (t=380)
+ * C gets its decision, and A is not answered again. */
 static void test_deadline_leaves_flight(void **state)
 {
     (void)state;
-    env *e = env_start(300, 1);
+    env *e = env_new(300, 1, true);
     e->f->hold = true;
-    assert_non_null(take(e, 0, "A", 3, 30000));
-    RUN_UNTIL(e->base, e->f->nscripts == 1, 2000);
     uint64_t t0 = ms_now();
-    assert_non_null(take(e, 1, "A", 3, 30000)); /* after A0 went: waits behind it */
+    assert_non_null(take(e, 0, "A", 3, 30000));
     while (ms_now() < t0 + 150)
         run_for(e->base, 1);
-    hook_take h = {e, 2, "C"};
-    e->a.hook = take_from_hook;
-    e->a.hook_arg = &h;
-    fake_release(e->f); /* A0's reply only; hold stays */
-    RUN_UNTIL(e->base, e->f->nscripts == 2, 2000);
-    assert_int_equal(e->f->scripts[1].nsets, 2);
-    assert_string_equal(e->f->scripts[1].set_key[0], e->f->scripts[0].key);
-    assert_int_equal(e->a.n, 1);
-    RUN_UNTIL(e->base, e->a.n == 2, 2000);
-    uint64_t a1_at = e->a.at_ms[1] - t0;
-    assert_int_equal(e->a.order[1], 1);
-    assert_false(e->a.ok[1]);
-    assert_true(a1_at >= 295 && a1_at <= 360);
-    while (ms_now() < t0 + 400)
+    assert_false(rl_redis_up(e->r));
+    assert_non_null(take(e, 1, "C", 3, 30000));
+    while (ms_now() < t0 + 200)
         run_for(e->base, 1);
-    assert_int_equal(e->a.n, 2); /* C's reply is held */
+    e->f->hold_ping = false;
+    fake_release(e->f); /* the PONG; script replies stay held */
+    RUN_UNTIL(e->base, e->f->nscripts == 1, 2000);
+    assert_int_equal(e->f->scripts[0].nsets, 2);
+    assert_int_equal(e->a.n, 0);
+    RUN_UNTIL(e->base, e->a.n == 1, 2000);
+    uint64_t a_at = e->a.at_ms[0] - t0;
+    assert_int_equal(e->a.order[0], 0);
+    assert_false(e->a.ok[0]);
+    assert_true(a_at >= 295 && a_at <= 360);
+    while (ms_now() < t0 + 380)
+        run_for(e->base, 1);
+    assert_int_equal(e->a.n, 1); /* C's reply is held */
     e->f->hold = false;
     fake_release(e->f);
-    RUN_UNTIL(e->base, e->a.n == 3, 2000);
+    RUN_UNTIL(e->base, e->a.n == 2, 2000);
     run_for(e->base, 20);
-    assert_int_equal(e->a.n, 3);
-    assert_int_equal(e->a.order[2], 2);
-    assert_true(e->a.ok[2] && e->a.d[2].allowed && e->a.d[2].remaining == 2);
+    assert_int_equal(e->a.n, 2);
+    assert_int_equal(e->a.order[1], 1);
+    assert_true(e->a.ok[1] && e->a.d[1].allowed && e->a.d[1].remaining == 2);
+    env_stop(e);
+}
+
+/* A Redis that answers every call 60 ms after it came, within redis.timeout
+ * (100 ms) but past half of it: A goes at once, B..E wait behind it and go
+ * when its reply comes (t=60), answered at t=120. Every call is decided by
+ * Redis: a waiting batch is timed from its own send, not its first call
+ * (from its first call, B..E failed at t=110). Three rounds. */
+static void test_slow_redis_within_timeout_decides(void **state)
+{
+    (void)state;
+    env *e = env_start(100, 1);
+    e->f->delay_ms = 60;
+    int id = 0;
+    for (int round = 0; round < 3; round++) {
+        int first = id;
+        assert_non_null(take(e, id++, "slow", 1000, 60000));
+        RUN_UNTIL(e->base, e->f->nscripts == 2 * round + 1, 2000);
+        run_for(e->base, 10);
+        for (int i = 0; i < 4; i++)
+            assert_non_null(take(e, id++, "slow", 1000, 60000));
+        RUN_UNTIL(e->base, e->a.n == id, 2000);
+        assert_int_equal(e->f->nscripts, 2 * round + 2);
+        assert_int_equal(e->f->scripts[2 * round + 1].n, 4);
+        for (int i = first; i < id; i++) {
+            int at = answer_of(&e->a, i);
+            assert_true(at >= 0 && e->a.ok[at] && e->a.d[at].allowed);
+        }
+    }
     env_stop(e);
 }
 
@@ -1171,9 +1222,10 @@ static void test_noscript_resends_batch_with_eval(void **state)
 
 /* redis.timeout 150 ms, two connections, Redis never answers scripts. A goes
  * at t=0 and fails at ~150 ms (gw_redis's deadline, its connection dropped);
- * B waited from t=70: it goes on the other connection then, and is answered
- * (failed) at ~220 ms, its own deadline, not at ~300 ms. */
-static void test_waiting_batch_keeps_its_deadline(void **state)
+ * B waited from t=70 with no clock of its own: it goes on the other
+ * connection when A fails and is answered (failed) redis.timeout after that
+ * send, at ~300 ms: within twice redis.timeout of its call. */
+static void test_waiting_batch_timed_from_its_send(void **state)
 {
     (void)state;
     env *e = env_start(150, 2);
@@ -1186,16 +1238,19 @@ static void test_waiting_batch_keeps_its_deadline(void **state)
     uint64_t tb = ms_now();
     assert_non_null(take(e, 1, "dl", 10, 10000));
     assert_non_null(take(e, 2, "dl", 10, 10000));
+    RUN_UNTIL(e->base, e->a.n == 1, 2000);
+    uint64_t a_at = e->a.at_ms[0] - t0;
+    assert_true(a_at >= 145 && a_at <= 200);
+    RUN_UNTIL(e->base, e->f->nscripts == 2, 2000); /* B went when A failed */
+    assert_int_equal(e->f->scripts[1].n, 2);
     RUN_UNTIL(e->base, e->a.n == 3, 2000);
     int ia = answer_of(&e->a, 0), ib = answer_of(&e->a, 1);
     assert_false(e->a.ok[ia]);
     assert_false(e->a.ok[ib]);
     assert_false(e->a.ok[answer_of(&e->a, 2)]);
-    assert_int_equal(e->f->nscripts, 2); /* B went when A failed */
-    assert_int_equal(e->f->scripts[1].n, 2);
     uint64_t b_waited = e->a.at_ms[ib] - tb;
-    assert_true(b_waited >= 145);
-    assert_true(b_waited <= 200);
+    assert_true(b_waited >= 215);
+    assert_true(b_waited <= 2 * 150);
     env_stop(e);
 }
 
@@ -1529,7 +1584,8 @@ int main(void)
         cmocka_unit_test(test_batch_cap),
         cmocka_unit_test(test_cancel),
         cmocka_unit_test(test_noscript_resends_batch_with_eval),
-        cmocka_unit_test(test_waiting_batch_keeps_its_deadline),
+        cmocka_unit_test(test_waiting_batch_timed_from_its_send),
+        cmocka_unit_test(test_slow_redis_within_timeout_decides),
         cmocka_unit_test(test_free_inside_done),
         cmocka_unit_test(test_free_answers_everything),
         cmocka_unit_test(test_policies_in_one_call),
