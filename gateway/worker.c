@@ -2098,6 +2098,21 @@ static void pass_response_fields(gw_request *r, const upstream_response *resp, i
     }
     size_t id_len = strlen(r->request_id);
     len += length_len + 2 + 12 + 2 + id_len;
+    /* Our RateLimit-* entry (set_limit_headers) joins this one: one printf
+     * fewer when evhttp writes the head. */
+    struct evkeyval *lim = NULL;
+    size_t lim_len = 0;
+    if (r->limit_shown) {
+        TAILQ_FOREACH(lim, oh, next)
+        {
+            if (strcmp(lim->key, "RateLimit-Limit") == 0)
+                break;
+        }
+        if (lim) {
+            lim_len = strlen(lim->value);
+            len += 2 + 17 + lim_len;
+        }
+    }
     const char *key = with_length ? "Content-Length" : kept ? resp->fields[keep[0]].name : "X-Request-Id";
     char *k = strdup(key);
     char *value = malloc(len + 1);
@@ -2164,6 +2179,15 @@ static void pass_response_fields(gw_request *r, const upstream_response *resp, i
         memcpy(w, "\r\n", 2);
         memcpy(w + 2, extra, extra_len);
         w += 2 + extra_len;
+    }
+    if (lim) {
+        memcpy(w, "\r\nRateLimit-Limit: ", 19);
+        memcpy(w + 19, lim->value, lim_len);
+        w += 19 + lim_len;
+        TAILQ_REMOVE(oh, lim, next);
+        free(lim->key);
+        free(lim->value);
+        free(lim);
     }
     *w = '\0';
     kv->key = k;

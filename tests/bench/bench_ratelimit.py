@@ -40,7 +40,7 @@ Everything it starts is stopped on the way out, on errors and Ctrl-C too.
 Usage:
   tests/bench/bench_ratelimit.py [--workers 1[,2]] [--rounds 3] [--duration 10]
                                  [--connections 64] [--threads 2] [--keys 100000]
-                                 [--gateway build/gateway]
+                                 [--targets unlimited,local,...] [--gateway build/gateway]
 On a 2-core machine --workers 1 is the fair one: wrk and Redis need cores too.
 """
 
@@ -66,7 +66,8 @@ START_TIMEOUT = 10.0
 # Never reached by wrk, and within what store: redis can hold (a whole
 # microsecond per period: the configuration refuses a limit above the window in us).
 LIMIT = 1000000
-TARGETS = ("unlimited", "local", "redis", "unlimited-keys", "local-keys", "redis-keys")
+ALL_TARGETS = ("unlimited", "local", "redis", "unlimited-keys", "local-keys", "redis-keys")
+TARGETS = ALL_TARGETS  # --targets may run fewer (each ratio needs its baseline too)
 BASELINE = {"local": "unlimited", "redis": "unlimited", "local-keys": "unlimited-keys",
             "redis-keys": "unlimited-keys"}
 RATIO_TARGET = {"local": 0.97, "redis": 0.85, "local-keys": 0.97, "redis-keys": 0.85}
@@ -232,7 +233,8 @@ def bench_workers(args, scratch, procs, up_port, redis_port, body, workers, redi
         workers, "s" if workers > 1 else "", args.threads, args.connections, args.duration, args.rounds,
         args.keys), flush=True)
     if args.warmup:
-        for name, (port, path, sc) in targets.items():
+        for name in TARGETS:
+            port, path, sc = targets[name]
             run_wrk(args.wrk, port, path, args.threads, args.connections, args.warmup, sc)
 
     results = {name: [] for name in TARGETS}
@@ -275,7 +277,8 @@ def bench_workers(args, scratch, procs, up_port, redis_port, body, workers, redi
             name, med[name]["rps"], med[name]["p50"], med[name]["p99"], statistics.median(cpu[name]),
             "%.1f" % statistics.median(rcpu[name]) if rcpu.get(name) else ""))
     clean = True
-    for name, base in BASELINE.items():
+    pairs = {name: base for name, base in BASELINE.items() if name in results and base in results}
+    for name, base in pairs.items():
         target = RATIO_TARGET[name]
         ratio = med[name]["rps"] / med[base]["rps"]
         paired = [a["rps"] / u["rps"] for a, u in zip(results[name], results[base]) if u["rps"]]
@@ -285,7 +288,7 @@ def bench_workers(args, scratch, procs, up_port, redis_port, body, workers, redi
             " ".join("%.3f" % x for x in paired)))
     # CPU per request is steadier than req/s on a shared machine: what the
     # limiter adds to the gateway (and, for Redis, what Redis spends) per request.
-    for name, base in BASELINE.items():
+    for name, base in pairs.items():
         gw, b = statistics.median(cpu[name]), statistics.median(cpu[base])
         extra = statistics.median(rcpu[name]) if rcpu.get(name) else 0.0
         print("  %-26s gateway CPU %+6.1f us per request (%+5.1f %%)%s" % (
@@ -324,6 +327,10 @@ def main():
     ap.add_argument("--warmup", type=int, default=2, help="seconds of warm-up per target (0: none)")
     ap.add_argument("--body-bytes", type=int, default=1024)
     ap.add_argument("--keys", type=int, default=100000, help="distinct X-Key values of the many-keys runs")
+    ap.add_argument("--targets", default=",".join(ALL_TARGETS),
+                    help="which targets to run, comma-separated (default all six); a ratio is printed for each "
+                         "limited target run with its unlimited baseline: e.g. unlimited,local for more rounds "
+                         "of that pair alone")
     ap.add_argument("--gateway", default=DEFAULT_GATEWAY)
     ap.add_argument("--nginx", default=shutil.which("nginx") or "/usr/sbin/nginx")
     ap.add_argument("--wrk", default=shutil.which("wrk") or "/usr/bin/wrk")
@@ -343,6 +350,13 @@ def main():
     if (not worker_counts or min(worker_counts) < 1 or args.rounds < 1 or args.duration < 1
             or args.connections < args.threads or args.keys < 1):
         sys.exit("bench_ratelimit: need workers >= 1, rounds >= 1, duration >= 1, connections >= threads, keys >= 1")
+
+    global TARGETS
+    chosen = [t.strip() for t in args.targets.split(",") if t.strip()]
+    unknown = [t for t in chosen if t not in ALL_TARGETS]
+    if unknown or not chosen:
+        sys.exit("bench_ratelimit: unknown targets %s (known: %s)" % (",".join(unknown), ",".join(ALL_TARGETS)))
+    TARGETS = tuple(t for t in ALL_TARGETS if t in chosen)
 
     def interrupted(signum, frame):
         raise KeyboardInterrupt()
