@@ -665,6 +665,15 @@ static bool header_safe(const char *s, size_t n)
     return true;
 }
 
+/* One of the RateLimit-* fields we send (name[0..len), any case): an
+ * upstream's own, passed or stored, are dropped where ours are shown. */
+static bool is_ratelimit_field(const char *name, size_t len)
+{
+    return (len == 15 && (strncasecmp(name, "RateLimit-Limit", 15) == 0 ||
+                          strncasecmp(name, "RateLimit-Reset", 15) == 0)) ||
+           (len == 19 && strncasecmp(name, "RateLimit-Remaining", 19) == 0);
+}
+
 static void entry_body_cleanup(const void *data, size_t len, void *arg)
 {
     cache_entry_unref(arg);
@@ -888,6 +897,8 @@ static void serve_entry(gw_request *r, cache_entry *e, serve_kind kind)
             const char *value = colon + 2;
             if (status == 304 && !field_in_304(p, name_len)) {
                 /* not repeated */
+            } else if (r->limit_shown && is_ratelimit_field(p, name_len)) {
+                /* the upstream's, stored with the entry: ours replace them */
             } else if (v == CACHE_IDENTITY) {
                 hb_line(&h, p, name_len, value, (size_t)(eol - value));
             } else if (!(name_len == 13 && strncasecmp(p, "Accept-Ranges", 13) == 0)) {
@@ -2059,8 +2070,7 @@ static void pass_response_fields(gw_request *r, const upstream_response *resp, i
             continue;
         /* Our RateLimit-* replace any the upstream sent (a client would
          * read two lists of numbers for one answer). */
-        if (r->limit_shown && (field_is(f, "RateLimit-Limit", 15) || field_is(f, "RateLimit-Remaining", 19) ||
-                               field_is(f, "RateLimit-Reset", 15)))
+        if (r->limit_shown && is_ratelimit_field(f->name, f->name_len))
             continue;
         /* On a cached route our cache's lines replace any the upstream sent. */
         if (extra_len &&
@@ -3070,7 +3080,6 @@ static void set_limit_headers(gw_request *r, const rl_decision *d)
     n += 19;
     s = limit_decimal((d->reset_ms + 999) / 1000, v);
     memcpy(value + n, s, strlen(s) + 1);
-    r->limit_shown = true;
     struct evkeyval *kv = calloc(1, sizeof *kv);
     if (kv) {
         kv->key = strdup("RateLimit-Limit");
@@ -3085,6 +3094,7 @@ static void set_limit_headers(gw_request *r, const rl_decision *d)
         return;
     }
     TAILQ_INSERT_TAIL(oh, kv, next);
+    r->limit_shown = true;
 }
 
 /* A request's rate-limit decisions, while Redis answers: one call for all of

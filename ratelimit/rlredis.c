@@ -38,19 +38,21 @@
  * Deadlines: redis.timeout is the deadline of each script call, from its
  * send (gw_redis's per-command deadline), as it is for every other Redis
  * command: a Redis that answers within it decides. A batch that waits behind
- * its set's call in flight has no clock of its own until it is sent: the
- * call ahead of it is answered or failed within its own redis.timeout, then
- * this one goes (or, with Redis gone, fails at once). So a call waits at
- * most about twice redis.timeout, and a Redis slower than half of it (but
- * within it) still decides every call; timed from the first call instead, a
- * waiting batch failed whenever Redis took more than half the timeout, and
- * each failure left the next batch older still. Two kinds of batch are on a
- * deadline list, oldest first, with one timer armed for the oldest: those
- * waiting for the first connect (redis.timeout from their first call), and
- * those of a flight sent again after NOSCRIPT (its first send's deadline:
- * the EVAL gets only what is left of it, not a redis.timeout of its own).
- * One that is past its deadline while its flight is in Redis leaves the
- * flight (the others still get the reply).
+ * its set's call in flight is sent when that call is answered or failed, and
+ * has 2 x redis.timeout from its first call in all (that call's time and its
+ * own): a Redis slower than half of redis.timeout (but within it) still
+ * decides every call, and a backlog larger than Redis answers in time (more
+ * than RLR_BATCH_MAX calls per round trip on one key) fails at that deadline
+ * instead of growing. (Timed from its first call with redis.timeout alone, a
+ * waiting batch failed whenever Redis took more than half the timeout, each
+ * failure leaving the next older; with no deadline until sent, a backlog
+ * grew without bound.) Batches waiting for the first connect have
+ * redis.timeout from their call, and those of a flight sent again after
+ * NOSCRIPT the first send's deadline (the EVAL gets only what is left of
+ * it). All of these are on one deadline list, soonest first, with one timer
+ * armed for the soonest; a deadline is fixed when it is set (a reload that
+ * shortens redis.timeout applies to later ones). One that passes while its
+ * flight is in Redis leaves the flight (the others still get the reply).
  *
  * Per call: one allocation (rl_redis_call); set entries, batches and flights
  * are reused from free lists.
@@ -205,8 +207,8 @@ struct rlr_batch {
     rl_redis_call *first, *last;
     uint32_t n; /* calls in the list (sent: the n asked for) */
     bool sent, on_dl, on_ready;
-    bool ok;          /* its answer came (ans) */
-    uint64_t born_ns; /* on the deadline list: its deadline is born_ns + redis.timeout */
+    bool ok;         /* its answer came (ans) */
+    uint64_t due_ns; /* on the deadline list: answered (failed) then at the latest */
     rlr_answer ans;
 };
 
@@ -439,13 +441,8 @@ void rl_redis_configure(rl_redis *r, const config_redis *cfg)
 {
     if (!r || r->closing)
         return;
-    uint64_t was = r->timeout_ns;
     r->timeout_ns =
         (uint64_t)(cfg && cfg->timeout_ms > 0 ? cfg->timeout_ms : RLR_DEFAULT_TIMEOUT_MS) * 1000000ULL;
-    if (r->timeout_ns < was && r->dl_head) {
-        evtimer_del(r->timer); /* sooner now: the callback re-arms for the oldest */
-        timer_arm_ns(r->timer, 0);
-    }
     /* A new target (or the first): gw_redis connects to it afresh. */
     bool enabled = cfg && cfg->enabled && cfg->url;
     const char *password = enabled && cfg->password ? cfg->password : "";
@@ -559,7 +556,7 @@ static rlr_batch *batch_new(rl_redis *r, rlr_set *k)
     b->first = b->last = NULL;
     b->n = 0;
     b->sent = b->on_dl = b->on_ready = b->ok = false;
-    b->born_ns = 0;
+    b->due_ns = 0;
     return b;
 }
 
@@ -569,14 +566,14 @@ static void batch_release(rl_redis *r, rlr_batch *b)
     r->free_batches = b;
 }
 
-/* b onto the deadline list, due at born_ns + redis.timeout: in order (a
- * batch sent again joins with its first send's time, maybe not the newest). */
-static void dl_add(rl_redis *r, rlr_batch *b, uint64_t born_ns)
+/* b onto the deadline list, due at due_ns: in order (a batch sent again
+ * joins with its first send's deadline, maybe not the latest). */
+static void dl_add(rl_redis *r, rlr_batch *b, uint64_t due_ns)
 {
-    b->born_ns = born_ns;
+    b->due_ns = due_ns;
     b->on_dl = true;
     rlr_batch *after = r->dl_tail;
-    while (after && after->born_ns > born_ns)
+    while (after && after->due_ns > due_ns)
         after = after->dl_prev;
     b->dl_prev = after;
     b->dl_next = after ? after->dl_next : r->dl_head;
@@ -588,10 +585,10 @@ static void dl_add(rl_redis *r, rlr_batch *b, uint64_t born_ns)
         after->dl_next = b;
     else
         r->dl_head = b;
-    if (r->dl_head == b) { /* the oldest now: the timer is for it */
-        uint64_t now = now_ns(), due = born_ns + r->timeout_ns;
+    if (r->dl_head == b) { /* the soonest now: the timer is for it */
+        uint64_t now = now_ns();
         evtimer_del(r->timer);
-        timer_arm_ns(r->timer, due > now ? due - now : 0);
+        timer_arm_ns(r->timer, due_ns > now ? due_ns - now : 0);
     }
 }
 
@@ -756,7 +753,7 @@ static void set_advance(rl_redis *r, rlr_set *k, rlr_batch ***failed)
         rlr_batch *b = k->head;
         if (b->on_dl && !now)
             now = now_ns();
-        bool alive = !b->on_dl || b->born_ns + r->timeout_ns > now;
+        bool alive = !b->on_dl || b->due_ns > now;
         if (alive && up) {
             ready_add(r, b);
             break;
@@ -915,7 +912,7 @@ static void flight_reply(void *arg, const redisReply *rep)
             if (!b)
                 continue;
             if (!b->on_dl)
-                dl_add(r, b, f->sent_ns);
+                dl_add(r, b, f->sent_ns + r->timeout_ns);
             b->slot = live;
             f->b[live] = b;
             f->n[live] = f->n[s];
@@ -1014,7 +1011,7 @@ static void deadline_cb(evutil_socket_t fd, short what, void *arg)
     enter(r);
     uint64_t now = now_ns();
     rlr_batch *b, *list = NULL, **tail = &list;
-    while (!r->closing && (b = r->dl_head) && b->born_ns + r->timeout_ns <= now) {
+    while (!r->closing && (b = r->dl_head) && b->due_ns <= now) {
         rlr_set *k = b->set;
         bool was_head = k->head == b;
         batch_unflight(r, b);
@@ -1026,7 +1023,7 @@ static void deadline_cb(evutil_socket_t fd, short what, void *arg)
             set_advance(r, k, &tail);
     }
     if (!r->closing && r->dl_head) {
-        uint64_t due = r->dl_head->born_ns + r->timeout_ns;
+        uint64_t due = r->dl_head->due_ns;
         timer_arm_ns(r->timer, due > now ? due - now : 0);
     }
     answer_list(r, list);
@@ -1173,8 +1170,11 @@ rl_redis_call *rl_redis_take(rl_redis *r, const rl_redis_policy *p, size_t n, rl
             }
             k->tail->next = b;
             k->tail = b;
-            if (!up) /* waits for the first connect: on its clock */
-                dl_add(r, b, now_ns());
+            /* Waiting behind a call in flight: twice redis.timeout from now,
+             * that call's time and its own (a backlog beyond what Redis
+             * answers in time fails, not grows); for the first connect,
+             * redis.timeout. */
+            dl_add(r, b, now_ns() + (up ? 2 : 1) * r->timeout_ns);
         }
         batch_append(b, c);
         return c;
@@ -1204,7 +1204,7 @@ rl_redis_call *rl_redis_take(rl_redis *r, const rl_redis_policy *p, size_t n, rl
     if (up)
         ready_add(r, b);
     else /* waits for the first connect (connect_cb), within redis.timeout of this call */
-        dl_add(r, b, now_ns());
+        dl_add(r, b, now_ns() + r->timeout_ns);
     return c;
 }
 

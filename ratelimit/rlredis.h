@@ -77,11 +77,11 @@ typedef void (*rl_redis_done_fn)(void *arg, bool ok, const rl_decision *d);
 /* One request against n policies (1..RL_POLICIES_MAX), all or nothing. NULL
  * when not connected or out of memory (or n out of range): the caller
  * decides without Redis at once. Its batch goes at the end of this turn of
- * the loop, or, when its set has a call in flight, once that call is
- * answered or failed; it is answered within redis.timeout of its send
- * (NOSCRIPT's resend included), so within about twice redis.timeout of this
- * call at most (redis.timeout while waiting for the first connect); answered
- * as failed when its batch could not be sent. */
+ * the loop, and is answered within redis.timeout of that (NOSCRIPT's resend
+ * included); or, when its set has a call in flight, it goes once that call
+ * is answered or failed and is answered within 2 x redis.timeout of this
+ * call (redis.timeout while waiting for the first connect). Answered as
+ * failed when its batch could not be sent or its deadline passed. */
 rl_redis_call *rl_redis_take(rl_redis *r, const rl_redis_policy *p, size_t n, rl_redis_done_fn done,
                              void *arg);
 

@@ -215,6 +215,34 @@ def test_upstream_ratelimit_fields_replaced_on_limited_route(env):
         assert msg["X-Other"] == "kept", (path, msg.items())
 
 
+def test_upstream_ratelimit_fields_replaced_on_cached_route(stack):
+    """The same on a limited route with a cache: the upstream's RateLimit-*
+    are stored with the entry, and the miss, a hit and a HEAD hit each carry
+    ours only, each field exactly once, Remaining counting down."""
+    up = stack.upstream("up")
+    r = limited_route("limc", "/limc/", ["limc"])
+    r["cache"] = {"ttl": "60s"}
+    cfg = gateway_config({"up": upstream_config([up], keepalive=8, timeout=UPSTREAM_TIMEOUT)}, routes=[r],
+                         cache={"store": "memory"},
+                         ratelimit={"store": "local",
+                                    "policies": {"limc": {"limit": 100, "window": "1m", "key": "client_ip"}}})
+    gw = stack.gateway(cfg)
+    path = "/limc/headers?RateLimit-Limit=999&RateLimit-Remaining=998&RateLimit-Reset=7&X-Other=kept"
+    for i, (method, cache) in enumerate((("GET", "MISS"), ("GET", "HIT"), ("HEAD", "HIT"))):
+        sock = raw_connect(gw.port)
+        try:
+            sock.sendall(("%s %s HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n" % (method, path)).encode())
+            status, msg, _ = read_response(sock, method=method)
+        finally:
+            sock.close()
+        assert status == 200 and msg["X-Cache"] == cache, (method, status, msg.items())
+        for name in RL_HEADERS:
+            assert len(msg.get_all(name) or []) == 1, (method, cache, name, msg.items())
+        assert (msg["RateLimit-Limit"], msg["RateLimit-Remaining"]) == ("100", str(99 - i)), (method, msg.items())
+        assert msg["X-Other"] == "kept", msg.items()
+    assert up.count(prefix="/limc/") == 1
+
+
 # --- the window edge --------------------------------------------------------------
 
 def test_no_burst_across_window_edge(env):

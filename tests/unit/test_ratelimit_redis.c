@@ -1254,6 +1254,79 @@ static void test_waiting_batch_timed_from_its_send(void **state)
     env_stop(e);
 }
 
+/* A backlog Redis cannot answer in time is bounded: every reply 150 ms
+ * late, redis.timeout 200 ms, 300 calls on one key while the first is in
+ * flight. Batches go one per round trip: 256 at 150 ms (answered at 300),
+ * then 44 at 300 ms (their answer would come at 450): those fail at their
+ * deadline, 2 x redis.timeout after their call (~400 ms), not later. */
+static void test_waiting_backlog_bounded(void **state)
+{
+    (void)state;
+    env *e = env_start(200, 1);
+    e->f->delay_ms = 150;
+    uint64_t t0 = ms_now();
+    assert_non_null(take(e, 0, "backlog", 100000, 60000));
+    RUN_UNTIL(e->base, e->f->nscripts == 1, 2000);
+    for (int id = 1; id <= 300; id++)
+        assert_non_null(take(e, id, "backlog", 100000, 60000));
+    RUN_UNTIL(e->base, e->a.n == 301, 3000);
+    int ok = 0;
+    for (int i = 0; i < e->a.n; i++) {
+        ok += e->a.ok[i];
+        if (!e->a.ok[i]) {
+            assert_true(e->a.order[i] > 256);
+            assert_true(e->a.at_ms[i] - t0 >= 2 * 200 - 5);
+            assert_true(e->a.at_ms[i] - t0 <= 2 * 200 + 60);
+        }
+    }
+    assert_int_equal(ok, 257); /* the first call and the first batch of 256 */
+    run_for(e->base, 150);     /* the last delayed reply delivered before the fake stops */
+    env_stop(e);
+}
+
+/* Redis never answers, three connections, redis.timeout 150 ms: call 0 goes,
+ * calls 1..257 wait behind it (a batch of 256 and one of 1). Each batch would
+ * go on the next connection as the one ahead fails; none waits more than
+ * 2 x redis.timeout from its call. */
+static void test_waiting_stall_bounded(void **state)
+{
+    (void)state;
+    env *e = env_start(150, 3);
+    e->f->stall = true;
+    uint64_t t0 = ms_now();
+    assert_non_null(take(e, 0, "st", 1000, 10000));
+    RUN_UNTIL(e->base, e->f->nscripts == 1, 2000);
+    for (int id = 1; id <= 257; id++)
+        assert_non_null(take(e, id, "st", 1000, 10000));
+    RUN_UNTIL(e->base, e->a.n == 258, 3000);
+    for (int i = 0; i < e->a.n; i++) {
+        assert_false(e->a.ok[i]);
+        assert_true(e->a.at_ms[i] - t0 <= 2 * 150 + 40);
+    }
+    env_stop(e);
+}
+
+/* A full ready batch cancelled whole while Redis goes away: the batch behind
+ * it (call 256) is answered (failed) at its deadline, not left for good. */
+static void test_cancel_leaves_no_orphan(void **state)
+{
+    (void)state;
+    env *e = env_start(150, 1);
+    rl_redis_call *h[256];
+    for (int id = 0; id < 256; id++)
+        assert_non_null(h[id] = take(e, id, "orph", 100, 10000));
+    assert_non_null(take(e, 256, "orph", 100, 10000));
+    config_redis off = e->cfg;
+    off.enabled = false;
+    rl_redis_configure(e->r, &off);
+    for (int id = 0; id < 256; id++)
+        rl_redis_cancel(h[id]);
+    RUN_UNTIL(e->base, e->a.n == 1, 1000);
+    assert_int_equal(e->a.order[0], 256);
+    assert_false(e->a.ok[0]);
+    env_stop(e);
+}
+
 /* rl_redis_free from inside a done callback: the rest (a batch in flight,
  * the one waiting behind it, another key) answered as failed before it
  * returns; a cancelled one not at all. */
@@ -1586,6 +1659,9 @@ int main(void)
         cmocka_unit_test(test_noscript_resends_batch_with_eval),
         cmocka_unit_test(test_waiting_batch_timed_from_its_send),
         cmocka_unit_test(test_slow_redis_within_timeout_decides),
+        cmocka_unit_test(test_waiting_backlog_bounded),
+        cmocka_unit_test(test_waiting_stall_bounded),
+        cmocka_unit_test(test_cancel_leaves_no_orphan),
         cmocka_unit_test(test_free_inside_done),
         cmocka_unit_test(test_free_answers_everything),
         cmocka_unit_test(test_policies_in_one_call),
