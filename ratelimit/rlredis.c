@@ -263,8 +263,8 @@ struct rl_redis {
     /* batches to send at the end of this turn of the loop (flush) */
     rlr_batch *rd_head, *rd_tail;
     struct event *flush;
-    /* batches that waited (or were sent again), oldest deadline first, and
-     * the timer of the oldest */
+    /* batches not sent at the end of their turn (or sent again), soonest
+     * deadline first, and the timer of the soonest */
     rlr_batch *dl_head, *dl_tail;
     struct event *timer;
     uint64_t timeout_ns;
@@ -911,6 +911,9 @@ static void flight_reply(void *arg, const redisReply *rep)
             rlr_batch *b = f->b[s];
             if (!b)
                 continue;
+            /* its first send's deadline, also when it waited and had a later one */
+            if (b->on_dl && b->due_ns > f->sent_ns + r->timeout_ns)
+                dl_remove(r, b);
             if (!b->on_dl)
                 dl_add(r, b, f->sent_ns + r->timeout_ns);
             b->slot = live;
@@ -1001,8 +1004,9 @@ static void flush_cb(evutil_socket_t fd, short what, void *arg)
     leave(r);
 }
 
-/* The deadline of batches that waited or were sent again: redis.timeout
- * after their first call (or first send). */
+/* The deadline list's timer: batches past their due time (waiting behind a
+ * call in flight, for the first connect, or sent again after NOSCRIPT) are
+ * answered as failed, taken out of their flight when they were sent. */
 static void deadline_cb(evutil_socket_t fd, short what, void *arg)
 {
     (void)fd;

@@ -19,11 +19,12 @@
  * request's policies go in one EVALSHA with all their keys, all or nothing; a
  * batch holds at most 256; a cancelled waiting call is not sent, a cancelled
  * sent one is not answered; NOSCRIPT resends the batch with EVAL, within
- * what is left of the first send's deadline; a waiting batch is answered
- * (failed) redis.timeout after its first call even when the call ahead of it
- * took most of that; rl_redis_free, also from inside a done callback,
- * answers everything left as failed; done is never called from inside
- * rl_redis_take.
+ * what is left of the first send's deadline; a waiting batch is sent when
+ * the call ahead of it is answered or failed and is answered within
+ * redis.timeout of that send and 2 x redis.timeout of its first call (a slow
+ * Redis within the timeout still decides, a backlog does not grow); a batch
+ * waiting for the first connect leaves its flight at its deadline; rl_redis_free, also from inside a done
+ * callback, answers everything left as failed; done is never called from inside rl_redis_take.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -1222,9 +1223,9 @@ static void test_noscript_resends_batch_with_eval(void **state)
 
 /* redis.timeout 150 ms, two connections, Redis never answers scripts. A goes
  * at t=0 and fails at ~150 ms (gw_redis's deadline, its connection dropped);
- * B waited from t=70 with no clock of its own: it goes on the other
- * connection when A fails and is answered (failed) redis.timeout after that
- * send, at ~300 ms: within twice redis.timeout of its call. */
+ * B waited from t=70 (its own deadline 2 x 150 ms later, ~370 ms): it goes on
+ * the other connection when A fails and is answered (failed) redis.timeout
+ * after that send, at ~300 ms, before its own deadline. */
 static void test_waiting_batch_timed_from_its_send(void **state)
 {
     (void)state;
@@ -1281,6 +1282,35 @@ static void test_waiting_backlog_bounded(void **state)
     }
     assert_int_equal(ok, 257); /* the first call and the first batch of 256 */
     run_for(e->base, 150);     /* the last delayed reply delivered before the fake stops */
+    env_stop(e);
+}
+
+/* NOSCRIPT keeps the first send's deadline also for a batch that waited
+ * (whose own, 2 x redis.timeout from its call, is later): redis.timeout 150
+ * ms; A goes (held), B waits; A's answer comes and B goes at once; Redis
+ * answers B's EVALSHA with NOSCRIPT 80 ms later and never answers the EVAL.
+ * B is answered (failed) ~150 ms after its send, not ~230 (the EVAL's own). */
+static void test_noscript_waiting_batch_keeps_send_deadline(void **state)
+{
+    (void)state;
+    env *e = env_start(150, 1);
+    e->f->hold = true;
+    assert_non_null(take(e, 0, "nsw", 10, 10000));
+    RUN_UNTIL(e->base, e->f->nscripts == 1, 2000);
+    assert_non_null(take(e, 1, "nsw", 10, 10000));
+    e->f->noscript_left = 1;
+    e->f->stall_eval = true;
+    e->f->delay_ms = 80;
+    e->f->hold = false;
+    uint64_t t0 = ms_now();
+    fake_release(e->f); /* A's answer; B's EVALSHA goes when it comes */
+    RUN_UNTIL(e->base, e->a.n == 2, 2000);
+    assert_true(e->a.ok[answer_of(&e->a, 0)]);
+    int ib = answer_of(&e->a, 1);
+    assert_false(e->a.ok[ib]);
+    uint64_t b_at = e->a.at_ms[ib] - t0;
+    assert_true(b_at >= 140);
+    assert_true(b_at <= 150 + 40);
     env_stop(e);
 }
 
@@ -1660,6 +1690,7 @@ int main(void)
         cmocka_unit_test(test_waiting_batch_timed_from_its_send),
         cmocka_unit_test(test_slow_redis_within_timeout_decides),
         cmocka_unit_test(test_waiting_backlog_bounded),
+        cmocka_unit_test(test_noscript_waiting_batch_keeps_send_deadline),
         cmocka_unit_test(test_waiting_stall_bounded),
         cmocka_unit_test(test_cancel_leaves_no_orphan),
         cmocka_unit_test(test_free_inside_done),
