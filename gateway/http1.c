@@ -15,6 +15,8 @@
 
 #include <event2/buffer.h>
 
+#include "gateway/httputil.h"
+
 enum {
     ST_HEAD,
     ST_BODY_LENGTH,
@@ -236,20 +238,13 @@ static http1_result parse_field(http1_response *r, char *line, size_t len)
 /* Does the Connection value list close and/or keep-alive? One pass. */
 static void connection_tokens(const char *p, bool *close, bool *keep)
 {
+    const char *elem;
+    size_t n;
     *close = *keep = false;
-    while (*p) {
-        while (*p == ' ' || *p == '\t' || *p == ',')
-            p++;
-        const char *start = p;
-        while (*p && *p != ',')
-            p++;
-        const char *end = p;
-        while (end > start && (end[-1] == ' ' || end[-1] == '\t'))
-            end--;
-        size_t n = (size_t)(end - start);
-        if (n == 5 && strncasecmp(start, "close", 5) == 0)
+    while (gw_list_next(&p, &elem, &n)) {
+        if (n == 5 && strncasecmp(elem, "close", 5) == 0)
             *close = true;
-        else if (n == 10 && strncasecmp(start, "keep-alive", 10) == 0)
+        else if (n == 10 && strncasecmp(elem, "keep-alive", 10) == 0)
             *keep = true;
     }
 }

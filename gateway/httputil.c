@@ -158,21 +158,35 @@ void gw_traceparent_mint(gw_rng *rng, char *out)
     memcpy(out + 52, "-01", 4); /* the NUL included */
 }
 
+bool gw_list_next(const char **p, const char **elem, size_t *len)
+{
+    const char *s = *p;
+    while (*s == ' ' || *s == '\t' || *s == ',')
+        s++;
+    if (!*s) {
+        *p = s;
+        return false;
+    }
+    const char *start = s;
+    while (*s && *s != ',')
+        s++;
+    const char *end = s;
+    while (end > start && (end[-1] == ' ' || end[-1] == '\t'))
+        end--;
+    *p = s;
+    *elem = start;
+    *len = (size_t)(end - start);
+    return true;
+}
+
 /* Is name (name_len bytes) an element of the comma-separated list? */
 static bool list_has_token(const char *p, const char *name, size_t name_len)
 {
-    while (*p) {
-        while (*p == ' ' || *p == '\t' || *p == ',')
-            p++;
-        const char *start = p;
-        while (*p && *p != ',')
-            p++;
-        const char *end = p;
-        while (end > start && (end[-1] == ' ' || end[-1] == '\t'))
-            end--;
-        if ((size_t)(end - start) == name_len && strncasecmp(start, name, name_len) == 0)
+    const char *elem;
+    size_t len;
+    while (gw_list_next(&p, &elem, &len))
+        if (len == name_len && strncasecmp(elem, name, name_len) == 0)
             return true;
-    }
     return false;
 }
 

@@ -42,6 +42,11 @@ void gw_traceparent_mint(gw_rng *rng, char *out);
  * Connection header (`connection`, may be NULL) names it? */
 bool gw_header_is_hop_by_hop(const char *name, const char *connection);
 
+/* The next element of the comma-separated list at *p (blanks and empty
+ * elements skipped, the element's trailing blanks trimmed): true with the
+ * element at *elem (*len bytes) and *p past it; false at the list's end. */
+bool gw_list_next(const char **p, const char **elem, size_t *len);
+
 /* Does the comma-separated token list (a Connection header, say) contain
  * name, compared case-insensitively? */
 bool gw_header_list_has_token(const char *list, const char *name);
