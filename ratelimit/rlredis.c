@@ -73,7 +73,7 @@
 #define RLR_KEY_LEN (sizeof RLR_KEY_PREFIX - 1 + 2 * SHA_DIGEST_LENGTH)
 #define RLR_SHA_LEN (2 * SHA_DIGEST_LENGTH)
 #define RLR_U64_DIGITS 20
-#define RLR_BATCH_MAX 256           /* calls in one script call; more wait for the next */
+#define RLR_BATCH_MAX 256           /* calls in one set's batch; more wait for the next */
 #define RLR_DEFAULT_TIMEOUT_MS 1000 /* as gw_redis, when the config has none */
 #define RLR_BUCKETS_MIN 64
 #define RLR_CONNECT_POLL_MS 1   /* how often calls waiting for the first connect look */

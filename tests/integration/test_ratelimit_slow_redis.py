@@ -10,10 +10,9 @@ decided by Redis, not by on_store_error (deny here: a fallback would be a 429).
 
 import asyncio
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
-from harness import free_port, gateway_config, route, session, upstream_config
+from harness import free_port, gateway_config, route, session, upstream_config, wait_until
 from redis_server import redis_server  # noqa: F401 - the fixture
 
 TIMEOUT_MS = 200
@@ -108,9 +107,7 @@ def test_slow_redis_within_timeout_decides_every_request(stack, redis_server):
                                         "policies": {"hot": {"limit": 1000000, "window": "1h", "key": "route"}}},
                              redis={"url": "redis://127.0.0.1:%d/0" % link.port, "timeout": "%dms" % TIMEOUT_MS})
         gw = stack.gateway(cfg)
-        deadline = time.monotonic() + 10
-        while gw.metrics().value("gateway_redis_up") != 1 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: gw.metrics().value("gateway_redis_up") == 1, 10, "the gateway never connected to Redis")
         # One request first: Redis has no script yet, and NOSCRIPT then EVAL is
         # two slow round trips, past the deadline the first send set (the rule
         # of the resend). What is measured comes after.
