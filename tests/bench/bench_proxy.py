@@ -13,9 +13,11 @@ loopback ports:
     so both do the same job; "nginx-bare" is proxy_pass alone.
 Then it runs the same `wrk -tT -cC -dD --latency` against each, rotating which
 goes first, for R rounds, and prints req/s, P50, P99 and the proxy's own CPU
-time per request (from /proc) of every run, the median of each, and the ratios
-gateway/nginx (req/s: higher is better; latencies and CPU: lower is better),
-with the median of the per-round ratios. Non-2xx answers and socket errors are
+time per request (from /proc) of every run, with the upstream's CPU time per
+request and the whole machine's busy CPU time per request (wrk included: on a
+shared machine every process's CPU comes out of the proxy's throughput), the
+median of each, and the ratios gateway/nginx (req/s: higher is better;
+latencies and CPU: lower is better), with the median of the per-round ratios. Non-2xx answers and socket errors are
 printed too: a run with errors is not a fair figure.
 
 Everything it starts is stopped on the way out, on errors and Ctrl-C too. All
@@ -216,6 +218,13 @@ def cpu_seconds(pids):
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def machine_busy_seconds():
+    """CPU time every core of the machine spent busy (not idle or iowait), in seconds."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    busy = sum(fields[:8]) - fields[3] - fields[4]  # user..steal, less idle and iowait
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
 def nginx_workers(proc):
     """The worker processes of an nginx master (the ones doing the work)."""
     out = subprocess.run(["pgrep", "-P", str(proc.proc.pid)], capture_output=True, text=True).stdout
@@ -301,7 +310,8 @@ def fmt_row(label, r):
     errs = ""
     if r["non2xx"] or r["socket_errors"]:
         errs = "  non-2xx %d, socket errors %d" % (r["non2xx"], r["socket_errors"])
-    return "  %-16s %12.0f %10.3f %10.3f %12.1f%s" % (label, r["rps"], r["p50"], r["p99"], r.get("cpu_us", 0.0), errs)
+    return "  %-16s %12.0f %10.3f %10.3f %12.1f %12.1f %12.1f%s" % (
+        label, r["rps"], r["p50"], r["p99"], r["cpu_us"], r["up_us"], r["all_us"], errs)
 
 
 def main():
@@ -350,6 +360,7 @@ def main():
         procs.append(gw)
         targets = {"gateway": gw_port}
         pids = {"gateway": [gw.proc.pid]}
+        upstream_pids = nginx_workers(procs[0])
         for name in variants:
             port = ngx_port if name == "nginx" else free_port()
             p = start_nginx_proxy(scratch, args.nginx, port, up_port, args.workers, name=name,
@@ -372,7 +383,8 @@ def main():
                 run_wrk(args.wrk, port, args.threads, args.connections, args.warmup)
 
         results = {name: [] for name in names}
-        print("\n  %-16s %12s %10s %10s %12s" % ("run", "req/s", "P50 ms", "P99 ms", "CPU us/req"))
+        print("\n  %-16s %12s %10s %10s %12s %12s %12s" % ("run", "req/s", "P50 ms", "P99 ms", "CPU us/req",
+                                                     "upstream us", "machine us"))
         for rnd in range(args.rounds):
             # Rotate who goes first, so no one always meets the machine in the same state.
             order = names[rnd % len(names):] + names[:rnd % len(names)]
@@ -380,22 +392,27 @@ def main():
                 for p in procs:
                     if p.poll() is not None:
                         raise RuntimeError("%s died (exit %s):\n%s" % (p.name, p.returncode, p.stderr_tail()))
-                cpu0 = cpu_seconds(pids[name])
+                cpu0, up0, all0 = cpu_seconds(pids[name]), cpu_seconds(upstream_pids), machine_busy_seconds()
                 r = run_wrk(args.wrk, targets[name], args.threads, args.connections, args.duration)
-                r["cpu_us"] = (cpu_seconds(pids[name]) - cpu0) * 1e6 / r["requests"] if r["requests"] else 0.0
+                n = r["requests"] or 0
+                per = (lambda d: d * 1e6 / n) if n else (lambda d: 0.0)
+                r["cpu_us"] = per(cpu_seconds(pids[name]) - cpu0)
+                r["up_us"] = per(cpu_seconds(upstream_pids) - up0)
+                r["all_us"] = per(machine_busy_seconds() - all0)
                 results[name].append(r)
                 print(fmt_row("%s #%d" % (name, rnd + 1), r), flush=True)
 
-        keys = ("rps", "p50", "p99", "cpu_us")
+        keys = ("rps", "p50", "p99", "cpu_us", "up_us", "all_us")
         med = {name: {k: statistics.median(r[k] for r in rs) for k in keys} for name, rs in results.items()}
-        print("\n  %-16s %12s %10s %10s %12s" % ("median", "req/s", "P50 ms", "P99 ms", "CPU us/req"))
+        print("\n  %-16s %12s %10s %10s %12s %12s %12s" % ("median", "req/s", "P50 ms", "P99 ms", "CPU us/req",
+                                                          "upstream us", "machine us"))
         for name in names:
-            print("  %-16s %12.0f %10.3f %10.3f %12.1f" % (name, med[name]["rps"], med[name]["p50"],
-                                                            med[name]["p99"], med[name]["cpu_us"]))
+            print(fmt_row(name, dict(med[name], non2xx=0, socket_errors=0)))
         for ref in variants:
             ratio = {k: med["gateway"][k] / med[ref][k] if med[ref][k] else float("nan") for k in keys}
-            print("  %-16s %12.2f %10.2f %10.2f %12.2f" % ("gateway/" + ref, ratio["rps"], ratio["p50"],
-                                                            ratio["p99"], ratio["cpu_us"]))
+            print("  %-16s %12.2f %10.2f %10.2f %12.2f %12.2f %12.2f" % (
+                "gateway/" + ref, ratio["rps"], ratio["p50"], ratio["p99"], ratio["cpu_us"], ratio["up_us"],
+                ratio["all_us"]))
             # Each round runs all back to back, so the ratio within a round shares the
             # machine's state of the moment; its median is steadier on a shared box.
             paired = [g["rps"] / n["rps"] for g, n in zip(results["gateway"], results[ref]) if n["rps"]]
@@ -404,7 +421,8 @@ def main():
                                                          " ".join("%.2f" % x for x in paired)))
         print("\n  req/s ratio >= 1.00 means the gateway is at least as fast as nginx proxy_pass;"
               "\n  latency and CPU ratios <= 1.00 mean it is at least as quick and as frugal."
-              "\n  CPU us/req is the proxy's own processes (user + system), the upstream and wrk excluded.")
+              "\n  CPU us/req is the proxy's own processes (user + system), the upstream and wrk excluded;"
+              "\n  'upstream us' is the upstream nginx's, 'machine us' every core's busy time (wrk included).")
         errors = {name: sum(r["non2xx"] + r["socket_errors"] for r in rs) for name, rs in results.items()}
         if any(errors.values()):
             print("  WARNING: errors during the runs: %s" % errors)
