@@ -1,5 +1,5 @@
 /*
- * http1.c - incremental HTTP/1.x response parsing (see http1.h).
+ * http1.c - incremental HTTP/1.x response and request parsing (see http1.h).
  *
  * Runs on whichever worker owns the connection; no state outside the struct.
  * Until the header block's blank line has arrived nothing is consumed; then the
@@ -48,6 +48,12 @@ void http1_response_reset(http1_response *r, bool head_request)
     r->status = 0;
     r->minor_version = 0;
     r->reason = "";
+    r->method = r->target = "";
+    r->method_len = r->target_len = 0;
+    r->host_count = 0;
+    r->expect_continue = false;
+    r->error_status = 0;
+    r->body_taken = 0;
     r->field_count = 0;
     r->connection_field = r->length_field = r->coding_field = -1;
     r->length_conflict = false;
@@ -61,6 +67,24 @@ void http1_response_reset(http1_response *r, bool head_request)
     r->trailer_bytes = 0;
 }
 
+int http1_request_init(http1_request *r, size_t max_header_bytes, size_t max_body_bytes)
+{
+    if (http1_response_init(r, max_header_bytes, max_body_bytes) != 0)
+        return -1;
+    r->is_request = true;
+    return 0;
+}
+
+void http1_request_reset(http1_request *r)
+{
+    http1_response_reset(r, false);
+}
+
+void http1_request_free(http1_request *r)
+{
+    http1_response_free(r);
+}
+
 void http1_response_free(http1_response *r)
 {
     if (r->body)
@@ -71,13 +95,20 @@ void http1_response_free(http1_response *r)
     r->head_cap = 0;
 }
 
-static http1_result fail(http1_response *r, const char *why)
+/* An error; a request's is answered with status (a response's is not answered). */
+static http1_result fail_status(http1_message *r, int status, const char *why)
 {
     r->error = why;
+    r->error_status = r->is_request ? status : 0;
     return HTTP1_ERROR;
 }
 
-const http1_field *http1_find(const http1_response *r, const char *name)
+static http1_result fail(http1_message *r, const char *why)
+{
+    return fail_status(r, 400, why);
+}
+
+const http1_field *http1_find(const http1_message *r, const char *name)
 {
     size_t n = strlen(name);
     for (size_t i = 0; i < r->field_count; i++)
@@ -171,6 +202,52 @@ static http1_result parse_status(http1_response *r, char *line, size_t len)
     return HTTP1_NEED_MORE;
 }
 
+/* RFC 9110 tchar: what a method and a request's header names are made of. */
+static const unsigned char tchar[256] = {
+    ['!'] = 1, ['#'] = 1, ['$'] = 1, ['%'] = 1, ['&'] = 1, ['\''] = 1, ['*'] = 1, ['+'] = 1, ['-'] = 1,
+    ['.'] = 1, ['^'] = 1, ['_'] = 1, ['`'] = 1, ['|'] = 1, ['~'] = 1,  ['0'] = 1, ['1'] = 1, ['2'] = 1,
+    ['3'] = 1, ['4'] = 1, ['5'] = 1, ['6'] = 1, ['7'] = 1, ['8'] = 1,  ['9'] = 1, ['A'] = 1, ['B'] = 1,
+    ['C'] = 1, ['D'] = 1, ['E'] = 1, ['F'] = 1, ['G'] = 1, ['H'] = 1,  ['I'] = 1, ['J'] = 1, ['K'] = 1,
+    ['L'] = 1, ['M'] = 1, ['N'] = 1, ['O'] = 1, ['P'] = 1, ['Q'] = 1,  ['R'] = 1, ['S'] = 1, ['T'] = 1,
+    ['U'] = 1, ['V'] = 1, ['W'] = 1, ['X'] = 1, ['Y'] = 1, ['Z'] = 1,  ['a'] = 1, ['b'] = 1, ['c'] = 1,
+    ['d'] = 1, ['e'] = 1, ['f'] = 1, ['g'] = 1, ['h'] = 1, ['i'] = 1,  ['j'] = 1, ['k'] = 1, ['l'] = 1,
+    ['m'] = 1, ['n'] = 1, ['o'] = 1, ['p'] = 1, ['q'] = 1, ['r'] = 1,  ['s'] = 1, ['t'] = 1, ['u'] = 1,
+    ['v'] = 1, ['w'] = 1, ['x'] = 1, ['y'] = 1, ['z'] = 1,
+};
+
+/* method SP request-target SP HTTP-version, single spaces. The target may
+ * hold any byte but space, controls and DEL (obs-text passes, as it does in
+ * the worker's path checks); "HTTP/" with another digit pair is 505. */
+static http1_result parse_request_line(http1_message *r, char *line, size_t len)
+{
+    char *p = line, *end = line + len;
+    while (tchar[(unsigned char)*p])
+        p++;
+    if (p == line || *p != ' ')
+        return fail(r, "malformed request line");
+    r->method = line;
+    r->method_len = (size_t)(p - line);
+    *p++ = '\0';
+    char *target = p;
+    while ((unsigned char)*p > 0x20 && *p != 0x7f)
+        p++;
+    if (p == target || *p != ' ')
+        return fail(r,
+                    *p == ' ' || p == end ? "malformed request line" : "control byte in the request target");
+    r->target = target;
+    r->target_len = (size_t)(p - target);
+    *p++ = '\0';
+    size_t vlen = (size_t)(end - p);
+    if (vlen == 8 && memcmp(p, "HTTP/1.", 7) == 0 && (p[7] == '0' || p[7] == '1')) {
+        r->minor_version = p[7] - '0';
+        return HTTP1_NEED_MORE;
+    }
+    if (vlen == 8 && memcmp(p, "HTTP/", 5) == 0 && isdigit((unsigned char)p[5]) && p[6] == '.' &&
+        isdigit((unsigned char)p[7]))
+        return fail_status(r, 505, "HTTP version not supported");
+    return fail(r, "malformed HTTP version");
+}
+
 /* May c continue a field name? Not a control, space, DEL or the colon that
  * ends it (8-bit bytes pass, as they always did). */
 static bool name_byte(unsigned char c)
@@ -181,9 +258,21 @@ static bool name_byte(unsigned char c)
 /* The framing fields are noted as they are parsed, so that frame_body does
  * not look for them again: the first Connection, the last Transfer-Encoding,
  * the first Content-Length (a later one must say the same). */
-static void note_field(http1_response *r, const http1_field *f, size_t index)
+static void note_field(http1_message *r, const http1_field *f, size_t index)
 {
     switch (f->name_len) {
+    case 4:
+        if (r->is_request && strncasecmp(f->name, "Host", 4) == 0)
+            r->host_count++;
+        break;
+    case 6:
+        if (r->is_request && strncasecmp(f->name, "Expect", 6) == 0) {
+            if (strcasecmp(f->value, "100-continue") == 0)
+                r->expect_continue = true;
+            else
+                r->expect_other = true;
+        }
+        break;
     case 10:
         if (r->connection_field < 0 && strncasecmp(f->name, "Connection", 10) == 0)
             r->connection_field = (int)index;
@@ -205,13 +294,20 @@ static void note_field(http1_response *r, const http1_field *f, size_t index)
     }
 }
 
-static http1_result parse_field(http1_response *r, char *line, size_t len)
+static http1_result parse_field(http1_message *r, char *line, size_t len)
 {
     if (line[0] == ' ' || line[0] == '\t')
         return fail(r, "obsolete header line folding");
     char *colon = line;
-    while (name_byte((unsigned char)*colon))
-        colon++;
+    if (r->is_request) {
+        /* A request's names are tokens: anything else before the colon is
+         * smuggling material for the upstream's parser. */
+        while (tchar[(unsigned char)*colon])
+            colon++;
+    } else {
+        while (name_byte((unsigned char)*colon))
+            colon++;
+    }
     if (*colon != ':' || colon == line)
         return fail(r, *colon == ':' || colon == line + len ? "malformed header line"
                                                             : "invalid character in a header name");
@@ -223,7 +319,7 @@ static http1_result parse_field(http1_response *r, char *line, size_t len)
     if (memchr(value, '\r', (size_t)(end - value)))
         return fail(r, "CR in a header value");
     if (r->field_count == HTTP1_MAX_FIELDS)
-        return fail(r, "too many header fields");
+        return fail_status(r, 431, "too many header fields");
     *colon = '\0';
     *end = '\0';
     http1_field *f = &r->fields[r->field_count];
@@ -249,9 +345,75 @@ static void connection_tokens(const char *p, bool *close, bool *keep)
     }
 }
 
-/* Decide how the body is framed once the fields are in. */
-static http1_result frame_body(http1_response *r)
+/* Digits only, at most INT64_MAX (no sign, space or "0x", which strtoull
+ * would take). -1 when malformed. */
+static int64_t parse_length(const char *cl)
 {
+    uint64_t n = 0;
+    const char *d = cl;
+    for (; *d >= '0' && *d <= '9'; d++) {
+        uint64_t digit = (uint64_t)(*d - '0');
+        if (n > ((uint64_t)INT64_MAX - digit) / 10)
+            return -1;
+        n = n * 10 + digit;
+    }
+    return d == cl || *d != '\0' ? -1 : (int64_t)n;
+}
+
+/* Is chunked the last coding of the Transfer-Encoding value? */
+static bool chunked_last(const char *te)
+{
+    const char *last = strrchr(te, ',');
+    last = last ? last + 1 : te;
+    while (*last == ' ' || *last == '\t')
+        last++;
+    return strcasecmp(last, "chunked") == 0;
+}
+
+/* A request's body framing (RFC 9112 6.1-6.3): chunked, Content-Length, or
+ * none; never to the connection's close. */
+static http1_result frame_request_body(http1_message *r)
+{
+    bool close = false, keep_token = false;
+    if (r->connection_field >= 0)
+        connection_tokens(r->fields[r->connection_field].value, &close, &keep_token);
+    r->keep_alive = r->minor_version == 1 ? !close : keep_token && !close;
+    if (r->minor_version == 0) /* an HTTP/1.0 client expects nothing (RFC 9110 10.1.1) */
+        r->expect_continue = r->expect_other = false;
+    if (r->expect_other)
+        return fail_status(r, 417, "unsupported expectation");
+    if (r->length_conflict)
+        return fail(r, "conflicting Content-Length");
+    const char *te = r->coding_field >= 0 ? r->fields[r->coding_field].value : NULL;
+    const char *cl = r->length_field >= 0 ? r->fields[r->length_field].value : NULL;
+    if (te) {
+        if (cl)
+            return fail(r, "both Transfer-Encoding and Content-Length");
+        if (r->minor_version == 0)
+            return fail(r, "Transfer-Encoding in an HTTP/1.0 request");
+        if (!chunked_last(te))
+            return fail(r, "request body coding is not chunked");
+        r->head_done = true;
+        r->state = ST_CHUNK_SIZE;
+        return HTTP1_NEED_MORE;
+    }
+    int64_t n = cl ? parse_length(cl) : 0;
+    if (n < 0)
+        return fail(r, "malformed Content-Length");
+    if ((uint64_t)n > r->max_body_bytes)
+        return fail_status(r, 413, "request body too large");
+    r->head_done = true;
+    r->content_length = cl ? n : -1;
+    r->remaining = (uint64_t)n;
+    r->state = n ? ST_BODY_LENGTH : ST_DONE;
+    return n ? HTTP1_NEED_MORE : HTTP1_DONE;
+}
+
+/* Decide how the body is framed once the fields are in. */
+static http1_result frame_body(http1_message *r)
+{
+    if (r->is_request)
+        return frame_request_body(r);
     bool close = false, keep_token = false;
     if (r->connection_field >= 0)
         connection_tokens(r->fields[r->connection_field].value, &close, &keep_token);
@@ -268,11 +430,7 @@ static http1_result frame_body(http1_response *r)
     const char *cl = r->length_field >= 0 ? r->fields[r->length_field].value : NULL;
     if (te) {
         /* chunked must be the last coding; anything else is read to close. */
-        const char *last = strrchr(te, ',');
-        last = last ? last + 1 : te;
-        while (*last == ' ' || *last == '\t')
-            last++;
-        if (strcasecmp(last, "chunked") == 0) {
+        if (chunked_last(te)) {
             if (cl)
                 r->keep_alive = false; /* both framings: never trust the connection again */
             r->state = ST_CHUNK_SIZE;
@@ -283,20 +441,11 @@ static http1_result frame_body(http1_response *r)
         return HTTP1_NEED_MORE;
     }
     if (cl) {
-        /* Digits only, at most INT64_MAX (no sign, space or "0x", which
-         * strtoull would take). */
-        uint64_t n = 0;
-        const char *d = cl;
-        for (; *d >= '0' && *d <= '9'; d++) {
-            uint64_t digit = (uint64_t)(*d - '0');
-            if (n > ((uint64_t)INT64_MAX - digit) / 10)
-                return fail(r, "malformed Content-Length");
-            n = n * 10 + digit;
-        }
-        if (d == cl || *d != '\0')
+        int64_t n = parse_length(cl);
+        if (n < 0)
             return fail(r, "malformed Content-Length");
-        r->content_length = (int64_t)n;
-        r->remaining = n;
+        r->content_length = n;
+        r->remaining = (uint64_t)n;
         r->state = n ? ST_BODY_LENGTH : ST_DONE;
         return n ? HTTP1_NEED_MORE : HTTP1_DONE;
     }
@@ -306,7 +455,7 @@ static http1_result frame_body(http1_response *r)
 }
 
 /* A complete header block is at the front of in: take it. */
-static http1_result parse_head(http1_response *r, struct evbuffer *in, size_t len)
+static http1_result parse_head(http1_message *r, struct evbuffer *in, size_t len)
 {
     if (len + 1 > r->head_cap) {
         size_t cap = r->head_cap ? r->head_cap : 1024;
@@ -321,19 +470,22 @@ static http1_result parse_head(http1_response *r, struct evbuffer *in, size_t le
     evbuffer_remove(in, r->head, len);
     r->head[len] = '\0';
     if (memchr(r->head, '\0', len))
-        return fail(r, "NUL in the response header");
+        return fail(r, r->is_request ? "NUL in the request header" : "NUL in the response header");
     char *p = r->head, *end = r->head + len;
     size_t line_len;
     char *line = next_line(&p, end, &line_len);
-    if (!line || parse_status(r, line, line_len) != HTTP1_NEED_MORE)
+    if (!line || (r->is_request ? parse_request_line(r, line, line_len) : parse_status(r, line, line_len)) !=
+                     HTTP1_NEED_MORE)
         return HTTP1_ERROR;
     r->field_count = 0;
     r->connection_field = r->length_field = r->coding_field = -1;
     r->length_conflict = false;
+    r->host_count = 0;
+    r->expect_continue = r->expect_other = false;
     while ((line = next_line(&p, end, &line_len)) != NULL && line[0] != '\0')
         if (parse_field(r, line, line_len) != HTTP1_NEED_MORE)
             return HTTP1_ERROR;
-    if (r->status < 200) {
+    if (!r->is_request && r->status < 200) {
         /* Interim answer (100 Continue, 103 Early Hints): wait for the real one. */
         r->field_count = 0;
         return HTTP1_NEED_MORE;
@@ -356,21 +508,43 @@ static int take_line(struct evbuffer *in, char *buf, size_t size)
     return 1;
 }
 
-static http1_result move_body(http1_response *r, struct evbuffer *in, uint64_t want, uint64_t *moved)
+static http1_result move_body(http1_message *r, struct evbuffer *in, uint64_t want, uint64_t *moved)
 {
     size_t avail = evbuffer_get_length(in);
     size_t n = avail < want ? avail : (size_t)want;
-    if (evbuffer_get_length(r->body) + n > r->max_body_bytes)
+    if (r->is_request) {
+        if (r->body_taken + n > r->max_body_bytes)
+            return fail_status(r, 413, "request body too large");
+        r->body_taken += n;
+    } else if (evbuffer_get_length(r->body) + n > r->max_body_bytes) {
         return fail(r, "response body too large");
+    }
     if (n)
         evbuffer_remove_buffer(in, r->body, n);
     *moved = n;
     return HTTP1_NEED_MORE;
 }
 
-http1_result http1_parse(http1_response *r, struct evbuffer *in, bool eof)
+/* A server skips empty lines before a request line (RFC 9112 2.2). */
+static void skip_empty_lines(struct evbuffer *in)
+{
+    for (;;) {
+        unsigned char two[2];
+        ev_ssize_t n = evbuffer_copyout(in, two, 2);
+        if (n >= 1 && two[0] == '\n')
+            evbuffer_drain(in, 1);
+        else if (n == 2 && two[0] == '\r' && two[1] == '\n')
+            evbuffer_drain(in, 2);
+        else
+            return;
+    }
+}
+
+http1_result http1_parse(http1_message *r, struct evbuffer *in, bool eof)
 {
     char line[HTTP1_MAX_LINE];
+    if (r->is_request && r->state == ST_HEAD)
+        skip_empty_lines(in);
     if (evbuffer_get_length(in) > 0)
         r->got_bytes = true;
     for (;;) {
@@ -381,11 +555,15 @@ http1_result http1_parse(http1_response *r, struct evbuffer *in, bool eof)
             size_t len = find_head_end(in, r->max_header_bytes + 4);
             if (len == 0) {
                 if (evbuffer_get_length(in) > r->max_header_bytes)
-                    return fail(r, "response header too large");
-                return eof ? fail(r, "connection closed in the response header") : HTTP1_NEED_MORE;
+                    return fail_status(
+                        r, 431, r->is_request ? "request header too large" : "response header too large");
+                return eof ? fail(r, r->is_request ? "connection closed in the request header"
+                                                   : "connection closed in the response header")
+                           : HTTP1_NEED_MORE;
             }
             if (len > r->max_header_bytes)
-                return fail(r, "response header too large");
+                return fail_status(r, 431,
+                                   r->is_request ? "request header too large" : "response header too large");
             http1_result hr = parse_head(r, in, len);
             if (hr != HTTP1_NEED_MORE)
                 return hr;
@@ -399,7 +577,9 @@ http1_result http1_parse(http1_response *r, struct evbuffer *in, bool eof)
                 r->state = ST_DONE;
                 return HTTP1_DONE;
             }
-            return eof ? fail(r, "connection closed in the response body") : HTTP1_NEED_MORE;
+            return eof ? fail(r, r->is_request ? "connection closed in the request body"
+                                               : "connection closed in the response body")
+                       : HTTP1_NEED_MORE;
         case ST_CHUNK_SIZE: {
             got = take_line(in, line, sizeof line);
             if (got < 0)
@@ -417,6 +597,8 @@ http1_result http1_parse(http1_response *r, struct evbuffer *in, bool eof)
             if (digits == 0 || digits > 15 ||
                 (*endp != '\0' && *endp != ';' && *endp != ' ' && *endp != '\t'))
                 return fail(r, "malformed chunk size");
+            if (r->is_request && r->body_taken + n > r->max_body_bytes)
+                return fail_status(r, 413, "request body too large");
             r->remaining = n;
             r->state = n ? ST_CHUNK_DATA : ST_TRAILERS;
             break;
@@ -451,7 +633,7 @@ http1_result http1_parse(http1_response *r, struct evbuffer *in, bool eof)
             }
             r->trailer_bytes += strlen(line) + 2;
             if (r->trailer_bytes > r->max_header_bytes)
-                return fail(r, "trailers too large");
+                return fail_status(r, 431, "trailers too large");
             break;
         case ST_BODY_CLOSE:
             if (move_body(r, in, UINT64_MAX, &moved) != HTTP1_NEED_MORE)

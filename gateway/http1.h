@@ -1,17 +1,32 @@
 /*
- * http1.h - an incremental HTTP/1.x response parser for the upstream client.
+ * http1.h - an incremental HTTP/1.x message parser: upstream responses for the
+ * upstream client, client requests for the server side.
  *
  * Pure logic over an evbuffer: feed it whatever bytes have arrived, as often as
- * they arrive; it consumes what it can and says whether the response is
- * complete, needs more, or is malformed. The header block is parsed in one
- * piece once its blank line has arrived: it is copied into the parser's own
- * buffer and indexed in place (name and value pointers, no allocation per
- * header). Framing rules that matter to a proxy (RFC 9112): 1xx interim answers
- * skipped, no body for HEAD, 204 and 304, Transfer-Encoding: chunked (which wins
- * over Content-Length, and then the connection is not reused), Content-Length
- * (several different values are an error), otherwise a body delimited by the
- * connection's close. Header values with CR, LF or NUL are errors, so a value
- * can be written back out verbatim.
+ * they arrive; it consumes what it can and says whether the message is
+ * complete, needs more, or is malformed. It consumes exactly one message, so
+ * what follows (a pipelined request) stays in the buffer for the next one. The
+ * header block is parsed in one piece once its blank line has arrived: it is
+ * copied into the parser's own buffer and indexed in place (name and value
+ * pointers, no allocation per header). Header values with CR, LF or NUL are
+ * errors, so a value can be written back out verbatim.
+ *
+ * Responses (RFC 9112 framing as it matters to a proxy): 1xx interim answers
+ * skipped, no body for HEAD, 204 and 304, Transfer-Encoding: chunked (which
+ * wins over Content-Length, and then the connection is not reused),
+ * Content-Length (several different values are an error), otherwise a body
+ * delimited by the connection's close.
+ *
+ * Requests are held to what a server in front of other parsers must insist on
+ * (RFC 9112 sections 3, 5 and 6), each error with the status that answers it
+ * (error_status): a method that is a token, a request-target without space or
+ * control bytes, HTTP/1.0 or HTTP/1.1 (another version is 505), header names
+ * that are tokens, no line folding. The body is chunked (the last coding) or
+ * Content-Length framed or absent; any other Transfer-Encoding, one in an
+ * HTTP/1.0 request, or one beside a Content-Length is 400: a request framed two
+ * ways is how requests are smuggled past a proxy. A header block over its limit
+ * is 431, a body over its limit 413 (a Content-Length over it at once, before
+ * any body byte is read). Empty lines before the request line are skipped.
  */
 #ifndef GATEWAY_HTTP1_H
 #define GATEWAY_HTTP1_H
@@ -23,7 +38,7 @@
 struct evbuffer;
 
 #define HTTP1_MAX_LINE 8192  /* longest chunk-size or trailer line */
-#define HTTP1_MAX_FIELDS 128 /* header fields in one response */
+#define HTTP1_MAX_FIELDS 128 /* header fields in one message */
 
 typedef enum { HTTP1_NEED_MORE = 0, HTTP1_DONE = 1, HTTP1_ERROR = -1 } http1_result;
 
@@ -36,24 +51,35 @@ typedef struct http1_field {
     size_t value_len;
 } http1_field;
 
-typedef struct http1_response {
-    /* Limits, set by init. max_body_bytes bounds what waits in `body` at once,
-     * not the body's length: a caller that streams takes the body out as it
-     * comes, and a Content-Length or chunk size over it is no error. */
+typedef struct http1_message {
+    /* Limits, set by init. For a response max_body_bytes bounds what waits in
+     * `body` at once, not the body's length: a caller that streams takes the
+     * body out as it comes, and a Content-Length or chunk size over it is no
+     * error. For a request it bounds the whole body (413). */
     size_t max_header_bytes;
     size_t max_body_bytes;
-    bool head_request; /* the request was HEAD: no body whatever the headers say */
+    bool is_request;   /* set by the init called: parses requests, not responses */
+    bool head_request; /* response: the request was HEAD, no body whatever the headers say */
 
-    /* Results, valid once http1_parse() returned HTTP1_DONE. */
-    int status;
-    int minor_version;  /* 0 or 1 */
-    const char *reason; /* points into the header buffer; "" when none */
+    /* Results, valid once http1_parse() returned HTTP1_DONE (or, for the
+     * head's, once head_done is set). */
+    int status;         /* response */
+    const char *reason; /* response: points into the header buffer; "" when none */
+    const char *method; /* request: the method token, NUL-terminated in the header buffer */
+    size_t method_len;
+    const char *target; /* request: the request-target as sent, NUL-terminated */
+    size_t target_len;
+    int host_count;       /* request: Host fields */
+    bool expect_continue; /* request: Expect: 100-continue (the client waits before its body) */
+    bool expect_other;    /* request: another expectation (417) */
+    int error_status;     /* request, with HTTP1_ERROR: 400, 413, 417, 431 or 505 */
+    int minor_version;    /* 0 or 1 */
     http1_field fields[HTTP1_MAX_FIELDS];
     size_t field_count;
     struct evbuffer *body;  /* owned; the caller may move its contents out */
     bool keep_alive;        /* the connection may carry another request */
     const char *error;      /* with HTTP1_ERROR: what was wrong (static text) */
-    bool got_bytes;         /* any byte of a response arrived */
+    bool got_bytes;         /* any byte of the message arrived (for a request: past empty lines) */
     bool head_done;         /* the final header block is parsed: status and fields are valid */
     int64_t content_length; /* the body's length when framed by Content-Length; -1 otherwise */
 
@@ -65,9 +91,13 @@ typedef struct http1_response {
     char *head;           /* the header block, NUL-separated after parsing */
     size_t head_cap;
     int state;
-    uint64_t remaining; /* bytes of Content-Length or of the current chunk */
+    uint64_t remaining;  /* bytes of Content-Length or of the current chunk */
+    uint64_t body_taken; /* request: body bytes taken so far (against max_body_bytes) */
     size_t trailer_bytes;
-} http1_response;
+} http1_message;
+
+typedef http1_message http1_response;
+typedef http1_message http1_request;
 
 /* Set limits and allocate. 0, or -1 when out of memory. */
 int http1_response_init(http1_response *r, size_t max_header_bytes, size_t max_body_bytes);
@@ -75,11 +105,17 @@ int http1_response_init(http1_response *r, size_t max_header_bytes, size_t max_b
 void http1_response_reset(http1_response *r, bool head_request);
 void http1_response_free(http1_response *r);
 
+/* The same for requests. */
+int http1_request_init(http1_request *r, size_t max_header_bytes, size_t max_body_bytes);
+void http1_request_reset(http1_request *r);
+void http1_request_free(http1_request *r);
+
 /* Consume bytes from in. eof: the peer closed the connection (ends a
- * close-delimited body; anywhere else it is an error). */
-http1_result http1_parse(http1_response *r, struct evbuffer *in, bool eof);
+ * close-delimited response body; anywhere else it is an error: got_bytes
+ * tells a request cut short from a client that simply went away). */
+http1_result http1_parse(http1_message *r, struct evbuffer *in, bool eof);
 
 /* The first field called name (case-insensitive), or NULL. */
-const http1_field *http1_find(const http1_response *r, const char *name);
+const http1_field *http1_find(const http1_message *r, const char *name);
 
 #endif

@@ -1,7 +1,9 @@
 /*
- * test_http1.c - the upstream response parser (gateway/http1.c): framing by
- * Content-Length, chunked and close; interim answers; bodiless statuses; limits;
- * and input arriving one byte at a time.
+ * test_http1.c - the HTTP/1.x parser (gateway/http1.c). Upstream responses:
+ * framing by Content-Length, chunked and close; interim answers; bodiless
+ * statuses; limits; and input arriving one byte at a time. Client requests:
+ * the request line, strict names and framing (each error with the status that
+ * answers it), body limits, keep-alive, Expect, pipelining.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -405,6 +407,255 @@ static void test_framing_fields_noted(void **state)
     assert_int_equal(f->r.status, 204);
 }
 
+/* ---- requests ------------------------------------------------------------------ */
+
+#define REQ_MAX_HEADER 1024
+#define REQ_MAX_BODY 64
+
+static int setup_request(void **state)
+{
+    static fixture f;
+    assert_int_equal(http1_request_init(&f.r, REQ_MAX_HEADER, REQ_MAX_BODY), 0);
+    assert_true(f.r.is_request);
+    f.in = evbuffer_new();
+    *state = &f;
+    return 0;
+}
+
+static void http1_free_and_init(fixture *f, size_t max_header)
+{
+    http1_request_free(&f->r);
+    assert_int_equal(http1_request_init(&f->r, max_header, REQ_MAX_BODY), 0);
+    evbuffer_drain(f->in, evbuffer_get_length(f->in));
+}
+
+static void request_again(fixture *f)
+{
+    http1_request_reset(&f->r);
+    evbuffer_drain(f->in, evbuffer_get_length(f->in));
+}
+
+static void test_request_get_and_pipelined(void **state)
+{
+    fixture *f = *state;
+    assert_int_equal(feed(f,
+                          "\r\n\r\nGET /a/b?c=d HTTP/1.1\r\nHost: example.test\r\nX-Two:  x y \r\n\r\n"
+                          "POST /p HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabc",
+                          false),
+                     HTTP1_DONE);
+    assert_string_equal(f->r.method, "GET");
+    assert_int_equal(f->r.method_len, 3);
+    assert_string_equal(f->r.target, "/a/b?c=d");
+    assert_int_equal(f->r.target_len, 8);
+    assert_int_equal(f->r.minor_version, 1);
+    assert_int_equal(f->r.field_count, 2);
+    assert_string_equal(f->r.fields[1].name, "X-Two");
+    assert_string_equal(f->r.fields[1].value, "x y");
+    assert_int_equal(f->r.host_count, 1);
+    assert_true(f->r.keep_alive);
+    assert_true(f->r.head_done);
+    assert_int_equal(f->r.content_length, -1);
+    assert_body(f, "");
+    /* The next request is still in the buffer, untouched. */
+    assert_int_equal(evbuffer_get_length(f->in),
+                     strlen("POST /p HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabc"));
+    http1_request_reset(&f->r);
+    assert_int_equal(http1_parse(&f->r, f->in, false), HTTP1_DONE);
+    assert_string_equal(f->r.method, "POST");
+    assert_string_equal(f->r.target, "/p");
+    assert_int_equal(f->r.content_length, 3);
+    assert_body(f, "abc");
+    assert_int_equal(evbuffer_get_length(f->in), 0);
+}
+
+static void test_request_byte_at_a_time(void **state)
+{
+    fixture *f = *state;
+    const char *text = "\r\nPUT /x HTTP/1.1\nHost: h\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+                       "3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\nTrailer: t\r\n\r\n";
+    size_t n = strlen(text);
+    for (size_t i = 0; i < n; i++) {
+        evbuffer_add(f->in, text + i, 1);
+        http1_result r = http1_parse(&f->r, f->in, false);
+        if (i + 1 < n)
+            assert_int_equal(r, HTTP1_NEED_MORE);
+        else
+            assert_int_equal(r, HTTP1_DONE);
+    }
+    assert_string_equal(f->r.method, "PUT");
+    assert_body(f, "abcde");
+    assert_int_equal(f->r.content_length, -1);
+    assert_true(f->r.keep_alive);
+}
+
+/* Each malformed request, and the status that answers it. */
+static void test_request_errors(void **state)
+{
+    fixture *f = *state;
+    static const struct {
+        const char *text;
+        int status;
+    } cases[] = {
+        {"GET  / HTTP/1.1\r\n\r\n", 400},
+        {"GET / HTTP/1.1 \r\n\r\n", 400},
+        {"GET /a b HTTP/1.1\r\n\r\n", 400},
+        {"GET /\x01 HTTP/1.1\r\n\r\n", 400},
+        {"GET /\x7f HTTP/1.1\r\n\r\n", 400},
+        {"GET /a\rb HTTP/1.1\r\n\r\n", 400},
+        {"G(T / HTTP/1.1\r\n\r\n", 400},
+        {" GET / HTTP/1.1\r\n\r\n", 400},
+        {"GET /\r\n\r\n", 400},
+        {"GET / HTTX/1.1\r\n\r\n", 400},
+        {"GET / http/1.1\r\n\r\n", 400},
+        {"GET / HTTP/1.10\r\n\r\n", 400},
+        {"GET / HTTP/2.0\r\n\r\n", 505},
+        {"GET / HTTP/1.2\r\n\r\n", 505},
+        {"GET / HTTP/0.9\r\n\r\n", 505},
+        {"GET / HTTP/1.1\r\nBad Name: x\r\n\r\n", 400},
+        {"GET / HTTP/1.1\r\nX@: y\r\n\r\n", 400},
+        {"GET / HTTP/1.1\r\n: y\r\n\r\n", 400},
+        {"GET / HTTP/1.1\r\nNoColon\r\n\r\n", 400},
+        {"GET / HTTP/1.1\r\nA: b\r\n c\r\n\r\n", 400},
+        {"GET / HTTP/1.1\r\nA: b\rc\r\n\r\n", 400},
+        {"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n", 400},
+        {"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", 400},
+        {"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", 400},
+        {"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", 400},
+        {"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", 400},
+        {"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n", 400},
+        {"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400},
+        {"POST / HTTP/1.1\r\nContent-Length: 0x10\r\n\r\n", 400},
+        {"POST / HTTP/1.1\r\nContent-Length: 1 2\r\n\r\n", 400},
+        {"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n", 400},
+        {"POST / HTTP/1.1\r\nContent-Length: 65\r\n\r\n", 413},
+        {"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n41\r\n", 413},
+        {"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400},
+        {"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nab\r\n", 400},
+        {"GET / HTTP/1.1\r\nExpect: something\r\n\r\n", 417},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        request_again(f);
+        http1_result r = feed(f, cases[i].text, false);
+        if (r != HTTP1_ERROR || f->r.error_status != cases[i].status || !f->r.error)
+            fail_msg("case %zu (%s): result %d, status %d", i, cases[i].text, (int)r, f->r.error_status);
+    }
+    /* A NUL anywhere in the head. */
+    request_again(f);
+    evbuffer_add(f->in, "GET / HTTP/1.1\r\nA: b\0c\r\n\r\n", 27);
+    assert_int_equal(http1_parse(&f->r, f->in, false), HTTP1_ERROR);
+    assert_int_equal(f->r.error_status, 400);
+}
+
+static void test_request_limits(void **state)
+{
+    fixture *f = *state;
+    /* A header block over the limit: 431, complete or not. */
+    char big[REQ_MAX_HEADER + 64];
+    memset(big, 'a', sizeof big);
+    big[sizeof big - 1] = '\0';
+    assert_int_equal(feed(f, "GET / HTTP/1.1\r\nX: ", false), HTTP1_NEED_MORE);
+    assert_int_equal(feed(f, big, false), HTTP1_ERROR);
+    assert_int_equal(f->r.error_status, 431);
+    request_again(f);
+    evbuffer_add_printf(f->in, "GET /%s HTTP/1.1\r\n\r\n", big);
+    assert_int_equal(http1_parse(&f->r, f->in, false), HTTP1_ERROR);
+    assert_int_equal(f->r.error_status, 431);
+    /* Too many fields: 431. */
+    request_again(f);
+    http1_free_and_init(f, 1 << 16);
+    evbuffer_add_printf(f->in, "GET / HTTP/1.1\r\n");
+    for (int i = 0; i <= HTTP1_MAX_FIELDS; i++)
+        evbuffer_add_printf(f->in, "X-%d: v\r\n", i);
+    evbuffer_add_printf(f->in, "\r\n");
+    assert_int_equal(http1_parse(&f->r, f->in, false), HTTP1_ERROR);
+    assert_int_equal(f->r.error_status, 431);
+    http1_free_and_init(f, REQ_MAX_HEADER);
+    /* A body of exactly the limit passes, by length and chunked. */
+    char body[REQ_MAX_BODY + 1];
+    memset(body, 'b', REQ_MAX_BODY);
+    body[REQ_MAX_BODY] = '\0';
+    request_again(f);
+    evbuffer_add_printf(f->in, "POST / HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s", REQ_MAX_BODY, body);
+    assert_int_equal(http1_parse(&f->r, f->in, false), HTTP1_DONE);
+    assert_body(f, body);
+    request_again(f);
+    evbuffer_add_printf(
+        f->in, "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n20\r\n%.32s\r\n20\r\n%.32s\r\n0\r\n\r\n",
+        body, body);
+    assert_int_equal(http1_parse(&f->r, f->in, false), HTTP1_DONE);
+    assert_body(f, body);
+    /* One byte more over several chunks: 413, though no chunk is over the limit. */
+    request_again(f);
+    evbuffer_add_printf(f->in, "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n20\r\n%.32s\r\n21\r\n",
+                        body);
+    assert_int_equal(http1_parse(&f->r, f->in, false), HTTP1_ERROR);
+    assert_int_equal(f->r.error_status, 413);
+    /* A Content-Length over the limit is refused before any body byte. */
+    request_again(f);
+    assert_int_equal(feed(f, "POST / HTTP/1.1\r\nContent-Length: 1000\r\n\r\n", false), HTTP1_ERROR);
+    assert_int_equal(f->r.error_status, 413);
+}
+
+static void test_request_keep_alive_and_expect(void **state)
+{
+    fixture *f = *state;
+    static const struct {
+        const char *text;
+        bool keep_alive;
+        bool expect_continue;
+    } cases[] = {
+        {"GET / HTTP/1.1\r\n\r\n", true, false},
+        {"GET / HTTP/1.1\r\nConnection: close\r\n\r\n", false, false},
+        {"GET / HTTP/1.1\r\nConnection: Upgrade, CLOSE\r\n\r\n", false, false},
+        {"GET / HTTP/1.0\r\n\r\n", false, false},
+        {"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", true, false},
+        {"GET / HTTP/1.0\r\nConnection: keep-alive, close\r\n\r\n", false, false},
+        {"GET / HTTP/1.1\r\nExpect: 100-Continue\r\n\r\n", true, true},
+        {"GET / HTTP/1.0\r\nExpect: 100-continue\r\n\r\n", false, false},
+        {"GET / HTTP/1.0\r\nExpect: other\r\n\r\n", false, false},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        request_again(f);
+        http1_result r = feed(f, cases[i].text, false);
+        if (r != HTTP1_DONE || f->r.keep_alive != cases[i].keep_alive ||
+            f->r.expect_continue != cases[i].expect_continue)
+            fail_msg("case %zu (%s): result %d keep_alive %d expect %d", i, cases[i].text, (int)r,
+                     (int)f->r.keep_alive, (int)f->r.expect_continue);
+    }
+    /* The head is known before the body arrives: a client that expects 100
+     * is told to go on only then. */
+    request_again(f);
+    assert_int_equal(feed(f, "PUT / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n", false),
+                     HTTP1_NEED_MORE);
+    assert_true(f->r.head_done);
+    assert_true(f->r.expect_continue);
+    assert_int_equal(f->r.content_length, 2);
+    assert_int_equal(feed(f, "ok", false), HTTP1_DONE);
+    assert_body(f, "ok");
+    /* Two Host fields are counted, for the server to refuse. */
+    request_again(f);
+    assert_int_equal(feed(f, "GET / HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n", false), HTTP1_DONE);
+    assert_int_equal(f->r.host_count, 2);
+}
+
+static void test_request_eof(void **state)
+{
+    fixture *f = *state;
+    /* A client gone between requests sent nothing of one. */
+    assert_int_equal(http1_parse(&f->r, f->in, true), HTTP1_ERROR);
+    assert_false(f->r.got_bytes);
+    request_again(f);
+    assert_int_equal(feed(f, "\r\n", true), HTTP1_ERROR);
+    assert_false(f->r.got_bytes);
+    /* Cut short in the head or the body. */
+    request_again(f);
+    assert_int_equal(feed(f, "GET / HT", true), HTTP1_ERROR);
+    assert_true(f->r.got_bytes);
+    request_again(f);
+    assert_int_equal(feed(f, "POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nab", true), HTTP1_ERROR);
+    assert_string_equal(f->r.error, "connection closed in the request body");
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -425,6 +676,12 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_streamed_body_over_the_limit, setup, teardown),
         cmocka_unit_test_setup_teardown(test_head_done_and_length, setup, teardown),
         cmocka_unit_test_setup_teardown(test_framing_fields_noted, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_request_get_and_pipelined, setup_request, teardown),
+        cmocka_unit_test_setup_teardown(test_request_byte_at_a_time, setup_request, teardown),
+        cmocka_unit_test_setup_teardown(test_request_errors, setup_request, teardown),
+        cmocka_unit_test_setup_teardown(test_request_limits, setup_request, teardown),
+        cmocka_unit_test_setup_teardown(test_request_keep_alive_and_expect, setup_request, teardown),
+        cmocka_unit_test_setup_teardown(test_request_eof, setup_request, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
