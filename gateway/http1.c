@@ -12,8 +12,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/queue.h>
 
 #include <event2/buffer.h>
+#include <event2/keyvalq_struct.h>
 
 #include "gateway/httputil.h"
 
@@ -647,4 +649,232 @@ http1_result http1_parse(http1_message *r, struct evbuffer *in, bool eof)
             return HTTP1_DONE;
         }
     }
+}
+
+/* ---- writing an answer's head -------------------------------------------------- */
+
+const char *http1_reason(int status)
+{
+    switch (status) {
+    case 100:
+        return "Continue";
+    case 101:
+        return "Switching Protocols";
+    case 103:
+        return "Early Hints";
+    case 200:
+        return "OK";
+    case 201:
+        return "Created";
+    case 202:
+        return "Accepted";
+    case 203:
+        return "Non-Authoritative Information";
+    case 204:
+        return "No Content";
+    case 205:
+        return "Reset Content";
+    case 206:
+        return "Partial Content";
+    case 300:
+        return "Multiple Choices";
+    case 301:
+        return "Moved Permanently";
+    case 302:
+        return "Found";
+    case 303:
+        return "See Other";
+    case 304:
+        return "Not Modified";
+    case 307:
+        return "Temporary Redirect";
+    case 308:
+        return "Permanent Redirect";
+    case 400:
+        return "Bad Request";
+    case 401:
+        return "Unauthorized";
+    case 403:
+        return "Forbidden";
+    case 404:
+        return "Not Found";
+    case 405:
+        return "Method Not Allowed";
+    case 406:
+        return "Not Acceptable";
+    case 408:
+        return "Request Timeout";
+    case 409:
+        return "Conflict";
+    case 410:
+        return "Gone";
+    case 411:
+        return "Length Required";
+    case 412:
+        return "Precondition Failed";
+    case 413:
+        return "Content Too Large";
+    case 414:
+        return "URI Too Long";
+    case 415:
+        return "Unsupported Media Type";
+    case 416:
+        return "Range Not Satisfiable";
+    case 417:
+        return "Expectation Failed";
+    case 422:
+        return "Unprocessable Content";
+    case 425:
+        return "Too Early";
+    case 426:
+        return "Upgrade Required";
+    case 428:
+        return "Precondition Required";
+    case 429:
+        return "Too Many Requests";
+    case 431:
+        return "Request Header Fields Too Large";
+    case 500:
+        return "Internal Server Error";
+    case 501:
+        return "Not Implemented";
+    case 502:
+        return "Bad Gateway";
+    case 503:
+        return "Service Unavailable";
+    case 504:
+        return "Gateway Timeout";
+    case 505:
+        return "HTTP Version Not Supported";
+    default:
+        return "Unknown";
+    }
+}
+
+const char *http1_date(time_t now)
+{
+    static _Thread_local char text[32];
+    static _Thread_local time_t at = (time_t)-1;
+    if (now != at) {
+        static const char days[7][4] = {"Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"};
+        static const char months[12][4] = {"Jan", "Feb", "Mar", "Apr", "May", "Jun",
+                                           "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"};
+        struct tm tm;
+        if (!gmtime_r(&now, &tm))
+            return "Thu, 01 Jan 1970 00:00:00 GMT";
+        /* Fixed layout: "Ddd, DD Mmm YYYY HH:MM:SS GMT". */
+        char *p = text;
+        memcpy(p, days[tm.tm_wday], 3);
+        p[3] = ',';
+        p[4] = ' ';
+        p[5] = (char)('0' + tm.tm_mday / 10);
+        p[6] = (char)('0' + tm.tm_mday % 10);
+        p[7] = ' ';
+        memcpy(p + 8, months[tm.tm_mon], 3);
+        p[11] = ' ';
+        int year = tm.tm_year + 1900;
+        if (year < 0 || year > 9999)
+            return "Thu, 01 Jan 1970 00:00:00 GMT";
+        p[12] = (char)('0' + year / 1000);
+        p[13] = (char)('0' + year / 100 % 10);
+        p[14] = (char)('0' + year / 10 % 10);
+        p[15] = (char)('0' + year % 10);
+        p[16] = ' ';
+        p[17] = (char)('0' + tm.tm_hour / 10);
+        p[18] = (char)('0' + tm.tm_hour % 10);
+        p[19] = ':';
+        p[20] = (char)('0' + tm.tm_min / 10);
+        p[21] = (char)('0' + tm.tm_min % 10);
+        p[22] = ':';
+        p[23] = (char)('0' + tm.tm_sec / 10);
+        p[24] = (char)('0' + tm.tm_sec % 10);
+        memcpy(p + 25, " GMT", 5);
+        at = now;
+    }
+    return text;
+}
+
+/* Decimal digits of v into out (at least 20 bytes); their count. */
+static size_t put_decimal(char *out, uint64_t v)
+{
+    char digits[20];
+    size_t n = 0;
+    do
+        digits[n++] = (char)('0' + v % 10);
+    while ((v /= 10) != 0);
+    for (size_t i = 0; i < n; i++)
+        out[i] = digits[n - 1 - i];
+    return n;
+}
+
+#define PUT(w, s, n)                                                                                         \
+    do {                                                                                                     \
+        memcpy((w), (s), (n));                                                                               \
+        (w) += (n);                                                                                          \
+    } while (0)
+
+int http1_write_head(struct evbuffer *out, int minor, int status, const char *reason,
+                     const struct evkeyvalq *headers, const http1_head_framing *framing)
+{
+    if (!reason)
+        reason = http1_reason(status);
+    size_t reason_len = strlen(reason);
+    size_t date_len = framing && framing->date ? strlen(framing->date) : 0;
+    /* "HTTP/1.1 200 " reason CRLF, the entries, the framing lines, CRLF. */
+    size_t total = 13 + reason_len + 2 + 2;
+    const struct evkeyval *h;
+    TAILQ_FOREACH(h, headers, next)
+    {
+        total += strlen(h->key) + 2 + strlen(h->value) + 2;
+    }
+    if (framing) {
+        if (framing->content_length >= 0)
+            total += 16 + 20 + 2; /* "Content-Length: " digits CRLF */
+        if (framing->chunked)
+            total += 28; /* "Transfer-Encoding: chunked" CRLF */
+        if (framing->close)
+            total += 19; /* "Connection: close" CRLF */
+        if (framing->date)
+            total += 6 + date_len + 2;
+    }
+    struct evbuffer_iovec vec;
+    if (evbuffer_reserve_space(out, (ev_ssize_t)total, &vec, 1) != 1 || vec.iov_len < total)
+        return -1;
+    char *w = vec.iov_base;
+    PUT(w, "HTTP/1.", 7);
+    *w++ = minor ? '1' : '0';
+    *w++ = ' ';
+    *w++ = (char)('0' + status / 100 % 10);
+    *w++ = (char)('0' + status / 10 % 10);
+    *w++ = (char)('0' + status % 10);
+    *w++ = ' ';
+    PUT(w, reason, reason_len);
+    PUT(w, "\r\n", 2);
+    TAILQ_FOREACH(h, headers, next)
+    {
+        size_t k = strlen(h->key), v = strlen(h->value);
+        PUT(w, h->key, k);
+        PUT(w, ": ", 2);
+        PUT(w, h->value, v);
+        PUT(w, "\r\n", 2);
+    }
+    if (framing) {
+        if (framing->date) {
+            PUT(w, "Date: ", 6);
+            PUT(w, framing->date, date_len);
+            PUT(w, "\r\n", 2);
+        }
+        if (framing->content_length >= 0) {
+            PUT(w, "Content-Length: ", 16);
+            w += put_decimal(w, (uint64_t)framing->content_length);
+            PUT(w, "\r\n", 2);
+        }
+        if (framing->chunked)
+            PUT(w, "Transfer-Encoding: chunked\r\n", 28);
+        if (framing->close)
+            PUT(w, "Connection: close\r\n", 19);
+    }
+    PUT(w, "\r\n", 2);
+    vec.iov_len = (size_t)(w - (char *)vec.iov_base);
+    return evbuffer_commit_space(out, &vec, 1) == 0 ? 0 : -1;
 }

@@ -34,6 +34,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <time.h>
 
 struct evbuffer;
 
@@ -117,5 +118,35 @@ http1_result http1_parse(http1_message *r, struct evbuffer *in, bool eof);
 
 /* The first field called name (case-insensitive), or NULL. */
 const http1_field *http1_find(const http1_message *r, const char *name);
+
+/* ---- writing an answer's head (the server side) ---- */
+
+struct evkeyvalq;
+
+/* What the server adds to an answer's head besides its header entries. */
+typedef struct http1_head_framing {
+    int64_t content_length; /* >= 0: "Content-Length: N"; -1: none */
+    bool chunked;           /* "Transfer-Encoding: chunked" */
+    bool close;             /* "Connection: close" */
+    const char *date;       /* "Date: <date>" when not NULL (the entries carry none) */
+} http1_head_framing;
+
+/* Append to out, in one reservation and without printf: the status line
+ * "HTTP/1.<minor> <status> <reason>" (reason NULL: the standard phrase), every
+ * entry of headers as "key: value", the framing lines, and the blank line.
+ * The caller vouches that keys are tokens and values free of CR, LF and NUL
+ * (an entry may hold several lines joined by CRLF on purpose: see
+ * ARCHITECTURE, "one header entry"). status must be 100..999. 0, or -1 when
+ * out of memory (out unchanged). */
+int http1_write_head(struct evbuffer *out, int minor, int status, const char *reason,
+                     const struct evkeyvalq *headers, const http1_head_framing *framing);
+
+/* The standard reason phrase of status, "Unknown" for one without. */
+const char *http1_reason(int status);
+
+/* now as an IMF-fixdate ("Sun, 06 Nov 1994 08:49:37 GMT"), formatted once a
+ * second per thread; the string is the thread's own, valid until its next
+ * call with another second. */
+const char *http1_date(time_t now);
 
 #endif

@@ -13,6 +13,12 @@
 
 #include <cmocka.h>
 #include <event2/buffer.h>
+#include <event2/http.h>
+#include <event2/keyvalq_struct.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/queue.h>
+#include <time.h>
 
 #include "gateway/http1.h"
 
@@ -656,6 +662,94 @@ static void test_request_eof(void **state)
     assert_string_equal(f->r.error, "connection closed in the request body");
 }
 
+/* ---- writing an answer's head ------------------------------------------------ */
+
+static void assert_head(struct evbuffer *out, const char *expected)
+{
+    size_t len = evbuffer_get_length(out);
+    char *got = malloc(len + 1);
+    assert_non_null(got);
+    evbuffer_remove(out, got, len);
+    got[len] = '\0';
+    assert_string_equal(got, expected);
+    free(got);
+}
+
+static void test_write_head(void **state)
+{
+    (void)state;
+    struct evbuffer *out = evbuffer_new();
+    struct evkeyvalq h;
+    TAILQ_INIT(&h);
+    /* No entries, no framing, the standard phrase. */
+    assert_int_equal(http1_write_head(out, 1, 204, NULL, &h, NULL), 0);
+    assert_head(out, "HTTP/1.1 204 No Content\r\n\r\n");
+    /* Entries in their order (one holding two lines), every framing line. */
+    evhttp_add_header(&h, "Content-Type", "application/json");
+    /* evhttp_add_header refuses a value with CRLF; the joined entry is made by hand, as the worker does. */
+    struct evkeyval *joined = calloc(1, sizeof *joined);
+    assert_non_null(joined);
+    joined->key = strdup("X-Joined");
+    joined->value = strdup("a\r\nX-Second: b");
+    TAILQ_INSERT_TAIL(&h, joined, next);
+    http1_head_framing fr = {.content_length = 12345678901LL,
+                             .chunked = false,
+                             .close = true,
+                             .date = "Fri, 27 Nov 2026 18:00:00 GMT"};
+    assert_int_equal(http1_write_head(out, 0, 502, "Upstream Gone", &h, &fr), 0);
+    assert_head(
+        out,
+        "HTTP/1.0 502 Upstream Gone\r\nContent-Type: application/json\r\nX-Joined: a\r\nX-Second: b\r\n"
+        "Date: Fri, 27 Nov 2026 18:00:00 GMT\r\nContent-Length: 12345678901\r\nConnection: close\r\n\r\n");
+    fr = (http1_head_framing){.content_length = 0};
+    assert_int_equal(http1_write_head(out, 1, 200, "", &h, &fr), 0);
+    assert_head(out, "HTTP/1.1 200 \r\nContent-Type: application/json\r\nX-Joined: a\r\nX-Second: b\r\n"
+                     "Content-Length: 0\r\n\r\n");
+    fr = (http1_head_framing){.content_length = -1, .chunked = true};
+    assert_int_equal(http1_write_head(out, 1, 299, NULL, &h, &fr), 0);
+    assert_head(out,
+                "HTTP/1.1 299 Unknown\r\nContent-Type: application/json\r\nX-Joined: a\r\nX-Second: b\r\n"
+                "Transfer-Encoding: chunked\r\n\r\n");
+    /* A head larger than any one chain, after bytes already waiting. */
+    evhttp_clear_headers(&h);
+    char big[9000];
+    memset(big, 'v', sizeof big - 1);
+    big[sizeof big - 1] = '\0';
+    evhttp_add_header(&h, "Big", big);
+    evbuffer_add(out, "before", 6);
+    assert_int_equal(http1_write_head(out, 1, 200, NULL, &h, NULL), 0);
+    assert_int_equal(evbuffer_get_length(out), 6 + strlen("HTTP/1.1 200 OK\r\nBig: \r\n\r\n") + strlen(big));
+    char prefix[24];
+    evbuffer_remove(out, prefix, 23);
+    assert_memory_equal(prefix, "beforeHTTP/1.1 200 OK\r\n", 23);
+    evhttp_clear_headers(&h);
+    evbuffer_free(out);
+    /* Every standard phrase the gateway answers with itself. */
+    assert_string_equal(http1_reason(413), "Content Too Large");
+    assert_string_equal(http1_reason(429), "Too Many Requests");
+    assert_string_equal(http1_reason(504), "Gateway Timeout");
+}
+
+static void test_date(void **state)
+{
+    (void)state;
+    /* Against strftime's C-locale rendering, across days, months and leap years. */
+    static const time_t samples[] = {0,          784111777,    951782400,     1709164800,
+                                     1795802400, 4102444799LL, 253402300799LL};
+    for (size_t i = 0; i < sizeof samples / sizeof samples[0]; i++) {
+        struct tm tm;
+        char want[64];
+        gmtime_r(&samples[i], &tm);
+        strftime(want, sizeof want, "%a, %d %b %Y %H:%M:%S GMT", &tm);
+        assert_string_equal(http1_date(samples[i]), want);
+    }
+    assert_string_equal(http1_date(784111777), "Sun, 06 Nov 1994 08:49:37 GMT");
+    /* The cached second: the same pointer, the same text. */
+    const char *a = http1_date(1795802400);
+    assert_ptr_equal(http1_date(1795802400), a);
+    assert_string_equal(a, "Fri, 27 Nov 2026 18:00:00 GMT");
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -682,6 +776,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_request_limits, setup_request, teardown),
         cmocka_unit_test_setup_teardown(test_request_keep_alive_and_expect, setup_request, teardown),
         cmocka_unit_test_setup_teardown(test_request_eof, setup_request, teardown),
+        cmocka_unit_test(test_write_head),
+        cmocka_unit_test(test_date),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
