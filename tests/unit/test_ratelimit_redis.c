@@ -11,9 +11,9 @@
  * (dry-run ones included); and both leave the same TATs. Over hand, edge and
  * random cases (one policy, and up to RL_POLICIES_MAX with dry-run ones).
  *
- * Then rl_redis against a fake Redis on the same loop that runs the same
- * model of the script (its clock fixed by the test) and can hold its script
- * replies: while a set's call is in flight the next calls for it wait and go
+ * Then rl_redis against a fake Redis on the same loop (fake_redis.h) whose
+ * scripts run the same model (its clock fixed by the test) and which can
+ * hold its script replies: while a set's call is in flight the next calls for it wait and go
  * as ONE EVALSHA asking for n; other sets (another client's key beside the
  * same route-wide key) go at once; each call gets its own decisions; a
  * request's policies go in one EVALSHA with all their keys, all or nothing; a
@@ -34,19 +34,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
-#include <time.h>
-
-#include <arpa/inet.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
 
 #include <cmocka.h>
 #include <event2/buffer.h>
-#include <event2/bufferevent.h>
 #include <event2/event.h>
-#include <event2/listener.h>
 
+#include "fake_redis.h"
 #include "ratelimit/rlredis.h"
 
 /* ---- models of the scripts ------------------------------------------------------------ */
@@ -378,20 +371,12 @@ static void test_batch_arithmetic_policies_equal_sequence(void **state)
 
 /* ---- a fake Redis running the batch model ------------------------------------------ */
 
-#define FAKE_MAX_CONNS 16
 #define FAKE_MAX_SCRIPTS 1024
 #define FAKE_MAX_KEYS 1024
-#define FAKE_MAX_SETS 160                     /* sets in one script call: more than the client sends */
-#define FAKE_MAX_ARGS (5 + 6 * FAKE_MAX_SETS) /* EVALSHA sha numkeys KEYS... nsets (n m (p l e)...)... */
+#define FAKE_MAX_SETS 160 /* sets in one script call: more than the client sends */
 
-typedef struct fake fake;
-
-typedef struct fake_conn {
-    fake *f;
-    struct bufferevent *bev;
-    int id;
-    struct evbuffer *held; /* replies not sent yet (in order) */
-} fake_conn;
+/* EVALSHA sha numkeys KEYS... nsets (n m (p l e)...)...: all of it reaches the script function. */
+_Static_assert(5 + 6 * FAKE_MAX_SETS <= FAKE_REDIS_MAX_ARGS, "a script call of FAKE_MAX_SETS sets is cut");
 
 /* One script call as the fake saw it: its sets (one for script_one's
  * shape), the first one in full. */
@@ -411,63 +396,16 @@ typedef struct script_call {
     unsigned set_enforce[FAKE_MAX_SETS]; /* bit i: key i enforced */
 } script_call;
 
-struct fake {
-    struct event_base *base;
-    struct evconnlistener *listener;
-    int port;
-    int accepted;
-    fake_conn *conns[FAKE_MAX_CONNS];
+/* The fake's scripts (fake_redis.h: its script function): the batch model
+ * at a clock the test sets, the keys' TATs, and every script call it ran. */
+typedef struct model {
     int64_t now_us;
-    bool hold;         /* hold script replies (NOSCRIPT ones too) until fake_release */
-    bool stall;        /* never answer script calls */
-    bool stall_eval;   /* never answer EVAL */
-    bool hold_ping;    /* hold PING replies (the handshake) until fake_release */
-    int delay_ms;      /* send every script reply this long after its command came */
-    int noscript_left; /* answer this many EVALSHA with NOSCRIPT */
     script_call scripts[FAKE_MAX_SCRIPTS];
     int nscripts;
     char keys[FAKE_MAX_KEYS][64];
     int64_t tats[FAKE_MAX_KEYS];
     int nkeys;
-};
-
-static void fake_conn_close(fake_conn *fc)
-{
-    fc->f->conns[fc->id] = NULL;
-    bufferevent_free(fc->bev);
-    evbuffer_free(fc->held);
-    free(fc);
-}
-
-static size_t parse_command(const char *p, size_t n, int *argc, const char **argv, size_t *lens, int max)
-{
-    const char *end = p + n, *q = p;
-    if (q >= end || *q != '*')
-        return 0;
-    char *eol = memchr(q, '\r', (size_t)(end - q));
-    if (!eol || eol + 1 >= end)
-        return 0;
-    int count = atoi(q + 1);
-    q = eol + 2;
-    for (int i = 0; i < count; i++) {
-        if (q >= end || *q != '$')
-            return 0;
-        eol = memchr(q, '\r', (size_t)(end - q));
-        if (!eol || eol + 1 >= end)
-            return 0;
-        size_t len = (size_t)atol(q + 1);
-        q = eol + 2;
-        if ((size_t)(end - q) < len + 2)
-            return 0;
-        if (i < max) {
-            argv[i] = q;
-            lens[i] = len;
-        }
-        q += len + 2;
-    }
-    *argc = count < max ? count : max;
-    return (size_t)(q - p);
-}
+} model;
 
 static int64_t arg_int(const char *a, size_t n)
 {
@@ -476,248 +414,108 @@ static int64_t arg_int(const char *a, size_t n)
     return atoll(buf);
 }
 
-static int64_t *fake_tat(fake *f, const char *key)
+static int64_t *model_tat(model *m, const char *key)
 {
-    for (int i = 0; i < f->nkeys; i++)
-        if (strcmp(f->keys[i], key) == 0)
-            return &f->tats[i];
-    assert_true(f->nkeys < FAKE_MAX_KEYS);
+    for (int i = 0; i < m->nkeys; i++)
+        if (strcmp(m->keys[i], key) == 0)
+            return &m->tats[i];
+    assert_true(m->nkeys < FAKE_MAX_KEYS);
     size_t len = strlen(key);
-    assert_true(len < sizeof f->keys[0]);
-    memcpy(f->keys[f->nkeys], key, len + 1);
-    f->tats[f->nkeys] = 0;
-    return &f->tats[f->nkeys++];
+    assert_true(len < sizeof m->keys[0]);
+    memcpy(m->keys[m->nkeys], key, len + 1);
+    m->tats[m->nkeys] = 0;
+    return &m->tats[m->nkeys++];
 }
 
-/* A script reply sent delay_ms after its command came (in order: every
- * reply waits as long). */
-typedef struct delayed {
-    fake *f;
-    int conn;
-    struct evbuffer *reply;
-} delayed;
-
-static void delayed_cb(evutil_socket_t fd, short what, void *arg)
+/* A script call (EVALSHA or EVAL; NOSCRIPT, holds, delays and stalls are the
+ * fake's): sha numkeys KEYS... then script_one's ARGV (n period limit
+ * enforce, one key) or script_multi's (nsets, per set n m and per key period
+ * limit enforce). Runs the batch model on every set in order, records the
+ * call, answers k and per key wait and room. */
+static void model_script(void *arg, const fake_redis_conn *fc, bool eval, int argc, const char *const *argv,
+                         const size_t *lens, struct evbuffer *reply)
 {
-    (void)fd;
-    (void)what;
-    delayed *dr = arg;
-    fake_conn *fc = dr->f->conns[dr->conn]; /* NULL once closed: the reply goes nowhere */
-    if (fc)
-        bufferevent_write_buffer(fc->bev, dr->reply);
-    evbuffer_free(dr->reply);
-    free(dr);
-}
-
-static void fake_read_cb(struct bufferevent *bev, void *arg)
-{
-    fake_conn *fc = arg;
-    fake *f = fc->f;
-    struct evbuffer *in = bufferevent_get_input(bev);
-    for (;;) {
-        size_t n = evbuffer_get_length(in);
-        if (n == 0)
-            return;
-        const char *p = (const char *)evbuffer_pullup(in, -1);
-        int argc = 0;
-        const char *argv[FAKE_MAX_ARGS];
-        size_t lens[FAKE_MAX_ARGS];
-        size_t used = parse_command(p, n, &argc, argv, lens, FAKE_MAX_ARGS);
-        if (used == 0)
-            return;
-        /* EVALSHA sha numkeys KEYS... then script_one's ARGV (n period limit
-         * enforce, one key) or script_multi's (nsets, per set n m and per key
-         * period limit enforce). */
-        int nkeys = argc >= 3 ? (int)arg_int(argv[2], lens[2]) : 0;
-        int nargv = argc - 3 - nkeys;
-        bool one = nkeys == 1 && nargv == 4;
-        bool multi = !one && nkeys >= 1 && nargv >= 1;
-        bool evalsha = (one || multi) && lens[0] == 7 && strncasecmp(argv[0], "EVALSHA", 7) == 0;
-        bool eval = (one || multi) && lens[0] == 4 && strncasecmp(argv[0], "EVAL", 4) == 0;
-        struct evbuffer *reply = evbuffer_new();
-        assert_non_null(reply);
-        bool script = false, stalled = false;
-        if (evalsha && f->noscript_left > 0) {
-            f->noscript_left--;
-            script = true;
-            evbuffer_add_printf(reply, "-NOSCRIPT No matching script. Please use EVAL.\r\n");
-        } else if (evalsha || eval) {
-            script = true;
-            stalled = f->stall || (eval && f->stall_eval);
-            assert_true(f->nscripts < FAKE_MAX_SCRIPTS);
-            script_call *sc = &f->scripts[f->nscripts++];
-            memset(sc, 0, sizeof *sc);
-            sc->eval = eval;
-            sc->multi = multi;
-            sc->conn = fc->id;
-            int a = 3 + nkeys; /* ARGV's next */
-            int nsets = multi ? (int)arg_int(argv[a], lens[a]) : 1;
-            a += multi;
-            assert_true(nsets >= 1 && nsets <= FAKE_MAX_SETS);
-            int kb = 0, out = 0; /* keys of the sets before; integers in the reply */
-            struct evbuffer *body = evbuffer_new();
-            assert_non_null(body);
-            for (int s = 0; s < nsets; s++) {
-                int64_t asked = arg_int(argv[a], lens[a]);
-                int m = multi ? (int)arg_int(argv[a + 1], lens[a + 1]) : 1;
-                a += multi ? 2 : 1;
-                assert_true(m >= 1 && m <= RL_POLICIES_MAX && kb + m <= nkeys && a + 3 * m <= argc);
-                model_pol mp[RL_POLICIES_MAX];
-                int64_t *tats[RL_POLICIES_MAX], wait[RL_POLICIES_MAX], room[RL_POLICIES_MAX];
-                char keys[RL_POLICIES_MAX][64];
-                for (int i = 0; i < m; i++, a += 3) {
-                    snprintf(keys[i], sizeof keys[i], "%.*s", (int)lens[3 + kb + i], argv[3 + kb + i]);
-                    mp[i].period = arg_int(argv[a], lens[a]);
-                    mp[i].limit = arg_int(argv[a + 1], lens[a + 1]);
-                    assert_true(lens[a + 2] == 1 && (argv[a + 2][0] == '1' || argv[a + 2][0] == '0'));
-                    mp[i].enforce = argv[a + 2][0] == '1';
-                    tats[i] = fake_tat(f, keys[i]);
-                }
-                if (s == 0) {
-                    sc->nkeys = m;
-                    sc->n = asked;
-                    for (int i = 0; i < m; i++) {
-                        memcpy(sc->keys[i], keys[i], sizeof keys[i]);
-                        sc->enforce[i] = mp[i].enforce;
-                    }
-                    memcpy(sc->key, keys[0], sizeof sc->key);
-                }
-                sc->set_n[s] = asked;
-                sc->set_nkeys[s] = m;
-                for (int i = 0; i < m; i++)
-                    sc->set_enforce[s] |= (unsigned)mp[i].enforce << i;
-                memcpy(sc->set_key[s], keys[0], sizeof sc->set_key[s]);
-                int64_t k = batch_script(tats, mp, m, f->now_us, asked, wait, room);
-                evbuffer_add_printf(body, ":%lld\r\n", (long long)k);
-                for (int i = 0; i < m; i++)
-                    evbuffer_add_printf(body, ":%lld\r\n:%lld\r\n", (long long)wait[i], (long long)room[i]);
-                out += 1 + 2 * m;
-                kb += m;
+    model *mo = arg;
+    int nkeys = (int)arg_int(argv[2], lens[2]);
+    int nargv = argc - 3 - nkeys;
+    bool one = nkeys == 1 && nargv == 4;
+    bool multi = !one && nkeys >= 1 && nargv >= 1;
+    assert_true(one || multi);
+    assert_true(mo->nscripts < FAKE_MAX_SCRIPTS);
+    script_call *sc = &mo->scripts[mo->nscripts++];
+    memset(sc, 0, sizeof *sc);
+    sc->eval = eval;
+    sc->multi = multi;
+    sc->conn = fc->id;
+    int a = 3 + nkeys; /* ARGV's next */
+    int nsets = multi ? (int)arg_int(argv[a], lens[a]) : 1;
+    a += multi;
+    assert_true(nsets >= 1 && nsets <= FAKE_MAX_SETS);
+    int kb = 0, out = 0; /* keys of the sets before; integers in the reply */
+    struct evbuffer *body = evbuffer_new();
+    assert_non_null(body);
+    for (int s = 0; s < nsets; s++) {
+        int64_t asked = arg_int(argv[a], lens[a]);
+        int m = multi ? (int)arg_int(argv[a + 1], lens[a + 1]) : 1;
+        a += multi ? 2 : 1;
+        assert_true(m >= 1 && m <= RL_POLICIES_MAX && kb + m <= nkeys && a + 3 * m <= argc);
+        model_pol mp[RL_POLICIES_MAX];
+        int64_t *tats[RL_POLICIES_MAX], wait[RL_POLICIES_MAX], room[RL_POLICIES_MAX];
+        char keys[RL_POLICIES_MAX][64];
+        for (int i = 0; i < m; i++, a += 3) {
+            snprintf(keys[i], sizeof keys[i], "%.*s", (int)lens[3 + kb + i], argv[3 + kb + i]);
+            mp[i].period = arg_int(argv[a], lens[a]);
+            mp[i].limit = arg_int(argv[a + 1], lens[a + 1]);
+            assert_true(lens[a + 2] == 1 && (argv[a + 2][0] == '1' || argv[a + 2][0] == '0'));
+            mp[i].enforce = argv[a + 2][0] == '1';
+            tats[i] = model_tat(mo, keys[i]);
+        }
+        if (s == 0) {
+            sc->nkeys = m;
+            sc->n = asked;
+            for (int i = 0; i < m; i++) {
+                memcpy(sc->keys[i], keys[i], sizeof keys[i]);
+                sc->enforce[i] = mp[i].enforce;
             }
-            assert_int_equal(kb, nkeys);
-            assert_int_equal(a, argc); /* every argument read */
-            sc->nsets = nsets;
-            evbuffer_add_printf(reply, "*%d\r\n", out);
-            evbuffer_add_buffer(reply, body);
-            evbuffer_free(body);
+            memcpy(sc->key, keys[0], sizeof sc->key);
         }
-        bool ping = false;
-        if (!script && argc >= 1 && lens[0] == 4 && strncasecmp(argv[0], "PING", 4) == 0) {
-            ping = true;
-            evbuffer_add_printf(reply, "+PONG\r\n");
-        } else if (!script) {
-            evbuffer_add_printf(reply, "+OK\r\n");
-        }
-        evbuffer_drain(in, used);
-        if (stalled) {
-            evbuffer_free(reply);
-        } else if ((script && f->hold) || (ping && f->hold_ping) || evbuffer_get_length(fc->held)) {
-            evbuffer_add_buffer(fc->held, reply);
-            evbuffer_free(reply);
-        } else if (script && f->delay_ms > 0) {
-            delayed *dr = malloc(sizeof *dr);
-            assert_non_null(dr);
-            *dr = (delayed){f, fc->id, reply};
-            struct timeval tv = {f->delay_ms / 1000, (f->delay_ms % 1000) * 1000};
-            assert_int_equal(event_base_once(f->base, -1, EV_TIMEOUT, delayed_cb, dr, &tv), 0);
-        } else {
-            bufferevent_write_buffer(fc->bev, reply);
-            evbuffer_free(reply);
-        }
+        sc->set_n[s] = asked;
+        sc->set_nkeys[s] = m;
+        for (int i = 0; i < m; i++)
+            sc->set_enforce[s] |= (unsigned)mp[i].enforce << i;
+        memcpy(sc->set_key[s], keys[0], sizeof sc->set_key[s]);
+        int64_t k = batch_script(tats, mp, m, mo->now_us, asked, wait, room);
+        evbuffer_add_printf(body, ":%lld\r\n", (long long)k);
+        for (int i = 0; i < m; i++)
+            evbuffer_add_printf(body, ":%lld\r\n:%lld\r\n", (long long)wait[i], (long long)room[i]);
+        out += 1 + 2 * m;
+        kb += m;
     }
+    assert_int_equal(kb, nkeys);
+    assert_int_equal(a, argc); /* every argument read */
+    sc->nsets = nsets;
+    evbuffer_add_printf(reply, "*%d\r\n", out);
+    evbuffer_add_buffer(reply, body);
+    evbuffer_free(body);
 }
 
-static void fake_event_cb(struct bufferevent *bev, short what, void *arg)
+/* A fake Redis in base's loop whose scripts run on a fresh model (its clock
+ * at NOW); the caller frees the model after fake_redis_stop. */
+static fake_redis *model_fake_start(struct event_base *base, model **mp)
 {
-    (void)bev;
-    if (what & (BEV_EVENT_EOF | BEV_EVENT_ERROR))
-        fake_conn_close(arg);
-}
-
-static void fake_accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct sockaddr *sa, int len,
-                           void *arg)
-{
-    (void)l;
-    (void)sa;
-    (void)len;
-    fake *f = arg;
-    fake_conn *fc = calloc(1, sizeof *fc);
-    assert_non_null(fc);
-    fc->f = f;
-    fc->id = f->accepted++;
-    assert_true(fc->id < FAKE_MAX_CONNS);
-    fc->held = evbuffer_new();
-    fc->bev = bufferevent_socket_new(f->base, fd, BEV_OPT_CLOSE_ON_FREE);
-    bufferevent_setcb(fc->bev, fake_read_cb, NULL, fake_event_cb, fc);
-    bufferevent_enable(fc->bev, EV_READ | EV_WRITE);
-    f->conns[fc->id] = fc;
-}
-
-/* Send the held replies. */
-static void fake_release(fake *f)
-{
-    for (int i = 0; i < FAKE_MAX_CONNS; i++)
-        if (f->conns[i] && evbuffer_get_length(f->conns[i]->held))
-            bufferevent_write_buffer(f->conns[i]->bev, f->conns[i]->held);
-}
-
-static fake *fake_start(struct event_base *base)
-{
-    fake *f = calloc(1, sizeof *f);
-    assert_non_null(f);
-    f->base = base;
-    f->now_us = NOW;
-    struct sockaddr_in sin = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    f->listener = evconnlistener_new_bind(base, fake_accept_cb, f, LEV_OPT_CLOSE_ON_FREE | LEV_OPT_REUSEABLE,
-                                          16, (struct sockaddr *)&sin, sizeof sin);
-    assert_non_null(f->listener);
-    struct sockaddr_in got;
-    socklen_t glen = sizeof got;
-    getsockname(evconnlistener_get_fd(f->listener), (struct sockaddr *)&got, &glen);
-    f->port = ntohs(got.sin_port);
+    model *mo = calloc(1, sizeof *mo);
+    assert_non_null(mo);
+    mo->now_us = NOW;
+    fake_redis *f = fake_redis_start(base);
+    f->script = model_script;
+    f->script_arg = mo;
+    *mp = mo;
     return f;
-}
-
-static void fake_stop(fake *f)
-{
-    for (int i = 0; i < FAKE_MAX_CONNS; i++)
-        if (f->conns[i])
-            fake_conn_close(f->conns[i]);
-    evconnlistener_free(f->listener);
-    free(f);
-}
-
-static int fake_open(const fake *f)
-{
-    int n = 0;
-    for (int i = 0; i < FAKE_MAX_CONNS; i++)
-        n += f->conns[i] != NULL;
-    return n;
 }
 
 /* ---- the loop, the client ------------------------------------------------------------ */
 
-static uint64_t ms_now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
-}
-
-static void run_for(struct event_base *base, int ms)
-{
-    struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
-    event_base_loopexit(base, &tv);
-    event_base_dispatch(base);
-}
-
-#define RUN_UNTIL(base, cond, ms)                                                                            \
-    do {                                                                                                     \
-        uint64_t end_ = ms_now() + (ms);                                                                     \
-        while (!(cond) && ms_now() < end_)                                                                   \
-            run_for((base), 1);                                                                              \
-        assert_true(cond);                                                                                   \
-    } while (0)
+#define RUN_UNTIL(base, cond, ms) FAKE_REDIS_RUN_UNTIL(base, cond, ms, 1)
 
 static void test_log(config_log_level level, const char *message)
 {
@@ -762,7 +560,7 @@ static void record_done(void *arg, bool ok, const rl_decision *d)
         for (int i = 0; i < p->npol; i++)
             a->all[a->n][i] = d[i];
     }
-    a->at_ms[a->n] = ms_now();
+    a->at_ms[a->n] = fake_redis_ms_now();
     a->n++;
     if (a->free_on_first) {
         rl_redis *r = a->free_on_first;
@@ -783,7 +581,8 @@ static int answer_of(const answers *a, int id)
 
 typedef struct env {
     struct event_base *base;
-    fake *f;
+    fake_redis *f;
+    model *m; /* f's scripts */
     rl_redis *r;
     char url[128];
     config_redis cfg;
@@ -792,15 +591,15 @@ typedef struct env {
 } env;
 
 /* A client configured for the fake, not yet waited for (hold_ping: the
- * handshake's PING is not answered until fake_release). */
+ * handshake's PING is not answered until fake_redis_release). */
 static env *env_new(int timeout_ms, int conns, bool hold_ping)
 {
     env *e = calloc(1, sizeof *e);
     assert_non_null(e);
     e->base = event_base_new();
     assert_non_null(e->base);
-    e->f = fake_start(e->base);
-    e->f->hold_ping = hold_ping;
+    e->f = model_fake_start(e->base, &e->m);
+    e->f->hold_pings = hold_ping;
     snprintf(e->url, sizeof e->url, "redis://127.0.0.1:%d", e->f->port);
     e->cfg = (config_redis){.enabled = true,
                             .url = e->url,
@@ -818,15 +617,16 @@ static env *env_new(int timeout_ms, int conns, bool hold_ping)
 static env *env_start(int timeout_ms, int conns)
 {
     env *e = env_new(timeout_ms, conns, false);
-    RUN_UNTIL(e->base, rl_redis_up(e->r) && fake_open(e->f) == conns, 2000);
-    run_for(e->base, 10); /* every connection through its handshake */
+    RUN_UNTIL(e->base, rl_redis_up(e->r) && fake_redis_open(e->f) == conns, 2000);
+    fake_redis_run_for(e->base, 10); /* every connection through its handshake */
     return e;
 }
 
 static void env_stop(env *e)
 {
     rl_redis_free(e->r);
-    fake_stop(e->f);
+    fake_redis_stop(e->f);
+    free(e->m);
     event_base_free(e->base);
     free(e);
 }
@@ -857,27 +657,27 @@ static void test_waiting_calls_go_as_one_batch(void **state)
 {
     (void)state;
     env *e = env_start(1000, 1);
-    e->f->hold = true;
+    e->f->hold_scripts = true;
     assert_non_null(take(e, 0, "k1", 3, 30000));
-    RUN_UNTIL(e->base, e->f->nscripts == 1, 2000);
-    assert_int_equal(e->f->scripts[0].n, 1);
+    RUN_UNTIL(e->base, e->m->nscripts == 1, 2000);
+    assert_int_equal(e->m->scripts[0].n, 1);
     for (int i = 1; i <= 4; i++)
         assert_non_null(take(e, i, "k1", 3, 30000));
     assert_non_null(take(e, 10, "k2", 3, 30000)); /* another key: not behind k1 */
-    run_for(e->base, 30);
-    assert_int_equal(e->f->nscripts, 2);
-    assert_string_not_equal(e->f->scripts[1].key, e->f->scripts[0].key);
-    assert_int_equal(e->f->scripts[1].n, 1);
+    fake_redis_run_for(e->base, 30);
+    assert_int_equal(e->m->nscripts, 2);
+    assert_string_not_equal(e->m->scripts[1].key, e->m->scripts[0].key);
+    assert_int_equal(e->m->scripts[1].n, 1);
     assert_int_equal(e->a.n, 0);
 
-    e->f->hold = false;
-    fake_release(e->f);
+    e->f->hold_scripts = false;
+    fake_redis_release(e->f);
     RUN_UNTIL(e->base, e->a.n == 6, 2000);
     assert_false(e->a.called_inside);
-    assert_int_equal(e->f->nscripts, 3);
-    assert_false(e->f->scripts[2].eval);
-    assert_string_equal(e->f->scripts[2].key, e->f->scripts[0].key);
-    assert_int_equal(e->f->scripts[2].n, 4);
+    assert_int_equal(e->m->nscripts, 3);
+    assert_false(e->m->scripts[2].eval);
+    assert_string_equal(e->m->scripts[2].key, e->m->scripts[0].key);
+    assert_int_equal(e->m->scripts[2].n, 4);
     for (int id = 0; id <= 4; id++) {
         int i = answer_of(&e->a, id);
         assert_true(i >= 0);
@@ -900,10 +700,10 @@ static void test_waiting_calls_go_as_one_batch(void **state)
     assert_true(e->a.ok[i] && e->a.d[i].allowed && e->a.d[i].remaining == 2);
 
     /* Nothing in flight any more: the next call goes alone at once. */
-    e->f->now_us += 10000000; /* one period later: one more */
+    e->m->now_us += 10000000; /* one period later: one more */
     assert_non_null(take(e, 20, "k1", 3, 30000));
     RUN_UNTIL(e->base, e->a.n == 7, 2000);
-    assert_int_equal(e->f->scripts[3].n, 1);
+    assert_int_equal(e->m->scripts[3].n, 1);
     assert_true(e->a.d[6].allowed);
     assert_int_equal(e->a.d[6].remaining, 0);
     env_stop(e);
@@ -916,21 +716,21 @@ static void test_other_limit_not_batched(void **state)
 {
     (void)state;
     env *e = env_start(1000, 1);
-    e->f->hold = true;
+    e->f->hold_scripts = true;
     assert_non_null(take(e, 0, "k", 3, 30000));
     assert_non_null(take(e, 1, "k", 4, 30000));
     assert_non_null(take(e, 2, "k", 3, 60000));
-    RUN_UNTIL(e->base, e->f->nscripts == 1, 2000);
-    run_for(e->base, 20);
-    assert_int_equal(e->f->nscripts, 1);
-    assert_true(e->f->scripts[0].multi);
-    assert_int_equal(e->f->scripts[0].nsets, 3);
+    RUN_UNTIL(e->base, e->m->nscripts == 1, 2000);
+    fake_redis_run_for(e->base, 20);
+    assert_int_equal(e->m->nscripts, 1);
+    assert_true(e->m->scripts[0].multi);
+    assert_int_equal(e->m->scripts[0].nsets, 3);
     for (int s = 0; s < 3; s++) {
-        assert_int_equal(e->f->scripts[0].set_n[s], 1);
-        assert_string_equal(e->f->scripts[0].set_key[s], e->f->scripts[0].key); /* one Redis key */
+        assert_int_equal(e->m->scripts[0].set_n[s], 1);
+        assert_string_equal(e->m->scripts[0].set_key[s], e->m->scripts[0].key); /* one Redis key */
     }
-    e->f->hold = false;
-    fake_release(e->f);
+    e->f->hold_scripts = false;
+    fake_redis_release(e->f);
     RUN_UNTIL(e->base, e->a.n == 3, 2000);
     for (int i = 0; i < 3; i++)
         assert_true(e->a.ok[i] && e->a.d[i].allowed);
@@ -956,8 +756,8 @@ static void test_sets_in_one_turn_go_together(void **state)
     assert_non_null(take(e, 40, keys[7], 2, 20000)); /* many:7 again: its batch asks for 2 */
     RUN_UNTIL(e->base, e->a.n == 41, 2000);
     assert_false(e->a.called_inside);
-    assert_int_equal(e->f->nscripts, 1);
-    const script_call *sc = &e->f->scripts[0];
+    assert_int_equal(e->m->nscripts, 1);
+    const script_call *sc = &e->m->scripts[0];
     assert_true(sc->multi);
     assert_int_equal(sc->nsets, 40);
     for (int s = 0; s < 40; s++)
@@ -974,10 +774,10 @@ static void test_sets_in_one_turn_go_together(void **state)
     assert_non_null(take_set(e, 50, a, 2));
     assert_non_null(take_set(e, 51, b, 2));
     RUN_UNTIL(e->base, e->a.n == 43, 2000);
-    assert_int_equal(e->f->nscripts, 2);
-    assert_int_equal(e->f->scripts[1].nsets, 2);
-    assert_int_equal(e->f->scripts[1].set_nkeys[0], 2);
-    assert_int_equal(e->f->scripts[1].set_nkeys[1], 2);
+    assert_int_equal(e->m->nscripts, 2);
+    assert_int_equal(e->m->scripts[1].nsets, 2);
+    assert_int_equal(e->m->scripts[1].set_nkeys[0], 2);
+    assert_int_equal(e->m->scripts[1].set_nkeys[1], 2);
     const rl_decision(*d)[RL_POLICIES_MAX] = e->a.all;
     int ia = answer_of(&e->a, 50), ib = answer_of(&e->a, 51);
     assert_true(d[ia][0].allowed && d[ia][1].allowed && d[ia][1].remaining == 0);
@@ -1002,10 +802,10 @@ static void test_flight_key_cap(void **state)
         assert_non_null(take(e, id, keys[id], 5, 50000));
     }
     RUN_UNTIL(e->base, e->a.n == 300, 2000);
-    assert_int_equal(e->f->nscripts, 3);
-    assert_int_equal(e->f->scripts[0].nsets, 128);
-    assert_int_equal(e->f->scripts[1].nsets, 128);
-    assert_int_equal(e->f->scripts[2].nsets, 44);
+    assert_int_equal(e->m->nscripts, 3);
+    assert_int_equal(e->m->scripts[0].nsets, 128);
+    assert_int_equal(e->m->scripts[1].nsets, 128);
+    assert_int_equal(e->m->scripts[2].nsets, 44);
     for (int i = 0; i < 300; i++)
         assert_true(e->a.ok[i] && e->a.d[i].allowed && e->a.d[i].remaining == 4);
 
@@ -1019,9 +819,9 @@ static void test_flight_key_cap(void **state)
         assert_non_null(take_set(e, 300 + s, p[s], RL_POLICIES_MAX));
     }
     RUN_UNTIL(e->base, e->a.n == 320, 2000);
-    assert_int_equal(e->f->nscripts, 5);
-    assert_int_equal(e->f->scripts[3].nsets, 16);
-    assert_int_equal(e->f->scripts[4].nsets, 4);
+    assert_int_equal(e->m->nscripts, 5);
+    assert_int_equal(e->m->scripts[3].nsets, 16);
+    assert_int_equal(e->m->scripts[4].nsets, 4);
     for (int i = 300; i < 320; i++)
         assert_true(e->a.ok[i] && e->a.all[i][RL_POLICIES_MAX - 1].allowed);
     env_stop(e);
@@ -1036,32 +836,32 @@ static void test_deadline_leaves_flight(void **state)
 {
     (void)state;
     env *e = env_new(300, 1, true);
-    e->f->hold = true;
-    uint64_t t0 = ms_now();
+    e->f->hold_scripts = true;
+    uint64_t t0 = fake_redis_ms_now();
     assert_non_null(take(e, 0, "A", 3, 30000));
-    while (ms_now() < t0 + 150)
-        run_for(e->base, 1);
+    while (fake_redis_ms_now() < t0 + 150)
+        fake_redis_run_for(e->base, 1);
     assert_false(rl_redis_up(e->r));
     assert_non_null(take(e, 1, "C", 3, 30000));
-    while (ms_now() < t0 + 200)
-        run_for(e->base, 1);
-    e->f->hold_ping = false;
-    fake_release(e->f); /* the PONG; script replies stay held */
-    RUN_UNTIL(e->base, e->f->nscripts == 1, 2000);
-    assert_int_equal(e->f->scripts[0].nsets, 2);
+    while (fake_redis_ms_now() < t0 + 200)
+        fake_redis_run_for(e->base, 1);
+    e->f->hold_pings = false;
+    fake_redis_release(e->f); /* the PONG; script replies stay held */
+    RUN_UNTIL(e->base, e->m->nscripts == 1, 2000);
+    assert_int_equal(e->m->scripts[0].nsets, 2);
     assert_int_equal(e->a.n, 0);
     RUN_UNTIL(e->base, e->a.n == 1, 2000);
     uint64_t a_at = e->a.at_ms[0] - t0;
     assert_int_equal(e->a.order[0], 0);
     assert_false(e->a.ok[0]);
     assert_true(a_at >= 295 && a_at <= 360);
-    while (ms_now() < t0 + 380)
-        run_for(e->base, 1);
+    while (fake_redis_ms_now() < t0 + 380)
+        fake_redis_run_for(e->base, 1);
     assert_int_equal(e->a.n, 1); /* C's reply is held */
-    e->f->hold = false;
-    fake_release(e->f);
+    e->f->hold_scripts = false;
+    fake_redis_release(e->f);
     RUN_UNTIL(e->base, e->a.n == 2, 2000);
-    run_for(e->base, 20);
+    fake_redis_run_for(e->base, 20);
     assert_int_equal(e->a.n, 2);
     assert_int_equal(e->a.order[1], 1);
     assert_true(e->a.ok[1] && e->a.d[1].allowed && e->a.d[1].remaining == 2);
@@ -1077,18 +877,18 @@ static void test_slow_redis_within_timeout_decides(void **state)
 {
     (void)state;
     env *e = env_start(100, 1);
-    e->f->delay_ms = 60;
+    e->f->script_delay_ms = 60;
     int id = 0;
     for (int round = 0; round < 3; round++) {
         int first = id;
         assert_non_null(take(e, id++, "slow", 1000, 60000));
-        RUN_UNTIL(e->base, e->f->nscripts == 2 * round + 1, 2000);
-        run_for(e->base, 10);
+        RUN_UNTIL(e->base, e->m->nscripts == 2 * round + 1, 2000);
+        fake_redis_run_for(e->base, 10);
         for (int i = 0; i < 4; i++)
             assert_non_null(take(e, id++, "slow", 1000, 60000));
         RUN_UNTIL(e->base, e->a.n == id, 2000);
-        assert_int_equal(e->f->nscripts, 2 * round + 2);
-        assert_int_equal(e->f->scripts[2 * round + 1].n, 4);
+        assert_int_equal(e->m->nscripts, 2 * round + 2);
+        assert_int_equal(e->m->scripts[2 * round + 1].n, 4);
         for (int i = first; i < id; i++) {
             int at = answer_of(&e->a, i);
             assert_true(at >= 0 && e->a.ok[at] && e->a.d[at].allowed);
@@ -1108,11 +908,11 @@ static void test_noscript_resends_flight(void **state)
     assert_non_null(take(e, 1, "ns2", 1, 10000));
     assert_non_null(take(e, 2, "ns1", 1, 10000));
     RUN_UNTIL(e->base, e->a.n == 3, 2000);
-    assert_int_equal(e->f->nscripts, 1); /* the NOSCRIPT answer is not a script run */
-    assert_true(e->f->scripts[0].eval && e->f->scripts[0].multi);
-    assert_int_equal(e->f->scripts[0].nsets, 2);
-    assert_int_equal(e->f->scripts[0].set_n[0], 2);
-    assert_int_equal(e->f->scripts[0].set_n[1], 1);
+    assert_int_equal(e->m->nscripts, 1); /* the NOSCRIPT answer is not a script run */
+    assert_true(e->m->scripts[0].eval && e->m->scripts[0].multi);
+    assert_int_equal(e->m->scripts[0].nsets, 2);
+    assert_int_equal(e->m->scripts[0].set_n[0], 2);
+    assert_int_equal(e->m->scripts[0].set_n[1], 1);
     int i0 = answer_of(&e->a, 0), i1 = answer_of(&e->a, 1), i2 = answer_of(&e->a, 2);
     assert_true(e->a.ok[i0] && e->a.d[i0].allowed);
     assert_true(e->a.ok[i1] && e->a.d[i1].allowed);
@@ -1126,21 +926,21 @@ static void test_batch_cap(void **state)
 {
     (void)state;
     env *e = env_start(2000, 1);
-    e->f->hold = true;
+    e->f->hold_scripts = true;
     assert_non_null(take(e, 0, "cap", 100, 60000));
-    RUN_UNTIL(e->base, e->f->nscripts == 1, 2000);
+    RUN_UNTIL(e->base, e->m->nscripts == 1, 2000);
     for (int id = 1; id <= 300; id++)
         assert_non_null(take(e, id, "cap", 100, 60000));
     for (int round = 0; round < 3; round++) {
-        fake_release(e->f);
-        RUN_UNTIL(e->base, e->f->nscripts == round + 2 || e->a.n == 301, 2000);
+        fake_redis_release(e->f);
+        RUN_UNTIL(e->base, e->m->nscripts == round + 2 || e->a.n == 301, 2000);
     }
-    e->f->hold = false;
-    fake_release(e->f);
+    e->f->hold_scripts = false;
+    fake_redis_release(e->f);
     RUN_UNTIL(e->base, e->a.n == 301, 2000);
-    assert_int_equal(e->f->nscripts, 3);
-    assert_int_equal(e->f->scripts[1].n, 256);
-    assert_int_equal(e->f->scripts[2].n, 44);
+    assert_int_equal(e->m->nscripts, 3);
+    assert_int_equal(e->m->scripts[1].n, 256);
+    assert_int_equal(e->m->scripts[2].n, 44);
     for (int id = 0; id <= 300; id++) {
         int i = answer_of(&e->a, id);
         assert_true(i >= 0 && e->a.ok[i]);
@@ -1156,22 +956,22 @@ static void test_cancel(void **state)
 {
     (void)state;
     env *e = env_start(1000, 1);
-    e->f->hold = true;
+    e->f->hold_scripts = true;
     rl_redis_call *c0 = take(e, 0, "c", 10, 10000);
     assert_non_null(c0);
-    RUN_UNTIL(e->base, e->f->nscripts == 1, 2000);
+    RUN_UNTIL(e->base, e->m->nscripts == 1, 2000);
     rl_redis_call *c[4];
     for (int id = 1; id <= 3; id++)
         assert_non_null(c[id] = take(e, id, "c", 10, 10000));
     rl_redis_cancel(c[2]);
     rl_redis_cancel(c0); /* sent: its token is taken, it is not answered */
-    e->f->hold = false;
-    fake_release(e->f);
+    e->f->hold_scripts = false;
+    fake_redis_release(e->f);
     RUN_UNTIL(e->base, e->a.n == 2, 2000);
-    run_for(e->base, 20);
+    fake_redis_run_for(e->base, 20);
     assert_int_equal(e->a.n, 2);
-    assert_int_equal(e->f->nscripts, 2);
-    assert_int_equal(e->f->scripts[1].n, 2);
+    assert_int_equal(e->m->nscripts, 2);
+    assert_int_equal(e->m->scripts[1].n, 2);
     assert_int_equal(answer_of(&e->a, 0), -1);
     assert_int_equal(answer_of(&e->a, 2), -1);
     /* 1 and 3 are the 2nd and 3rd requests of the key */
@@ -1179,17 +979,17 @@ static void test_cancel(void **state)
     assert_int_equal(e->a.d[answer_of(&e->a, 3)].remaining, 7);
 
     /* A whole waiting batch cancelled: only the one in flight was sent. */
-    e->f->hold = true;
+    e->f->hold_scripts = true;
     assert_non_null(take(e, 4, "c", 10, 10000));
-    RUN_UNTIL(e->base, e->f->nscripts == 3, 2000);
+    RUN_UNTIL(e->base, e->m->nscripts == 3, 2000);
     rl_redis_call *w1 = take(e, 5, "c", 10, 10000), *w2 = take(e, 6, "c", 10, 10000);
     rl_redis_cancel(w2);
     rl_redis_cancel(w1);
-    e->f->hold = false;
-    fake_release(e->f);
+    e->f->hold_scripts = false;
+    fake_redis_release(e->f);
     RUN_UNTIL(e->base, e->a.n == 3, 2000);
-    run_for(e->base, 20);
-    assert_int_equal(e->f->nscripts, 3);
+    fake_redis_run_for(e->base, 20);
+    assert_int_equal(e->m->nscripts, 3);
     assert_int_equal(e->a.n, 3);
     rl_redis_cancel(NULL);
     env_stop(e);
@@ -1200,18 +1000,18 @@ static void test_noscript_resends_batch_with_eval(void **state)
 {
     (void)state;
     env *e = env_start(1000, 1);
-    e->f->hold = true;
+    e->f->hold_scripts = true;
     assert_non_null(take(e, 0, "ns", 2, 10000));
-    RUN_UNTIL(e->base, e->f->nscripts == 1, 2000);
+    RUN_UNTIL(e->base, e->m->nscripts == 1, 2000);
     for (int id = 1; id <= 3; id++)
         assert_non_null(take(e, id, "ns", 2, 10000));
     e->f->noscript_left = 1;
-    e->f->hold = false;
-    fake_release(e->f);
+    e->f->hold_scripts = false;
+    fake_redis_release(e->f);
     RUN_UNTIL(e->base, e->a.n == 4, 2000);
-    assert_int_equal(e->f->nscripts, 2); /* the NOSCRIPT answer is not a script run */
-    assert_true(e->f->scripts[1].eval);
-    assert_int_equal(e->f->scripts[1].n, 3);
+    assert_int_equal(e->m->nscripts, 2); /* the NOSCRIPT answer is not a script run */
+    assert_true(e->m->scripts[1].eval);
+    assert_int_equal(e->m->scripts[1].n, 3);
     int allowed = 0;
     for (int i = 0; i < 4; i++) {
         assert_true(e->a.ok[i]);
@@ -1230,20 +1030,20 @@ static void test_waiting_batch_timed_from_its_send(void **state)
 {
     (void)state;
     env *e = env_start(150, 2);
-    e->f->stall = true;
-    uint64_t t0 = ms_now();
+    e->f->stall_scripts = true;
+    uint64_t t0 = fake_redis_ms_now();
     assert_non_null(take(e, 0, "dl", 10, 10000));
-    RUN_UNTIL(e->base, e->f->nscripts == 1, 2000);
-    while (ms_now() < t0 + 70)
-        run_for(e->base, 1);
-    uint64_t tb = ms_now();
+    RUN_UNTIL(e->base, e->m->nscripts == 1, 2000);
+    while (fake_redis_ms_now() < t0 + 70)
+        fake_redis_run_for(e->base, 1);
+    uint64_t tb = fake_redis_ms_now();
     assert_non_null(take(e, 1, "dl", 10, 10000));
     assert_non_null(take(e, 2, "dl", 10, 10000));
     RUN_UNTIL(e->base, e->a.n == 1, 2000);
     uint64_t a_at = e->a.at_ms[0] - t0;
     assert_true(a_at >= 145 && a_at <= 200);
-    RUN_UNTIL(e->base, e->f->nscripts == 2, 2000); /* B went when A failed */
-    assert_int_equal(e->f->scripts[1].n, 2);
+    RUN_UNTIL(e->base, e->m->nscripts == 2, 2000); /* B went when A failed */
+    assert_int_equal(e->m->scripts[1].n, 2);
     RUN_UNTIL(e->base, e->a.n == 3, 2000);
     int ia = answer_of(&e->a, 0), ib = answer_of(&e->a, 1);
     assert_false(e->a.ok[ia]);
@@ -1264,10 +1064,10 @@ static void test_waiting_backlog_bounded(void **state)
 {
     (void)state;
     env *e = env_start(200, 1);
-    e->f->delay_ms = 150;
-    uint64_t t0 = ms_now();
+    e->f->script_delay_ms = 150;
+    uint64_t t0 = fake_redis_ms_now();
     assert_non_null(take(e, 0, "backlog", 100000, 60000));
-    RUN_UNTIL(e->base, e->f->nscripts == 1, 2000);
+    RUN_UNTIL(e->base, e->m->nscripts == 1, 2000);
     for (int id = 1; id <= 300; id++)
         assert_non_null(take(e, id, "backlog", 100000, 60000));
     RUN_UNTIL(e->base, e->a.n == 301, 3000);
@@ -1280,8 +1080,8 @@ static void test_waiting_backlog_bounded(void **state)
             assert_true(e->a.at_ms[i] - t0 <= 2 * 200 + 60);
         }
     }
-    assert_int_equal(ok, 257); /* the first call and the first batch of 256 */
-    run_for(e->base, 150);     /* the last delayed reply delivered before the fake stops */
+    assert_int_equal(ok, 257);        /* the first call and the first batch of 256 */
+    fake_redis_run_for(e->base, 150); /* the last delayed reply delivered before the fake stops */
     env_stop(e);
 }
 
@@ -1294,16 +1094,16 @@ static void test_noscript_waiting_batch_keeps_send_deadline(void **state)
 {
     (void)state;
     env *e = env_start(150, 1);
-    e->f->hold = true;
+    e->f->hold_scripts = true;
     assert_non_null(take(e, 0, "nsw", 10, 10000));
-    RUN_UNTIL(e->base, e->f->nscripts == 1, 2000);
+    RUN_UNTIL(e->base, e->m->nscripts == 1, 2000);
     assert_non_null(take(e, 1, "nsw", 10, 10000));
     e->f->noscript_left = 1;
     e->f->stall_eval = true;
-    e->f->delay_ms = 80;
-    e->f->hold = false;
-    uint64_t t0 = ms_now();
-    fake_release(e->f); /* A's answer; B's EVALSHA goes when it comes */
+    e->f->script_delay_ms = 80;
+    e->f->hold_scripts = false;
+    uint64_t t0 = fake_redis_ms_now();
+    fake_redis_release(e->f); /* A's answer; B's EVALSHA goes when it comes */
     RUN_UNTIL(e->base, e->a.n == 2, 2000);
     assert_true(e->a.ok[answer_of(&e->a, 0)]);
     int ib = answer_of(&e->a, 1);
@@ -1322,10 +1122,10 @@ static void test_waiting_stall_bounded(void **state)
 {
     (void)state;
     env *e = env_start(150, 3);
-    e->f->stall = true;
-    uint64_t t0 = ms_now();
+    e->f->stall_scripts = true;
+    uint64_t t0 = fake_redis_ms_now();
     assert_non_null(take(e, 0, "st", 1000, 10000));
-    RUN_UNTIL(e->base, e->f->nscripts == 1, 2000);
+    RUN_UNTIL(e->base, e->m->nscripts == 1, 2000);
     for (int id = 1; id <= 257; id++)
         assert_non_null(take(e, id, "st", 1000, 10000));
     RUN_UNTIL(e->base, e->a.n == 258, 3000);
@@ -1364,17 +1164,17 @@ static void test_free_inside_done(void **state)
 {
     (void)state;
     env *e = env_start(1000, 1);
-    e->f->hold = true;
+    e->f->hold_scripts = true;
     assert_non_null(take(e, 0, "f1", 10, 10000));
-    RUN_UNTIL(e->base, e->f->nscripts == 1, 2000);
+    RUN_UNTIL(e->base, e->m->nscripts == 1, 2000);
     assert_non_null(take(e, 1, "f1", 10, 10000));
     rl_redis_call *c2 = take(e, 2, "f1", 10, 10000);
     assert_non_null(take(e, 3, "f2", 10, 10000));
-    RUN_UNTIL(e->base, e->f->nscripts == 2, 2000);
+    RUN_UNTIL(e->base, e->m->nscripts == 2, 2000);
     rl_redis_cancel(c2);
     e->a.free_on_first = e->r;
     e->r = NULL;
-    fake_release(e->f); /* f1's first reply only: f2's is behind it but held with it */
+    fake_redis_release(e->f); /* f1's first reply only: f2's is behind it but held with it */
     RUN_UNTIL(e->base, e->a.n >= 1, 2000);
     assert_int_equal(e->a.n_after_free, 3);
     assert_int_equal(e->a.n, 3);
@@ -1383,7 +1183,7 @@ static void test_free_inside_done(void **state)
     assert_false(e->a.ok[answer_of(&e->a, 1)]);
     assert_false(e->a.ok[answer_of(&e->a, 3)]);
     assert_int_equal(answer_of(&e->a, 2), -1);
-    run_for(e->base, 30);
+    fake_redis_run_for(e->base, 30);
     assert_int_equal(e->a.n, 3);
     env_stop(e);
 }
@@ -1393,10 +1193,10 @@ static void test_free_answers_everything(void **state)
 {
     (void)state;
     env *e = env_start(1000, 1);
-    e->f->hold = true;
+    e->f->hold_scripts = true;
     for (int id = 0; id < 5; id++) {
         assert_non_null(take(e, id, id < 3 ? "g1" : "g2", 10, 10000));
-        RUN_UNTIL(e->base, e->f->nscripts >= (id < 3 ? 1 : 2), 2000);
+        RUN_UNTIL(e->base, e->m->nscripts >= (id < 3 ? 1 : 2), 2000);
     }
     rl_redis_free(e->r);
     e->r = NULL;
@@ -1426,14 +1226,14 @@ static void test_policies_in_one_call(void **state)
         assert_non_null(take_set(e, id, b, 2));
         RUN_UNTIL(e->base, e->a.n == id + 1, 2000);
     }
-    assert_int_equal(e->f->nscripts, 5);
+    assert_int_equal(e->m->nscripts, 5);
     for (int i = 0; i < 5; i++) {
-        assert_int_equal(e->f->scripts[i].nkeys, 2);
-        assert_int_equal(e->f->scripts[i].n, 1);
-        assert_true(e->f->scripts[i].enforce[0] && e->f->scripts[i].enforce[1]);
+        assert_int_equal(e->m->scripts[i].nkeys, 2);
+        assert_int_equal(e->m->scripts[i].n, 1);
+        assert_true(e->m->scripts[i].enforce[0] && e->m->scripts[i].enforce[1]);
     }
-    assert_string_equal(e->f->scripts[0].keys[1], e->f->scripts[4].keys[1]); /* the same route-wide key */
-    assert_string_not_equal(e->f->scripts[0].keys[0], e->f->scripts[4].keys[0]);
+    assert_string_equal(e->m->scripts[0].keys[1], e->m->scripts[4].keys[1]); /* the same route-wide key */
+    assert_string_not_equal(e->m->scripts[0].keys[0], e->m->scripts[4].keys[0]);
     const rl_decision(*d)[RL_POLICIES_MAX] = e->a.all;
     for (int i = 0; i < 5; i++)
         assert_true(e->a.ok[i] && e->a.order[i] == i);
@@ -1466,29 +1266,29 @@ static void test_sets_batch_apart(void **state)
 {
     (void)state;
     env *e = env_start(1000, 1);
-    e->f->hold = true;
+    e->f->hold_scripts = true;
     rl_redis_policy a[2] = {{"client:A", 8, 3, 30000, false}, {"route", 5, 4, 40000, false}};
     rl_redis_policy b[2] = {{"client:B", 8, 3, 30000, false}, {"route", 5, 4, 40000, false}};
     rl_redis_policy ad[2] = {{"client:A", 8, 3, 30000, false}, {"route", 5, 4, 40000, true}};
     assert_non_null(take_set(e, 0, a, 2));
-    RUN_UNTIL(e->base, e->f->nscripts == 1, 2000);
+    RUN_UNTIL(e->base, e->m->nscripts == 1, 2000);
     for (int id = 1; id <= 4; id++)
         assert_non_null(take_set(e, id, a, 2));
     assert_non_null(take_set(e, 10, b, 2));
     assert_non_null(take_set(e, 20, ad, 2));
-    RUN_UNTIL(e->base, e->f->nscripts == 2, 2000);
-    run_for(e->base, 20);
-    assert_int_equal(e->f->nscripts, 2);
-    assert_int_equal(e->f->scripts[1].nsets, 2);
-    assert_int_equal(e->f->scripts[1].set_enforce[0], 3u);
-    assert_int_equal(e->f->scripts[1].set_enforce[1], 1u); /* the dry-run flag is sent */
-    assert_string_equal(e->f->scripts[1].set_key[1], e->f->scripts[0].keys[0]);
-    e->f->hold = false;
-    fake_release(e->f);
+    RUN_UNTIL(e->base, e->m->nscripts == 2, 2000);
+    fake_redis_run_for(e->base, 20);
+    assert_int_equal(e->m->nscripts, 2);
+    assert_int_equal(e->m->scripts[1].nsets, 2);
+    assert_int_equal(e->m->scripts[1].set_enforce[0], 3u);
+    assert_int_equal(e->m->scripts[1].set_enforce[1], 1u); /* the dry-run flag is sent */
+    assert_string_equal(e->m->scripts[1].set_key[1], e->m->scripts[0].keys[0]);
+    e->f->hold_scripts = false;
+    fake_redis_release(e->f);
     RUN_UNTIL(e->base, e->a.n == 7, 2000);
-    assert_int_equal(e->f->nscripts, 3);
-    assert_int_equal(e->f->scripts[2].n, 4);
-    assert_string_equal(e->f->scripts[2].keys[0], e->f->scripts[0].keys[0]);
+    assert_int_equal(e->m->nscripts, 3);
+    assert_int_equal(e->m->scripts[2].n, 4);
+    assert_string_equal(e->m->scripts[2].keys[0], e->m->scripts[0].keys[0]);
     /* The fake answered in order: A's first (route 1 of 4), B's (route 2),
      * the dry-run set's (A 2 of 3; its route key charged too: 3), then A's
      * batch of 4: A has 1 left, the route 1: request 1 goes, 2..4 refused
@@ -1533,7 +1333,7 @@ static void test_dry_run_in_a_set(void **state)
     }
     assert_false(d[3][1].allowed);
     assert_false(d[3][0].allowed);
-    e->f->now_us += 10000000; /* one dry-run period, one real period later: one each again */
+    e->m->now_us += 10000000; /* one dry-run period, one real period later: one each again */
     assert_non_null(take_set(e, 4, p, 2));
     RUN_UNTIL(e->base, e->a.n == 5, 2000);
     assert_true(d[4][0].allowed && d[4][1].allowed);
@@ -1550,18 +1350,18 @@ static void test_noscript_resend_keeps_deadline(void **state)
     env *e = env_start(150, 1);
     e->f->noscript_left = 1;
     e->f->stall_eval = true;
-    e->f->hold = true;
-    uint64_t t0 = ms_now();
+    e->f->hold_scripts = true;
+    uint64_t t0 = fake_redis_ms_now();
     assert_non_null(take(e, 0, "nsd", 10, 10000));
-    while (ms_now() < t0 + 100)
-        run_for(e->base, 1);
+    while (fake_redis_ms_now() < t0 + 100)
+        fake_redis_run_for(e->base, 1);
     assert_int_equal(e->a.n, 0);
-    e->f->hold = false;
-    fake_release(e->f);
+    e->f->hold_scripts = false;
+    fake_redis_release(e->f);
     RUN_UNTIL(e->base, e->a.n == 1, 2000);
     assert_false(e->a.ok[0]);
-    assert_int_equal(e->f->nscripts, 1);
-    assert_true(e->f->scripts[0].eval);
+    assert_int_equal(e->m->nscripts, 1);
+    assert_true(e->m->scripts[0].eval);
     uint64_t took = e->a.at_ms[0] - t0;
     assert_true(took >= 145);
     assert_true(took <= 200);
@@ -1583,7 +1383,7 @@ static void test_policy_count(void **state)
     assert_null(take_set(e, 0, p, RL_POLICIES_MAX + 1));
     assert_non_null(take_set(e, 1, p, RL_POLICIES_MAX));
     RUN_UNTIL(e->base, e->a.n == 1, 2000);
-    assert_int_equal(e->f->scripts[0].nkeys, RL_POLICIES_MAX);
+    assert_int_equal(e->m->scripts[0].nkeys, RL_POLICIES_MAX);
     assert_true(e->a.ok[0]);
     for (int i = 0; i < RL_POLICIES_MAX; i++) {
         assert_true(e->a.all[0][i].allowed);
@@ -1604,7 +1404,8 @@ static void test_first_connect_waited_for(void **state)
     static answers a;
     memset(&a, 0, sizeof a);
     struct event_base *base = event_base_new();
-    fake *f = fake_start(base);
+    model *m;
+    fake_redis *f = model_fake_start(base, &m);
     char url[64];
     snprintf(url, sizeof url, "redis://127.0.0.1:%d", f->port);
     config_redis cfg = {
@@ -1622,8 +1423,8 @@ static void test_first_connect_waited_for(void **state)
     a.in_take = false;
     RUN_UNTIL(base, a.n == 3, 2000);
     assert_false(a.called_inside);
-    assert_int_equal(f->nscripts, 1); /* the three waited together: one batch of 3 */
-    assert_int_equal(f->scripts[0].n, 3);
+    assert_int_equal(m->nscripts, 1); /* the three waited together: one batch of 3 */
+    assert_int_equal(m->scripts[0].n, 3);
     for (int i = 0; i < 3; i++)
         assert_true(a.ok[i]);
     assert_true(a.d[0].allowed && a.d[1].allowed && !a.d[2].allowed);
@@ -1631,20 +1432,21 @@ static void test_first_connect_waited_for(void **state)
 
     /* Nothing listens: answered as failed by the connect's deadline, then refused at once. */
     int dead = f->port;
-    fake_stop(f);
+    fake_redis_stop(f);
+    free(m);
     snprintf(url, sizeof url, "redis://127.0.0.1:%d", dead);
     cfg.timeout_ms = 150;
     r = rl_redis_create(base, test_log);
     assert_non_null(r);
-    uint64_t t0 = ms_now();
+    uint64_t t0 = fake_redis_ms_now();
     rl_redis_configure(r, &cfg);
     assert_non_null(rl_redis_take(r, &pol, 1, record_done, &p[3]));
     RUN_UNTIL(base, a.n == 4, 2000);
     assert_false(a.ok[3]);
-    uint64_t took = ms_now() - t0;
+    uint64_t took = fake_redis_ms_now() - t0;
     assert_true(took <= 260);
     probe q = {&a, 9, 1, false};
-    run_for(base, 20);
+    fake_redis_run_for(base, 20);
     assert_null(rl_redis_take(r, &pol, 1, record_done, &q));
     /* the same target again (a reload that changed nothing): no new wait */
     rl_redis_configure(r, &cfg);

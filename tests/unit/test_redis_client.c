@@ -1,8 +1,8 @@
 /*
  * test_redis_client.c - redis/redis.c against a fake Redis on the same event
- * loop: a listener that parses RESP commands and answers as told (PONG, echo,
- * never, close, an error to AUTH, SUBSCRIBE confirmations and pushed
- * messages). Checked: the handshake (AUTH user password, SELECT) comes before
+ * loop (fake_redis.h): a listener that parses RESP commands and answers as
+ * told (PONG, echo, never, close, an error to AUTH, SUBSCRIBE confirmations
+ * and pushed messages). Checked: the handshake (AUTH user password, SELECT) comes before
  * the client is up; commands are binary safe and round-robin over the
  * connections; a stalled command is answered as failed at its deadline with
  * the ones queued behind it, the connection is dropped and made again; a
@@ -28,323 +28,21 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
-#include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/socket.h>
 
 #include <cmocka.h>
-#include <event2/buffer.h>
-#include <event2/bufferevent.h>
 #include <event2/event.h>
 #include <event2/listener.h>
 
+#include "fake_redis.h"
 #include "redis/redis.h"
-
-/* ---- a fake Redis ------------------------------------------------------------------ */
-
-#define FAKE_MAX_CONNS 64
-#define FAKE_MAX_CMDS 256
-
-typedef struct fake fake;
-
-typedef struct fake_conn {
-    fake *f;
-    struct bufferevent *bev;
-    int id;
-    int commands; /* answered or not */
-    bool stalled; /* saw STALL (or set by the test): answers nothing more */
-    bool subscribed;
-    int held_pings; /* PINGs not answered yet (fake.hold_pings) */
-    int peer_port;  /* the client's end */
-} fake_conn;
-
-struct fake {
-    struct event_base *base;
-    struct evconnlistener *listener;
-    int port;
-    int accepted;
-    fake_conn *conns[FAKE_MAX_CONNS]; /* open ones; NULL when closed */
-    char cmds[FAKE_MAX_CMDS][128];    /* "conn-id: ARG ARG ..." */
-    int ncmds;
-    const char *auth_reply; /* RESP, default +OK */
-    bool hold_pings;        /* PING is not answered until fake_release_pings */
-    bool stall_new;         /* new connections answer nothing (accepted by TCP only) */
-};
-
-static void fake_conn_close(fake_conn *fc)
-{
-    fc->f->conns[fc->id] = NULL;
-    bufferevent_free(fc->bev);
-    free(fc);
-}
-
-static void fake_send(fake_conn *fc, const char *s, size_t n)
-{
-    bufferevent_write(fc->bev, s, n);
-}
-
-static void fake_sendf(fake_conn *fc, const char *fmt, ...)
-{
-    char buf[512];
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(buf, sizeof buf, fmt, ap);
-    va_end(ap);
-    fake_send(fc, buf, (size_t)n);
-}
-
-static void fake_bulk(fake_conn *fc, const char *s, size_t n)
-{
-    fake_sendf(fc, "$%zu\r\n", n);
-    fake_send(fc, s, n);
-    fake_send(fc, "\r\n", 2);
-}
-
-/* One parsed command: argc, argv[i] (pointers into a copy), lens. Returns the
- * bytes it took, 0 when incomplete. */
-static size_t parse_command(const char *p, size_t n, int *argc, const char **argv, size_t *lens, int max)
-{
-    const char *end = p + n, *q = p;
-    if (q >= end || *q != '*')
-        return 0;
-    char *eol = memchr(q, '\r', (size_t)(end - q));
-    if (!eol || eol + 1 >= end)
-        return 0;
-    int count = atoi(q + 1);
-    q = eol + 2;
-    for (int i = 0; i < count; i++) {
-        if (q >= end || *q != '$')
-            return 0;
-        eol = memchr(q, '\r', (size_t)(end - q));
-        if (!eol || eol + 1 >= end)
-            return 0;
-        size_t len = (size_t)atol(q + 1);
-        q = eol + 2;
-        if ((size_t)(end - q) < len + 2)
-            return 0;
-        if (i < max) {
-            argv[i] = q;
-            lens[i] = len;
-        }
-        q += len + 2;
-    }
-    *argc = count < max ? count : max;
-    return (size_t)(q - p);
-}
-
-static bool arg_is(const char *a, size_t n, const char *word)
-{
-    return n == strlen(word) && strncasecmp(a, word, n) == 0;
-}
-
-static void fake_read_cb(struct bufferevent *bev, void *arg)
-{
-    fake_conn *fc = arg;
-    fake *f = fc->f;
-    struct evbuffer *in = bufferevent_get_input(bev);
-    for (;;) {
-        size_t n = evbuffer_get_length(in);
-        if (n == 0)
-            return;
-        const char *p = (const char *)evbuffer_pullup(in, -1);
-        int argc = 0;
-        const char *argv[8];
-        size_t lens[8];
-        size_t used = parse_command(p, n, &argc, argv, lens, 8);
-        if (used == 0)
-            return;
-        fc->commands++;
-        if (f->ncmds < FAKE_MAX_CMDS) {
-            char *line = f->cmds[f->ncmds++];
-            int off = snprintf(line, sizeof f->cmds[0], "%d:", fc->id);
-            for (int i = 0; i < argc && off < (int)sizeof f->cmds[0] - 1; i++)
-                off += snprintf(line + off, sizeof f->cmds[0] - (size_t)off, " %.*s", (int)lens[i], argv[i]);
-        }
-        char a0[16] = "", a1[64] = "";
-        size_t l1 = argc > 1 ? lens[1] : 0;
-        if (argc > 0)
-            snprintf(a0, sizeof a0, "%.*s", (int)lens[0], argv[0]);
-        if (argc > 1)
-            memcpy(a1, argv[1], l1 < sizeof a1 ? l1 : sizeof a1);
-        if (!fc->stalled && arg_is(a0, strlen(a0), "ECHO"))
-            fake_bulk(fc, argv[1], l1); /* before the drain: any length */
-        evbuffer_drain(in, used);
-        if (fc->stalled)
-            continue;
-        if (arg_is(a0, strlen(a0), "PING")) {
-            if (f->hold_pings)
-                fc->held_pings++;
-            else
-                fake_sendf(fc, "+PONG\r\n");
-        } else if (arg_is(a0, strlen(a0), "ECHO")) {
-            /* answered above */
-        } else if (arg_is(a0, strlen(a0), "STALL")) {
-            fc->stalled = true;
-        } else if (arg_is(a0, strlen(a0), "CLOSE")) {
-            fake_conn_close(fc);
-            return;
-        } else if (arg_is(a0, strlen(a0), "AUTH")) {
-            const char *rep = f->auth_reply ? f->auth_reply : "+OK\r\n";
-            fake_send(fc, rep, strlen(rep));
-        } else if (arg_is(a0, strlen(a0), "SUBSCRIBE")) {
-            fc->subscribed = true;
-            fake_sendf(fc, "*3\r\n$9\r\nsubscribe\r\n");
-            fake_bulk(fc, a1, l1);
-            fake_sendf(fc, ":1\r\n");
-        } else if (arg_is(a0, strlen(a0), "ERR")) {
-            fake_sendf(fc, "-ERR asked for\r\n");
-        } else {
-            fake_sendf(fc, "+OK\r\n");
-        }
-    }
-}
-
-static void fake_event_cb(struct bufferevent *bev, short what, void *arg)
-{
-    if (what & (BEV_EVENT_EOF | BEV_EVENT_ERROR))
-        fake_conn_close(arg);
-}
-
-static void fake_accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct sockaddr *sa, int len,
-                           void *arg)
-{
-    fake *f = arg;
-    fake_conn *fc = calloc(1, sizeof *fc);
-    assert_non_null(fc);
-    fc->f = f;
-    fc->id = f->accepted++;
-    assert_true(fc->id < FAKE_MAX_CONNS);
-    fc->stalled = f->stall_new;
-    fc->peer_port = ntohs(((struct sockaddr_in *)sa)->sin_port);
-    fc->bev = bufferevent_socket_new(f->base, fd, BEV_OPT_CLOSE_ON_FREE);
-    bufferevent_setcb(fc->bev, fake_read_cb, NULL, fake_event_cb, fc);
-    bufferevent_enable(fc->bev, EV_READ | EV_WRITE);
-    f->conns[fc->id] = fc;
-}
-
-static fake *fake_start(struct event_base *base)
-{
-    fake *f = calloc(1, sizeof *f);
-    assert_non_null(f);
-    f->base = base;
-    struct sockaddr_in sin = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    f->listener = evconnlistener_new_bind(base, fake_accept_cb, f, LEV_OPT_CLOSE_ON_FREE | LEV_OPT_REUSEABLE,
-                                          16, (struct sockaddr *)&sin, sizeof sin);
-    assert_non_null(f->listener);
-    struct sockaddr_in got;
-    socklen_t glen = sizeof got;
-    getsockname(evconnlistener_get_fd(f->listener), (struct sockaddr *)&got, &glen);
-    f->port = ntohs(got.sin_port);
-    return f;
-}
-
-static void fake_stop(fake *f)
-{
-    for (int i = 0; i < FAKE_MAX_CONNS; i++)
-        if (f->conns[i])
-            fake_conn_close(f->conns[i]);
-    evconnlistener_free(f->listener);
-    free(f);
-}
-
-static int fake_open(const fake *f)
-{
-    int n = 0;
-    for (int i = 0; i < FAKE_MAX_CONNS; i++)
-        n += f->conns[i] != NULL;
-    return n;
-}
-
-static bool fake_saw(const fake *f, const char *line)
-{
-    for (int i = 0; i < f->ncmds; i++)
-        if (strcmp(f->cmds[i], line) == 0)
-            return true;
-    return false;
-}
-
-static int fake_count(const fake *f, const char *line)
-{
-    int n = 0;
-    for (int i = 0; i < f->ncmds; i++)
-        n += strcmp(f->cmds[i], line) == 0;
-    return n;
-}
-
-/* Where line was seen first, -1 if never. */
-static int fake_index(const fake *f, const char *line)
-{
-    for (int i = 0; i < f->ncmds; i++)
-        if (strcmp(f->cmds[i], line) == 0)
-            return i;
-    return -1;
-}
-
-static void fake_release_pings(fake *f)
-{
-    f->hold_pings = false;
-    for (int i = 0; i < FAKE_MAX_CONNS; i++) {
-        fake_conn *fc = f->conns[i];
-        for (; fc && fc->held_pings > 0; fc->held_pings--)
-            fake_sendf(fc, "+PONG\r\n");
-    }
-}
-
-/* The client's socket of fc (same process): the fd whose local port is fc's
- * peer port and whose peer is the fake. -1 if none. */
-static int client_fd(const fake *f, const fake_conn *fc)
-{
-    for (int fd = 3; fd < 1024; fd++) {
-        struct sockaddr_in self, peer;
-        socklen_t sl = sizeof self, pl = sizeof peer;
-        if (getsockname(fd, (struct sockaddr *)&self, &sl) != 0 || self.sin_family != AF_INET ||
-            getpeername(fd, (struct sockaddr *)&peer, &pl) != 0)
-            continue;
-        if (ntohs(self.sin_port) == fc->peer_port && ntohs(peer.sin_port) == f->port)
-            return fd;
-    }
-    return -1;
-}
-
-static void fake_publish(fake *f, const char *channel, const char *payload, size_t len)
-{
-    for (int i = 0; i < FAKE_MAX_CONNS; i++) {
-        fake_conn *fc = f->conns[i];
-        if (!fc || !fc->subscribed)
-            continue;
-        fake_sendf(fc, "*3\r\n$7\r\nmessage\r\n");
-        fake_bulk(fc, channel, strlen(channel));
-        fake_bulk(fc, payload, len);
-    }
-}
 
 /* ---- the loop ------------------------------------------------------------------------ */
 
-static uint64_t ms_now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
-}
-
-/* Run the loop for ms milliseconds. */
-static void run_for(struct event_base *base, int ms)
-{
-    struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
-    event_base_loopexit(base, &tv);
-    event_base_dispatch(base);
-}
-
-#define RUN_UNTIL(base, cond, ms)                                                                            \
-    do {                                                                                                     \
-        uint64_t end_ = ms_now() + (ms);                                                                     \
-        while (!(cond) && ms_now() < end_)                                                                   \
-            run_for((base), 2);                                                                              \
-        assert_true(cond);                                                                                   \
-    } while (0)
+#define RUN_UNTIL(base, cond, ms) FAKE_REDIS_RUN_UNTIL(base, cond, ms, 2)
 
 static int log_lines;
 static int warn_lines; /* CONFIG_LOG_WARN and worse */
@@ -366,7 +64,7 @@ static void test_log(config_log_level level, const char *message)
 
 typedef struct env {
     struct event_base *base;
-    fake *f;
+    fake_redis *f;
     gw_redis *r;
     char url[128];
     config_redis cfg;
@@ -377,7 +75,7 @@ static void env_start(env *e, const char *userinfo, const char *db, int timeout_
     memset(e, 0, sizeof *e);
     e->base = event_base_new();
     assert_non_null(e->base);
-    e->f = fake_start(e->base);
+    e->f = fake_redis_start(e->base);
     snprintf(e->url, sizeof e->url, "redis://%s127.0.0.1:%d%s", userinfo, e->f->port, db);
     e->cfg = (config_redis){.enabled = true,
                             .url = e->url,
@@ -389,7 +87,7 @@ static void env_start(env *e, const char *userinfo, const char *db, int timeout_
 static void env_stop(env *e)
 {
     gw_redis_free(e->r);
-    fake_stop(e->f);
+    fake_redis_stop(e->f);
     event_base_free(e->base);
 }
 
@@ -474,8 +172,8 @@ static void test_handshake_and_binary_round_trip(void **state)
     gw_redis_configure(e.r, &e.cfg);
     assert_false(gw_redis_up(e.r)); /* nothing before the loop runs */
     RUN_UNTIL(e.base, gw_redis_up(e.r), 2000);
-    assert_true(fake_saw(e.f, "0: AUTH alice s3cret"));
-    assert_true(fake_saw(e.f, "0: SELECT 3"));
+    assert_true(fake_redis_saw(e.f, "0: AUTH alice s3cret"));
+    assert_true(fake_redis_saw(e.f, "0: SELECT 3"));
 
     answers a = {0};
     probe p1 = {&a, 1}, p2 = {&a, 2};
@@ -520,11 +218,11 @@ static void test_password_key_wins_and_auth_error_keeps_it_down(void **state)
     e.r = gw_redis_create(e.base, test_log);
     gw_redis_configure(e.r, &e.cfg);
     RUN_UNTIL(e.base, e.f->accepted >= 2, 2000); /* refused, then tried again */
-    assert_true(fake_saw(e.f, "0: AUTH fromkey"));
+    assert_true(fake_redis_saw(e.f, "0: AUTH fromkey"));
     assert_false(gw_redis_up(e.r));
     assert_non_null(strstr(last_log, "WRONGPASS"));
     /* Backoff: 50, 100, 200, 400 ms... so about 5 tries in 1 s, not hundreds. */
-    run_for(e.base, 1000);
+    fake_redis_run_for(e.base, 1000);
     assert_true(e.f->accepted <= 7);
     env_stop(&e);
 }
@@ -535,8 +233,8 @@ static void test_round_robin_over_connections(void **state)
     env_start(&e, "", "", 500, 3);
     e.r = gw_redis_create(e.base, test_log);
     gw_redis_configure(e.r, &e.cfg);
-    RUN_UNTIL(e.base, fake_open(e.f) == 3, 2000);
-    run_for(e.base, 20);
+    RUN_UNTIL(e.base, fake_redis_open(e.f) == 3, 2000);
+    fake_redis_run_for(e.base, 20);
     answers a = {0};
     probe p[9];
     for (int i = 0; i < 9; i++) {
@@ -560,14 +258,14 @@ static void test_stall_answers_queue_and_reconnects(void **state)
     probe p0 = {&a, 0}, p1 = {&a, 1}, p2 = {&a, 2}, p3 = {&a, 3};
     assert_non_null(cmd(e.r, &a, &p0, "PING", NULL, 0));
     RUN_UNTIL(e.base, a.n == 1, 2000);
-    uint64_t t0 = ms_now();
+    uint64_t t0 = fake_redis_ms_now();
     assert_non_null(cmd(e.r, &a, &p1, "STALL", NULL, 0));
     assert_non_null(cmd(e.r, &a, &p2, "PING", NULL, 0));
     gw_redis_call *c3 = cmd(e.r, &a, &p3, "PING", NULL, 0);
     assert_non_null(c3);
     gw_redis_cancel(c3);
     RUN_UNTIL(e.base, a.n == 3, 2000);
-    uint64_t took = ms_now() - t0;
+    uint64_t took = fake_redis_ms_now() - t0;
     assert_true(took >= 55 && took < 500);
     assert_int_equal(a.order[1], 1);
     assert_int_equal(a.type[1], -1);
@@ -575,7 +273,7 @@ static void test_stall_answers_queue_and_reconnects(void **state)
     assert_int_equal(a.type[2], -1);
     assert_false(gw_redis_up(e.r));
     RUN_UNTIL(e.base, e.f->accepted == 2 && gw_redis_up(e.r), 2000); /* made again */
-    run_for(e.base, 100);
+    fake_redis_run_for(e.base, 100);
     assert_int_equal(a.n, 3); /* the cancelled one never */
     env_stop(&e);
 }
@@ -606,8 +304,8 @@ static void test_free_inside_done(void **state)
     env_start(&e, "", "", 1000, 2);
     e.r = gw_redis_create(e.base, test_log);
     gw_redis_configure(e.r, &e.cfg);
-    RUN_UNTIL(e.base, fake_open(e.f) == 2, 2000);
-    run_for(e.base, 20);
+    RUN_UNTIL(e.base, fake_redis_open(e.f) == 2, 2000);
+    fake_redis_run_for(e.base, 20);
     assert_true(gw_redis_up(e.r));
     answers a = {0};
     probe p[4];
@@ -623,8 +321,8 @@ static void test_free_inside_done(void **state)
     assert_int_equal(a.order[0], 0);
     for (int i = 1; i < 4; i++)
         assert_int_equal(a.type[i], -1);
-    run_for(e.base, 50);
-    assert_int_equal(fake_open(e.f), 0);
+    fake_redis_run_for(e.base, 50);
+    assert_int_equal(fake_redis_open(e.f), 0);
     env_stop(&e);
 }
 
@@ -654,7 +352,7 @@ static void test_reconfigure_moves_and_disable_disconnects(void **state)
 {
     env e;
     env_start(&e, "", "", 500, 1);
-    fake *g = fake_start(e.base);
+    fake_redis *g = fake_redis_start(e.base);
     e.r = gw_redis_create(e.base, test_log);
     gw_redis_configure(e.r, &e.cfg);
     RUN_UNTIL(e.base, gw_redis_up(e.r), 2000);
@@ -666,14 +364,14 @@ static void test_reconfigure_moves_and_disable_disconnects(void **state)
     moved.url = url;
     gw_redis_configure(e.r, &moved);
     assert_false(gw_redis_up(e.r));
-    RUN_UNTIL(e.base, gw_redis_up(e.r) && fake_open(g) == 1 && fake_open(e.f) == 0, 2000);
+    RUN_UNTIL(e.base, gw_redis_up(e.r) && fake_redis_open(g) == 1 && fake_redis_open(e.f) == 0, 2000);
     config_redis off = {0};
     gw_redis_configure(e.r, &off);
     assert_false(gw_redis_up(e.r));
-    RUN_UNTIL(e.base, fake_open(g) == 0, 2000);
-    run_for(e.base, 200);
+    RUN_UNTIL(e.base, fake_redis_open(g) == 0, 2000);
+    fake_redis_run_for(e.base, 200);
     assert_int_equal(g->accepted, 1); /* no reconnect when disabled */
-    fake_stop(g);
+    fake_redis_stop(g);
     env_stop(&e);
 }
 
@@ -686,7 +384,7 @@ static void test_connect_deadline(void **state)
     evconnlistener_disable(e.f->listener);
     e.r = gw_redis_create(e.base, test_log);
     gw_redis_configure(e.r, &e.cfg);
-    run_for(e.base, 400);
+    fake_redis_run_for(e.base, 400);
     assert_false(gw_redis_up(e.r));
     evconnlistener_enable(e.f->listener);
     RUN_UNTIL(e.base, gw_redis_up(e.r), 3000);
@@ -703,18 +401,18 @@ static void test_up_only_after_ping_reply(void **state)
     e.f->hold_pings = true;
     e.r = gw_redis_create(e.base, test_log);
     gw_redis_configure(e.r, &e.cfg);
-    RUN_UNTIL(e.base, fake_saw(e.f, "0: PING"), 2000);
-    run_for(e.base, 100);
+    RUN_UNTIL(e.base, fake_redis_saw(e.f, "0: PING"), 2000);
+    fake_redis_run_for(e.base, 100);
     assert_false(gw_redis_up(e.r));
     answers a = {0};
     probe p = {&a, 0};
     assert_null(cmd(e.r, &a, &p, "PING", NULL, 0));
-    int auth = fake_index(e.f, "0: AUTH bob pw"), sel = fake_index(e.f, "0: SELECT 1");
-    int ping = fake_index(e.f, "0: PING");
+    int auth = fake_redis_index(e.f, "0: AUTH bob pw"), sel = fake_redis_index(e.f, "0: SELECT 1");
+    int ping = fake_redis_index(e.f, "0: PING");
     assert_true(auth >= 0 && auth < sel && sel < ping); /* PING ends the handshake */
 
     /* Every connection has TCP keepalive (hiredis's 15 s). */
-    int fd = client_fd(e.f, e.f->conns[0]);
+    int fd = fake_redis_client_fd(e.f, e.f->conns[0]);
     assert_true(fd >= 0);
     int on = 0, idle = 0;
     socklen_t len = sizeof on;
@@ -724,7 +422,8 @@ static void test_up_only_after_ping_reply(void **state)
     assert_int_equal(getsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, &len), 0);
     assert_int_equal(idle, REDIS_KEEPALIVE_INTERVAL);
 
-    fake_release_pings(e.f); /* PONG within the connect deadline: up */
+    e.f->hold_pings = false; /* PONG within the connect deadline: up */
+    fake_redis_release(e.f);
     RUN_UNTIL(e.base, gw_redis_up(e.r), 2000);
     assert_int_equal(e.f->accepted, 1);
     assert_non_null(cmd(e.r, &a, &p, "PING", NULL, 0));
@@ -742,8 +441,9 @@ static void test_ping_past_connect_deadline_is_a_failed_connect(void **state)
     gw_redis_configure(e.r, &e.cfg);
     RUN_UNTIL(e.base, e.f->accepted >= 2, 2000); /* dropped at the deadline, made again */
     assert_false(gw_redis_up(e.r));
-    RUN_UNTIL(e.base, fake_open(e.f) <= 1, 2000);
-    fake_release_pings(e.f);
+    RUN_UNTIL(e.base, fake_redis_open(e.f) <= 1, 2000);
+    e.f->hold_pings = false;
+    fake_redis_release(e.f);
     RUN_UNTIL(e.base, gw_redis_up(e.r), 3000);
     env_stop(&e);
 }
@@ -766,8 +466,8 @@ static void test_stalled_redis_backs_off(void **state)
     answers a = {0};
     static probe p[MAX_ANSWERS];
     int sent = 0, refused = 0, sent_after_failure = 0;
-    uint64_t end = ms_now() + 1000;
-    while (ms_now() < end) {
+    uint64_t end = fake_redis_ms_now() + 1000;
+    while (fake_redis_ms_now() < end) {
         if (sent < MAX_ANSWERS) {
             p[sent] = (probe){&a, sent};
             if (cmd(e.r, &a, &p[sent], "PING", NULL, 0)) {
@@ -777,7 +477,7 @@ static void test_stalled_redis_backs_off(void **state)
                 refused++;
             }
         }
-        run_for(e.base, 5);
+        fake_redis_run_for(e.base, 5);
     }
     int connects = e.f->accepted - accepted0;
     /* 50 + 100 + 200 + 400 ms of backoff, 50 ms of connect deadline each. */
@@ -804,9 +504,9 @@ static void test_stalled_redis_backs_off(void **state)
 /* Run until fake f accepts its n-th connection; the time it took in ms. */
 static uint64_t ms_until_accepted(env *e, int n)
 {
-    uint64_t t0 = ms_now();
+    uint64_t t0 = fake_redis_ms_now();
     RUN_UNTIL(e->base, e->f->accepted >= n && gw_redis_up(e->r), 3000);
-    return ms_now() - t0;
+    return fake_redis_ms_now() - t0;
 }
 
 static void test_commands_stalled_ping_answered_keeps_backing_off(void **state)
@@ -845,8 +545,8 @@ static void test_commands_stalled_ping_answered_keeps_backing_off(void **state)
     assert_int_equal(answering_again, again0);
     /* ... one answered after a whole timeout (50 ms) without a stall does:
      * healthy again, and the next stall warns again. */
-    uint64_t t = ms_now();
-    RUN_UNTIL(e.base, ms_now() - t >= 70, 1000);
+    uint64_t t = fake_redis_ms_now();
+    RUN_UNTIL(e.base, fake_redis_ms_now() - t >= 70, 1000);
     assert_non_null(cmd(e.r, &a, &p[4], "PING", NULL, 0));
     RUN_UNTIL(e.base, a.n == 5, 2000);
     assert_int_equal(answering_again, again0 + 1);
@@ -896,30 +596,30 @@ static void test_subscriber(void **state)
     RUN_UNTIL(e.base, s.subscribed == 1, 2000);
     assert_true(gw_redis_up(e.r));
     assert_int_equal(e.f->accepted, 1); /* one connection whatever the count */
-    assert_true(fake_saw(e.f, "0: AUTH pw"));
-    assert_true(fake_saw(e.f, "0: SELECT 2"));
-    assert_true(fake_saw(e.f, "0: SUBSCRIBE gw:inv"));
+    assert_true(fake_redis_saw(e.f, "0: AUTH pw"));
+    assert_true(fake_redis_saw(e.f, "0: SELECT 2"));
+    assert_true(fake_redis_saw(e.f, "0: SUBSCRIBE gw:inv"));
     answers a = {0};
     probe p = {&a, 0};
     assert_null(cmd(e.r, &a, &p, "PING", NULL, 0));
 
     static const char bin[] = {'k', 0, '1'};
-    fake_publish(e.f, "gw:inv", bin, sizeof bin);
+    fake_redis_publish(e.f, "gw:inv", bin, sizeof bin);
     RUN_UNTIL(e.base, s.messages == 1, 2000);
     assert_int_equal(s.last_len, sizeof bin);
     assert_memory_equal(s.last, bin, sizeof bin);
 
-    fake_conn_close(e.f->conns[0]); /* Redis restarts */
+    fake_redis_conn_close(e.f->conns[0]); /* Redis restarts */
     RUN_UNTIL(e.base, s.subscribed == 2, 2000);
-    fake_publish(e.f, "gw:inv", "x", 1);
+    fake_redis_publish(e.f, "gw:inv", "x", 1);
     RUN_UNTIL(e.base, s.messages == 2, 2000);
 
     s.free_me = e.r; /* freed from inside on_message */
     e.r = NULL;
-    fake_publish(e.f, "gw:inv", "y", 1);
-    fake_publish(e.f, "gw:inv", "z", 1); /* in the same read: must not reach us */
+    fake_redis_publish(e.f, "gw:inv", "y", 1);
+    fake_redis_publish(e.f, "gw:inv", "z", 1); /* in the same read: must not reach us */
     RUN_UNTIL(e.base, s.messages == 3, 2000);
-    run_for(e.base, 50);
+    fake_redis_run_for(e.base, 50);
     assert_int_equal(s.messages, 3);
     env_stop(&e);
 }
@@ -933,38 +633,38 @@ static void test_subscriber_checks_its_connection(void **state)
     e.r = gw_redis_create_subscriber(e.base, test_log, "gw:inv", on_message, on_subscribed, &s);
     gw_redis_configure(e.r, &e.cfg);
     RUN_UNTIL(e.base, s.subscribed == 1, 2000);
-    assert_true(fake_index(e.f, "0: AUTH pw") < fake_index(e.f, "0: SELECT 2"));
-    assert_true(fake_index(e.f, "0: SELECT 2") < fake_index(e.f, "0: SUBSCRIBE gw:inv"));
-    assert_false(fake_saw(e.f, "0: PING")); /* the subscriber's handshake ends with SUBSCRIBE */
+    assert_true(fake_redis_index(e.f, "0: AUTH pw") < fake_redis_index(e.f, "0: SELECT 2"));
+    assert_true(fake_redis_index(e.f, "0: SELECT 2") < fake_redis_index(e.f, "0: SUBSCRIBE gw:inv"));
+    assert_false(fake_redis_saw(e.f, "0: PING")); /* the subscriber's handshake ends with SUBSCRIBE */
 
     /* Checked every few seconds; the answer is neither a message nor a new
      * subscription. */
-    uint64_t t0 = ms_now();
-    RUN_UNTIL(e.base, fake_count(e.f, "0: SUBSCRIBE gw:inv") == 2, 4000);
-    assert_true(ms_now() - t0 >= 1500);
-    run_for(e.base, 50);
+    uint64_t t0 = fake_redis_ms_now();
+    RUN_UNTIL(e.base, fake_redis_count(e.f, "0: SUBSCRIBE gw:inv") == 2, 4000);
+    assert_true(fake_redis_ms_now() - t0 >= 1500);
+    fake_redis_run_for(e.base, 50);
     assert_int_equal(s.subscribed, 1);
     assert_int_equal(s.messages, 0);
     assert_true(gw_redis_up(e.r));
-    fake_publish(e.f, "gw:inv", "a", 1);
+    fake_redis_publish(e.f, "gw:inv", "a", 1);
     RUN_UNTIL(e.base, s.messages == 1, 2000);
 
     /* The connection goes silent (no RST): the next check is not answered,
      * the connection is made again and subscribes again. */
     int warns0 = warn_lines;
     e.f->conns[0]->stalled = true;
-    t0 = ms_now();
+    t0 = fake_redis_ms_now();
     RUN_UNTIL(e.base, s.subscribed == 2, 6000);
-    uint64_t took = ms_now() - t0;
+    uint64_t took = fake_redis_ms_now() - t0;
     assert_true(took >= 1000 && took < 4500);
-    assert_int_equal(fake_count(e.f, "0: SUBSCRIBE gw:inv"), 3); /* the unanswered check */
+    assert_int_equal(fake_redis_count(e.f, "0: SUBSCRIBE gw:inv"), 3); /* the unanswered check */
     assert_int_equal(e.f->accepted, 2);
-    assert_true(fake_saw(e.f, "1: AUTH pw"));
-    assert_true(fake_saw(e.f, "1: SUBSCRIBE gw:inv"));
+    assert_true(fake_redis_saw(e.f, "1: AUTH pw"));
+    assert_true(fake_redis_saw(e.f, "1: SUBSCRIBE gw:inv"));
     assert_int_equal(warn_lines - warns0, 1);
     assert_non_null(strstr(last_warn, "no answer within 1000 ms"));
     assert_true(gw_redis_up(e.r));
-    fake_publish(e.f, "gw:inv", "b", 1);
+    fake_redis_publish(e.f, "gw:inv", "b", 1);
     RUN_UNTIL(e.base, s.messages == 2, 2000);
     assert_memory_equal(s.last, "b", 1);
     env_stop(&e);
