@@ -22,6 +22,7 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/eventfd.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <event2/buffer.h>
@@ -37,6 +38,7 @@
 #include "cache/key.h"
 #include "cache/rstore.h"
 #include "gateway/compress.h"
+#include "gateway/http1.h"
 #include "gateway/httputil.h"
 #include "gateway/log.h"
 #include "gateway/sockio.h"
@@ -88,7 +90,39 @@ typedef struct gw_conn {
     bool closed; /* evhttp freed the connection; waits for the reaper */
     struct gw_conn *next_dirty, *next_dead;
     gw_request *stream; /* streaming its answer here: told when evhttp closes the connection */
+
+    /* Our own server side (plain HTTP with direct I/O; see "own server side"
+     * below): requests are parsed and answered here, evhttp only keeps the
+     * connection object (its peer address, its close callback). */
+    bool own;
+    int own_state;                  /* OWN_READING, ... */
+    bool own_close;                 /* close once the answer is out */
+    bool own_chunked;               /* the streamed answer has chunked framing */
+    bool own_continue_sent;         /* 100 Continue went for this request */
+    http1_request *parser;          /* this connection's request parser */
+    struct evhttp_request *own_req; /* the request being answered, ours until the answer is out */
+    void (*own_chunk_cb)(struct evhttp_connection *, void *); /* once the output is written */
+    void *own_chunk_arg;
 } gw_conn;
+
+/* What an own-server connection is doing. */
+enum {
+    OWN_READING,   /* reading (and parsing) a request */
+    OWN_BUSY,      /* on_request has the request; no answer yet */
+    OWN_STREAMING, /* the answer's head went; pieces follow */
+    OWN_REPLIED,   /* the whole answer is queued: done once it is written */
+    OWN_CLOSING    /* an error answer is queued: close once it is written */
+};
+
+/* Answering a request, whichever server side read it: evhttp's (TLS, or
+ * GATEWAY_OWN_HTTP=0) or ours. Same contracts as the evhttp_send_* calls. */
+static void gw_reply(struct evhttp_request *req, int status, const char *reason, struct evbuffer *body);
+static void gw_reply_start(struct evhttp_request *req, int status, const char *reason);
+static void gw_reply_chunk(struct evhttp_request *req, struct evbuffer *buf,
+                           void (*cb)(struct evhttp_connection *, void *), void *arg);
+static void gw_reply_end(struct evhttp_request *req);
+static void on_request(struct evhttp_request *req, void *arg);
+static void client_pump_own(gw_conn *c);
 
 /* Open addressing by evhttp_connection pointer, linear probing, backward-shift
  * deletion; grows at half load. */
@@ -205,6 +239,7 @@ struct gw_worker {
     struct event *pending_ev;
     conn_table conns;                    /* evhttp_connection -> gw_conn */
     bool direct_io;                      /* take plain client sockets over (client_pump) */
+    bool own_http;                       /* and parse and answer their requests ourselves */
     gw_conn *dirty, *dead;               /* connections to write to / to free */
     struct event *flush_ev;              /* writes dirty connections, then frees dead ones */
     gw_conn *later;                      /* connections that yielded with work left */
@@ -432,7 +467,7 @@ size_t gw_send_json_error(struct evhttp_request *req, int status, const char *te
                          : status == 429 ? "Too Many Requests"
                                          : NULL;
     size_t len = body ? evbuffer_get_length(body) : 0;
-    evhttp_send_reply(req, status, reason, body);
+    gw_reply(req, status, reason, body);
     if (body)
         evbuffer_free(body);
     return len;
@@ -965,7 +1000,7 @@ static void serve_entry(gw_request *r, cache_entry *e, serve_kind kind)
     r->cache_counted = true;
     r->status = status;
     r->bytes = head || no_body ? 0 : e->body_len[v];
-    evhttp_send_reply(r->req, status, NULL, no_body ? NULL : body);
+    gw_reply(r->req, status, NULL, no_body ? NULL : body);
     evbuffer_free(body);
     request_end(r);
 }
@@ -1429,7 +1464,7 @@ static void invalidation_done(gw_request *r)
     }
     struct evbuffer *body = r->held_body;
     r->held_body = NULL;
-    evhttp_send_reply(r->req, r->held_status, r->held_reason, body);
+    gw_reply(r->req, r->held_status, r->held_reason, body);
     if (body)
         evbuffer_free(body);
     request_end(r);
@@ -1670,7 +1705,7 @@ static void finish_reply(gw_request *r, int status, const char *reason, struct e
         r->held_reason = reason ? strdup(reason) : NULL;
         return;
     }
-    evhttp_send_reply(r->req, status, reason, body);
+    gw_reply(r->req, status, reason, body);
     request_end(r);
 }
 
@@ -2530,7 +2565,7 @@ static bool stream_push(gw_request *r, struct evbuffer *in, gw_encoder_op op)
     size_t n = piece ? evbuffer_get_length(piece) : 0;
     if (n && r->req && !s->client_gone) {
         r->bytes += n;
-        evhttp_send_reply_chunk_with_cb(r->req, piece, stream_drained, r);
+        gw_reply_chunk(r->req, piece, stream_drained, r);
     }
     if (piece)
         evbuffer_drain(piece, evbuffer_get_length(piece)); /* what evhttp did not take (client gone) */
@@ -2612,7 +2647,7 @@ static void stream_finish(gw_request *r)
         s->conn->stream = NULL;
     s->conn = NULL;
     if (r->req)
-        evhttp_send_reply_end(r->req);
+        gw_reply_end(r->req);
     r->req = NULL;
     request_end(r);
 }
@@ -2631,7 +2666,7 @@ static void stream_send_head(gw_request *r)
 {
     gw_stream *s = r->stream;
     s->head_sent = true;
-    evhttp_send_reply_start(r->req, s->status, s->reason);
+    gw_reply_start(r->req, s->status, s->reason);
     stream_client_deadlines(r, true);
 }
 
@@ -2713,7 +2748,7 @@ static bool stream_head(void *arg, const upstream_response *resp, const char *ta
         /* A HEAD fetched as GET to fill the cache, and the answer is too
          * large to store: the head is all the client wants. */
         r->call = NULL;
-        evhttp_send_reply(r->req, s->status, s->reason, NULL);
+        gw_reply(r->req, s->status, s->reason, NULL);
         r->req = NULL;
         request_end(r);
         return false;
@@ -3558,7 +3593,7 @@ static void on_request(struct evhttp_request *req, void *arg)
 
     gw_request *r = calloc(1, sizeof *r);
     if (!r) {
-        evhttp_send_error(req, 503, NULL);
+        gw_send_json_error(req, 503, "out of memory", "-");
         return;
     }
     r->w = w;
@@ -3672,7 +3707,7 @@ static void send_text(struct evhttp_request *req, int status, const char *type, 
     if (b)
         evbuffer_add(b, text, strlen(text));
     evhttp_add_header(evhttp_request_get_output_headers(req), "Content-Type", type);
-    evhttp_send_reply(req, status, NULL, b);
+    gw_reply(req, status, NULL, b);
     if (b)
         evbuffer_free(b);
 }
@@ -3710,7 +3745,7 @@ bool gw_builtin_serve(gw_server *srv, const config_t *cfg, struct evhttp_request
         evbuffer_add_reference(b, text, len, free_rendered, NULL);
         evhttp_add_header(evhttp_request_get_output_headers(req), "Content-Type",
                           "text/plain; version=0.0.4; charset=utf-8");
-        evhttp_send_reply(req, 200, NULL, b);
+        gw_reply(req, 200, NULL, b);
         evbuffer_free(b);
     }
     return true;
@@ -3767,6 +3802,14 @@ static void on_connection_closed(struct evhttp_connection *evcon, void *arg)
     if (c->replying)
         w->replying--;
     c->replying = false;
+    if (c->own_req) {
+        /* Ours alone: answered (or being written), or the pipeline is gone
+         * (a forced stop); one the pipeline still holds was let go before. */
+        c->own_req->evcon = NULL;
+        evhttp_request_free(c->own_req);
+        c->own_req = NULL;
+    }
+    c->own_chunk_cb = NULL;
     conn_remove(&w->conns, c);
     pool_session_end(w->pool, evcon);
     if (c->read_timer)
@@ -3862,6 +3905,10 @@ static void reap_dead(gw_worker *w)
         }
         if (c->fd >= 0)
             close(c->fd);
+        if (c->parser) {
+            http1_request_free(c->parser);
+            free(c->parser);
+        }
         free(c);
     }
     w->dead = keep;
@@ -3942,6 +3989,10 @@ static int client_read(gw_conn *c, struct evbuffer *in, size_t *got)
  * a client that half-closes after its request still gets the answer. */
 static void client_pump(gw_conn *c)
 {
+    if (c->own) {
+        client_pump_own(c);
+        return;
+    }
     struct bufferevent *bev = c->bev;
     gw_worker *w = c->w;
     for (int round = 0; round < 8 && !c->closed; round++) {
@@ -4040,6 +4091,417 @@ static void client_take_over(gw_conn *c)
     }
 }
 
+/* ---- own server side ---------------------------------------------------------------
+ *
+ * For plain HTTP with direct I/O, evhttp does not parse requests or write
+ * answers either: the connection object it made at accept stays idle (its
+ * bufferevent has no fd and evhttp never runs again on it), kept for its peer
+ * address and its close callback (on_connection_closed, as before). Requests
+ * are parsed by gateway/http1.c from the bytes client_pump_own reads; each
+ * becomes an evhttp_request made here (so the pipeline reads it with the same
+ * calls), tagged by its callback (own_request_tag) with the connection as its
+ * argument, and handed to on_request. Answers go through gw_reply*, which
+ * write the head with http1_write_head. One request at a time per connection,
+ * as with evhttp: a pipelined request is parsed once the answer before it has
+ * been written. */
+
+static void own_request_tag(struct evhttp_request *req, void *arg)
+{
+    (void)req;
+    (void)arg;
+}
+
+/* The connection of one of our requests, NULL when the client left (the
+ * request is then the caller's to free, as evhttp does with one it let go). */
+static gw_conn *own_conn_of(struct evhttp_request *req)
+{
+    return req->cb_arg;
+}
+
+static bool is_own_request(const struct evhttp_request *req)
+{
+    return req->cb == own_request_tag;
+}
+
+static bool own_method(const char *m, size_t n, enum evhttp_cmd_type *type)
+{
+    static const struct {
+        const char *name;
+        size_t len;
+        enum evhttp_cmd_type type;
+    } methods[] = {
+        {"GET", 3, EVHTTP_REQ_GET},     {"POST", 4, EVHTTP_REQ_POST},     {"HEAD", 4, EVHTTP_REQ_HEAD},
+        {"PUT", 3, EVHTTP_REQ_PUT},     {"DELETE", 6, EVHTTP_REQ_DELETE}, {"OPTIONS", 7, EVHTTP_REQ_OPTIONS},
+        {"PATCH", 5, EVHTTP_REQ_PATCH}, {"TRACE", 5, EVHTTP_REQ_TRACE},   {"CONNECT", 7, EVHTTP_REQ_CONNECT}};
+    for (size_t i = 0; i < sizeof methods / sizeof methods[0]; i++)
+        if (methods[i].len == n && memcmp(methods[i].name, m, n) == 0) {
+            *type = methods[i].type;
+            return true;
+        }
+    return false;
+}
+
+/* The client is gone (or broke the protocol) while a request may be ours or
+ * the pipeline's: let the pipeline's copy go (it frees it when it answers,
+ * as with evhttp), then close. */
+static void own_fail(gw_conn *c)
+{
+    if (c->own_req && (c->own_state == OWN_BUSY || c->own_state == OWN_STREAMING)) {
+        c->own_req->evcon = NULL;
+        c->own_req->cb_arg = NULL;
+        c->own_req = NULL;
+    }
+    c->own_chunk_cb = NULL;
+    evhttp_connection_free(c->evcon);
+}
+
+/* A request we cannot take: a JSON error, then the connection closes (its
+ * framing cannot be trusted after it). Not counted in http_requests_total:
+ * no route or method is known (evhttp's own error pages were not either). */
+static void own_error(gw_conn *c, int status, const char *text)
+{
+    struct evbuffer *out = bufferevent_get_output(c->bev);
+    struct evbuffer *body = evbuffer_new();
+    char id[GW_REQUEST_ID_MINTED + 1];
+    gw_rng_hex(&c->w->rng, id, GW_REQUEST_ID_MINTED / 2);
+    if (body)
+        gw_error_body(body, status, text, id);
+    struct evkeyvalq h;
+    struct evkeyval type = {.key = "Content-Type", .value = "application/json"};
+    struct evkeyval rid = {.key = "X-Request-Id", .value = id};
+    TAILQ_INIT(&h);
+    TAILQ_INSERT_TAIL(&h, &type, next);
+    TAILQ_INSERT_TAIL(&h, &rid, next);
+    http1_head_framing fr = {.content_length = body ? (int64_t)evbuffer_get_length(body) : 0,
+                             .close = true,
+                             .date = http1_date(time(NULL))};
+    http1_write_head(out, 1, status, NULL, &h, &fr);
+    if (body) {
+        evbuffer_add_buffer(out, body);
+        evbuffer_free(body);
+    }
+    c->own_state = OWN_CLOSING;
+}
+
+/* A complete request: make it an evhttp_request and hand it to on_request. */
+static void own_dispatch(gw_conn *c)
+{
+    http1_request *p = c->parser;
+    enum evhttp_cmd_type type;
+    if (!own_method(p->method, p->method_len, &type)) {
+        own_error(c, 501, "method not implemented");
+        return;
+    }
+    struct evhttp_request *req = evhttp_request_new(own_request_tag, c);
+    if (!req) {
+        own_error(c, 503, "out of memory");
+        return;
+    }
+    req->kind = EVHTTP_REQUEST;
+    req->type = type;
+    req->major = 1;
+    req->minor = (char)p->minor_version;
+    req->evcon = c->evcon;
+    req->uri = malloc(p->target_len + 1);
+    if (req->uri) {
+        memcpy(req->uri, p->target, p->target_len + 1);
+        req->uri_elems = evhttp_uri_parse_with_flags(req->uri, EVHTTP_URI_NONCONFORMANT);
+    }
+    bool ok = req->uri_elems != NULL;
+    for (size_t i = 0; ok && i < p->field_count; i++)
+        ok = evhttp_add_header(req->input_headers, p->fields[i].name, p->fields[i].value) == 0;
+    if (!ok) {
+        req->evcon = NULL;
+        evhttp_request_free(req);
+        own_error(c, 400, "malformed request target or header field");
+        return;
+    }
+    evbuffer_add_buffer(req->input_buffer, p->body);
+    c->own_req = req;
+    c->own_state = OWN_BUSY;
+    on_request(req, c->w);
+}
+
+/* Parse what is buffered while the connection is reading: dispatch each
+ * complete request (one at a time), answer a malformed one. */
+static void own_parse(gw_conn *c)
+{
+    struct evbuffer *in = bufferevent_get_input(c->bev);
+    while (c->own_state == OWN_READING && !c->closed) {
+        http1_result res = http1_parse(c->parser, in, c->eof_pending);
+        if (res == HTTP1_NEED_MORE) {
+            if (c->parser->head_done && c->parser->expect_continue && !c->own_continue_sent) {
+                c->own_continue_sent = true;
+                evbuffer_add(bufferevent_get_output(c->bev), "HTTP/1.1 100 Continue\r\n\r\n", 25);
+            }
+            return;
+        }
+        if (res == HTTP1_ERROR) {
+            /* Gone between requests, or in the middle of one: just close, as
+             * evhttp did. Otherwise the status that names what was wrong. */
+            if (c->eof_pending || !c->parser->got_bytes)
+                own_fail(c);
+            else
+                own_error(c, c->parser->error_status, c->parser->error);
+            return;
+        }
+        own_dispatch(c);
+    }
+}
+
+/* The whole answer is written: the request is done; the connection closes or
+ * reads the next one (perhaps already buffered). */
+static void own_complete(gw_conn *c)
+{
+    struct evhttp_request *req = c->own_req;
+    c->own_req = NULL;
+    c->own_state = OWN_READING;
+    c->own_chunked = false;
+    c->own_continue_sent = false;
+    if (req) {
+        req->evcon = NULL;
+        if (req->on_complete_cb)
+            req->on_complete_cb(req, req->on_complete_cb_arg); /* reply_done */
+        evhttp_request_free(req);
+    }
+    if (c->closed)
+        return;
+    if (c->own_close) {
+        evhttp_connection_free(c->evcon);
+        return;
+    }
+    http1_request_reset(c->parser);
+    own_parse(c);
+}
+
+/* The answer's head: the status line, the output entries, and the framing
+ * evhttp would have added (Content-Length, chunked for a stream of unknown
+ * length over HTTP/1.1, Date, Connection). */
+static void own_write_head(gw_conn *c, struct evhttp_request *req, int status, const char *reason,
+                           size_t body_len, bool streaming)
+{
+    struct evkeyvalq *oh = evhttp_request_get_output_headers(req);
+    bool has_length = false, has_date = false, says_close = false;
+    struct evkeyval *connection = NULL;
+    struct evkeyval *h;
+    TAILQ_FOREACH(h, oh, next)
+    {
+        switch (strlen(h->key)) {
+        case 4:
+            has_date = has_date || strcasecmp(h->key, "Date") == 0;
+            break;
+        case 10:
+            if (strcasecmp(h->key, "Connection") == 0) {
+                connection = h;
+                says_close = says_close || gw_header_list_has_token(h->value, "close");
+            }
+            break;
+        case 14:
+            has_length = has_length || strcasecmp(h->key, "Content-Length") == 0;
+            break;
+        case 17:
+            has_length = has_length || strcasecmp(h->key, "Transfer-Encoding") == 0;
+            break;
+        default:
+            break;
+        }
+    }
+    bool head = req->type == EVHTTP_REQ_HEAD;
+    bool bodiless = status < 200 || status == 204 || status == 304;
+    bool close = !c->parser->keep_alive || says_close || req->type == EVHTTP_REQ_CONNECT;
+    http1_head_framing fr = {.content_length = -1};
+    c->own_chunked = false;
+    if (!bodiless && !has_length && !head) {
+        if (!streaming)
+            fr.content_length = (int64_t)body_len;
+        else if (req->minor >= 1)
+            fr.chunked = c->own_chunked = true;
+        else
+            close = true; /* HTTP/1.0 and no length: the close ends the body */
+    }
+    if (close && connection && !says_close) {
+        TAILQ_REMOVE(oh, connection, next);
+        free(connection->key);
+        free(connection->value);
+        free(connection);
+        connection = NULL;
+    }
+    fr.close = close && !says_close;
+    if (!close && req->minor == 0 && !connection)
+        evhttp_add_header(oh, "Connection", "keep-alive");
+    fr.date = has_date ? NULL : http1_date(time(NULL));
+    c->own_close = close;
+    http1_write_head(bufferevent_get_output(c->bev), req->minor, status, reason, oh, &fr);
+}
+
+static void gw_reply(struct evhttp_request *req, int status, const char *reason, struct evbuffer *body)
+{
+    if (!is_own_request(req)) {
+        evhttp_send_reply(req, status, reason, body);
+        return;
+    }
+    gw_conn *c = own_conn_of(req);
+    if (!c) {
+        evhttp_request_free(req); /* the client left */
+        return;
+    }
+    size_t len = body ? evbuffer_get_length(body) : 0;
+    own_write_head(c, req, status, reason, len, false);
+    if (len && req->type != EVHTTP_REQ_HEAD && status >= 200 && status != 204 && status != 304)
+        evbuffer_add_buffer(bufferevent_get_output(c->bev), body);
+    else if (len)
+        evbuffer_drain(body, len);
+    c->own_state = OWN_REPLIED;
+}
+
+static void gw_reply_start(struct evhttp_request *req, int status, const char *reason)
+{
+    if (!is_own_request(req)) {
+        evhttp_send_reply_start(req, status, reason);
+        return;
+    }
+    gw_conn *c = own_conn_of(req);
+    if (!c)
+        return; /* freed by the stream's end (stream_client_gone) */
+    own_write_head(c, req, status, reason, 0, true);
+    c->own_state = OWN_STREAMING;
+}
+
+static void gw_reply_chunk(struct evhttp_request *req, struct evbuffer *buf,
+                           void (*cb)(struct evhttp_connection *, void *), void *arg)
+{
+    if (!is_own_request(req)) {
+        evhttp_send_reply_chunk_with_cb(req, buf, cb, arg);
+        return;
+    }
+    gw_conn *c = own_conn_of(req);
+    size_t len = evbuffer_get_length(buf);
+    if (!c || len == 0)
+        return;
+    struct evbuffer *out = bufferevent_get_output(c->bev);
+    if (c->own_chunked) {
+        char size[24];
+        static const char hex[] = "0123456789abcdef";
+        size_t n = sizeof size;
+        size[--n] = '\n';
+        size[--n] = '\r';
+        do
+            size[--n] = hex[len & 15];
+        while ((len >>= 4) != 0);
+        evbuffer_add(out, size + n, sizeof size - n);
+    }
+    evbuffer_add_buffer(out, buf);
+    if (c->own_chunked)
+        evbuffer_add(out, "\r\n", 2);
+    c->own_chunk_cb = cb;
+    c->own_chunk_arg = arg;
+}
+
+static void gw_reply_end(struct evhttp_request *req)
+{
+    if (!is_own_request(req)) {
+        evhttp_send_reply_end(req);
+        return;
+    }
+    gw_conn *c = own_conn_of(req);
+    if (!c) {
+        evhttp_request_free(req);
+        return;
+    }
+    if (c->own_chunked)
+        evbuffer_add(bufferevent_get_output(c->bev), "0\r\n\r\n", 5);
+    c->own_chunk_cb = NULL;
+    c->own_state = OWN_REPLIED;
+    /* Nothing left to write (the last piece is out): done now, from the pump. */
+    mark_dirty(c);
+}
+
+/* client_pump for our own server side: write what waits, finish what the
+ * written output finishes, read and parse. Any step may close the connection
+ * (c->closed; c itself lives until the flush event). */
+static void client_pump_own(gw_conn *c)
+{
+    struct evbuffer *out = bufferevent_get_output(c->bev);
+    struct evbuffer *in = bufferevent_get_input(c->bev);
+    gw_worker *w = c->w;
+    for (int round = 0; round < 8 && !c->closed; round++) {
+        bool progress = false;
+        if (c->writable && evbuffer_get_length(out) > 0) {
+            bool wrote = false;
+            while (evbuffer_get_length(out) > 0) {
+                ssize_t n = gw_write_socket(c->fd, out);
+                if (n >= 0) {
+                    wrote = true;
+                    continue;
+                }
+                if (errno == EINTR)
+                    continue;
+                if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                    c->writable = false;
+                    break;
+                }
+                own_fail(c);
+                return;
+            }
+            if (evbuffer_get_length(out) > 0) {
+                /* The client is slow to read: read_timeout between two writes
+                 * that make progress (as in client_pump). */
+                if (wrote || !evtimer_pending(c->read_timer, NULL))
+                    evtimer_add(c->read_timer, w->read_deadline);
+            }
+        }
+        if (evbuffer_get_length(out) == 0) {
+            if (c->own_chunk_cb) {
+                void (*cb)(struct evhttp_connection *, void *) = c->own_chunk_cb;
+                c->own_chunk_cb = NULL;
+                cb(c->evcon, c->own_chunk_arg);
+                if (c->closed)
+                    return;
+                progress = true;
+            }
+            if (c->own_state == OWN_CLOSING) {
+                evhttp_connection_free(c->evcon);
+                return;
+            }
+            if (c->own_state == OWN_REPLIED) {
+                own_complete(c);
+                if (c->closed)
+                    return;
+                progress = true;
+            }
+        }
+        bool reading = c->own_state == OWN_READING;
+        if (c->readable && !c->eof_pending && reading && evbuffer_get_length(in) < w->input_high) {
+            size_t got;
+            int r = client_read(c, in, &got);
+            if (r < 0) {
+                own_fail(c);
+                return;
+            }
+            if (r > 0)
+                c->eof_pending = true;
+            if (got > 0 || r > 0) {
+                own_parse(c);
+                if (c->closed)
+                    return;
+                progress = true;
+            }
+        } else if (c->eof_pending && reading) {
+            own_parse(c); /* what is buffered, then the end */
+            if (c->closed)
+                return;
+            if (c->own_state == OWN_READING) {
+                own_fail(c);
+                return;
+            }
+        }
+        if (!progress)
+            return;
+    }
+    if (!c->closed && (c->readable || c->writable || c->eof_pending))
+        mark_later(c);
+}
+
 static void pending_cb(evutil_socket_t fd, short what, void *arg)
 {
     gw_worker *w = arg;
@@ -4068,8 +4530,20 @@ static void pending_cb(evutil_socket_t fd, short what, void *arg)
         }
         evhttp_connection_set_closecb(evcon, on_connection_closed, c);
         evtimer_add(c->read_timer, w->read_deadline);
-        if (w->direct_io && !w->srv->tls)
+        if (w->direct_io && !w->srv->tls) {
             client_take_over(c);
+            if (c->fd >= 0 && w->own_http) {
+                c->parser = malloc(sizeof *c->parser);
+                if (c->parser &&
+                    http1_request_init(c->parser, 2 * (size_t)w->gen->rt->cfg->server.max_header_bytes,
+                                       (size_t)w->gen->rt->cfg->server.max_body_bytes) == 0) {
+                    c->own = true;
+                } else {
+                    free(c->parser);
+                    c->parser = NULL;
+                }
+            }
+        }
     }
     w->pending_count = 0;
 }
@@ -4303,6 +4777,8 @@ gw_worker *gw_worker_create(gw_server *srv, int id, gw_runtime *rt, const int *l
     w->later_timer = evtimer_new(w->base, later_cb, w);
     const char *dio = getenv("GATEWAY_DIRECT_IO"); /* "0": evhttp's own socket I/O, for comparison */
     w->direct_io = !(dio && strcmp(dio, "0") == 0);
+    const char *own = getenv("GATEWAY_OWN_HTTP"); /* "0": evhttp parses and answers, for comparison */
+    w->own_http = !(own && strcmp(own, "0") == 0);
     w->drain_timer = evtimer_new(w->base, drain_timer_cb, w);
     w->access = gw_access_log_create(w->base, STDOUT_FILENO);
     if (!w->mailbox_ev || !w->pending_ev || !w->gen_reaper || !w->flush_ev || !w->later_timer ||
