@@ -4,6 +4,7 @@
  */
 #include "gateway/httputil.h"
 
+#include <arpa/inet.h>
 #include <stdio.h>
 #include <string.h>
 #include <strings.h>
@@ -14,6 +15,7 @@
 
 #include "config/config.h"
 #include "gateway/log.h"
+#include "gateway/runtime.h"
 
 static uint64_t rotl(uint64_t x, int k)
 {
@@ -232,6 +234,59 @@ void gw_error_body(struct evbuffer *out, int status, const char *text, const cha
     evbuffer_add_printf(out, "\",\"status\":%d,\"request_id\":\"", status);
     gw_json_escape(out, request_id ? request_id : "");
     evbuffer_add_printf(out, "\"}\n");
+}
+
+/* An X-Forwarded-For hop as one spelling per address: "[v6]:port" and
+ * "v4:port" lose the port, and a parsable address is written back by
+ * inet_ntop (lower case, shortest IPv6). Otherwise left as it is. hop has
+ * room for INET6_ADDRSTRLEN + 1 bytes. */
+static void canonical_address(char *hop)
+{
+    unsigned char bytes[16];
+    char tmp[INET6_ADDRSTRLEN + 1];
+    if (hop[0] == '[') {
+        char *close = strchr(hop, ']');
+        if (close) {
+            size_t n = (size_t)(close - hop - 1);
+            memmove(hop, hop + 1, n);
+            hop[n] = '\0';
+        }
+    } else {
+        char *colon = strchr(hop, ':');
+        if (colon && !strchr(colon + 1, ':'))
+            *colon = '\0'; /* one colon: IPv4 with a port */
+    }
+    int family = strchr(hop, ':') ? AF_INET6 : AF_INET;
+    if (inet_pton(family, hop, bytes) == 1 && inet_ntop(family, bytes, tmp, sizeof tmp))
+        memcpy(hop, tmp, strlen(tmp) + 1);
+}
+
+bool gw_forwarded_for_walk(const struct gw_cidr *trusted, size_t trusted_count, const char *xff, char *out,
+                           size_t size)
+{
+    const char *end = xff + strlen(xff);
+    while (end > xff) {
+        const char *start = end;
+        while (start > xff && start[-1] != ',')
+            start--;
+        const char *a = start, *b = end;
+        while (a < b && (*a == ' ' || *a == '\t'))
+            a++;
+        while (b > a && (b[-1] == ' ' || b[-1] == '\t'))
+            b--;
+        char hop[INET6_ADDRSTRLEN + 1];
+        size_t n = (size_t)(b - a);
+        if (n == 0 || n >= sizeof hop)
+            return false; /* malformed: keep what we have */
+        memcpy(hop, a, n);
+        hop[n] = '\0';
+        canonical_address(hop);
+        snprintf(out, size, "%s", hop);
+        if (!gw_cidr_match(trusted, trusted_count, hop))
+            return false;
+        end = start > xff ? start - 1 : xff;
+    }
+    return true;
 }
 
 const char *gw_method_name(unsigned method_bit)

@@ -1,7 +1,8 @@
 /*
  * httputil.h - small HTTP helpers with no state of their own: request ids,
  * W3C traceparent, hop-by-hop header rules, the gateway's JSON error body,
- * and a per-thread random generator for the ids.
+ * the X-Forwarded-For walk behind the rate limiter's client address, and a
+ * per-thread random generator for the ids.
  */
 #ifndef GATEWAY_HTTPUTIL_H
 #define GATEWAY_HTTPUTIL_H
@@ -16,6 +17,7 @@
 
 struct evbuffer;
 struct evkeyvalq;
+struct gw_cidr; /* gateway/runtime.h */
 
 /* xoshiro256** state; one per thread, seeded from getrandom(). */
 typedef struct gw_rng {
@@ -59,6 +61,23 @@ void gw_error_body(struct evbuffer *out, int status, const char *text, const cha
  * (separated by '/' or '\\', encoded or not) or a NUL: such a path could
  * escape a prefix route at an upstream that normalises it. */
 bool gw_path_is_safe(const char *path);
+
+/* One X-Forwarded-For field value (hops separated by commas, the nearest
+ * proxy's on the right) walked from its right end, as the rate limiter finds
+ * a client behind trusted proxies. Each hop has its blanks trimmed, loses a
+ * port ("[v6]:port", "v4:port"), is written in inet_ntop's spelling when it is
+ * an address (lower case, shortest IPv6: one key per address), and is then
+ * written into out, cut to size - 1 bytes (nothing written when size is 0).
+ * Returns false at the first hop outside the `trusted_count` blocks of
+ * `trusted` (out holds it: nothing left of it is believed, as anyone could
+ * have written it) or at a malformed hop, which is an empty element (but
+ * for a leading one, passed over) or one longer than INET6_ADDRSTRLEN bytes
+ * (out keeps what it held: the hop to its right, or the caller's value if it
+ * is the first). Returns true when every hop is trusted (out holds the
+ * leftmost; untouched when xff is ""): the caller goes on with the field line
+ * before. Everything is borrowed for the call. */
+bool gw_forwarded_for_walk(const struct gw_cidr *trusted, size_t trusted_count, const char *xff, char *out,
+                           size_t size);
 
 /* Method bit (CONFIG_METHOD_*) to its name; "OTHER" when unknown. */
 const char *gw_method_name(unsigned method_bit);

@@ -2902,32 +2902,6 @@ static void proxy(gw_request *r, int upstream_index)
 
 /* ---- rate limiting ----------------------------------------------------------------- */
 
-static bool limit_client_line(const gw_runtime *rt, const char *xff, char *out, size_t size);
-
-/* An X-Forwarded-For hop as one spelling per address: "[v6]:port" and
- * "v4:port" lose the port, and a parsable address is written back by
- * inet_ntop (lower case, shortest IPv6). Otherwise left as it is. */
-static void canonical_address(char *hop)
-{
-    unsigned char bytes[16];
-    char tmp[INET6_ADDRSTRLEN + 1];
-    if (hop[0] == '[') {
-        char *close = strchr(hop, ']');
-        if (close) {
-            size_t n = (size_t)(close - hop - 1);
-            memmove(hop, hop + 1, n);
-            hop[n] = '\0';
-        }
-    } else {
-        char *colon = strchr(hop, ':');
-        if (colon && !strchr(colon + 1, ':'))
-            *colon = '\0'; /* one colon: IPv4 with a port */
-    }
-    int family = strchr(hop, ':') ? AF_INET6 : AF_INET;
-    if (inet_pton(family, hop, bytes) == 1 && inet_ntop(family, bytes, tmp, sizeof tmp))
-        memcpy(hop, tmp, strlen(tmp) + 1);
-}
-
 /* The client's address for client_ip keys: the peer, or, when the peer is a
  * trusted proxy, the last X-Forwarded-For entry that is not one (walking from
  * the right: entries left of an untrusted hop could be forged). */
@@ -2955,39 +2929,9 @@ static void limit_client(gw_request *r, char *out, size_t size)
         }
     }
     for (size_t li = nlines; li-- > 0;) {
-        if (!limit_client_line(rt, lines[li], out, size))
+        if (!gw_forwarded_for_walk(rt->trusted, rt->trusted_count, lines[li], out, size))
             return;
     }
-}
-
-/* One X-Forwarded-For line, from its right end: writes each hop into out;
- * false at the first untrusted hop (out holds it) or a malformed one, true
- * when every hop is trusted (the walk goes on to the line before). */
-static bool limit_client_line(const gw_runtime *rt, const char *xff, char *out, size_t size)
-{
-    const char *end = xff + strlen(xff);
-    while (end > xff) {
-        const char *start = end;
-        while (start > xff && start[-1] != ',')
-            start--;
-        const char *a = start, *b = end;
-        while (a < b && (*a == ' ' || *a == '\t'))
-            a++;
-        while (b > a && (b[-1] == ' ' || b[-1] == '\t'))
-            b--;
-        char hop[INET6_ADDRSTRLEN + 1];
-        size_t n = (size_t)(b - a);
-        if (n == 0 || n >= sizeof hop)
-            return false; /* malformed: keep what we have */
-        memcpy(hop, a, n);
-        hop[n] = '\0';
-        canonical_address(hop);
-        snprintf(out, size, "%s", hop);
-        if (!gw_cidr_match(rt->trusted, rt->trusted_count, hop))
-            return false;
-        end = start > xff ? start - 1 : xff;
-    }
-    return true;
 }
 
 /* The first header field named name[0..len) (any case), or NULL. */

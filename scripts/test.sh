@@ -2,7 +2,8 @@
 # The README's test command: installs what is missing, checks formatting, builds
 # with warnings as errors, runs every test (unit + integration) under CTest, then
 # builds again with ASan + UBSan and runs the unit and integration suites there,
-# then fuzzes the Accept-Encoding parser for FUZZ_SECONDS (default 30).
+# then builds every fuzz target (tests/fuzz/fuzz_*.c) and fuzzes each for
+# FUZZ_SECONDS (default 20 s per target).
 # Exits non-zero on any failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,5 +27,5 @@ export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 export GATEWAY_SANITIZED=1
 (cd "$root/build-asan" && ctest --output-on-failure --timeout 900 -L 'unit|integration')
 
-# Fuzz the Accept-Encoding parser for a bounded time (FUZZ_SECONDS, default 30 s).
+# Fuzz every target for a bounded time (FUZZ_SECONDS each, default 20 s).
 scripts/fuzz.sh "$root/build-fuzz"

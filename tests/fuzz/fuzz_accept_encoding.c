@@ -7,32 +7,16 @@
  * Two rewrites that must not change anything (extra empty elements around the
  * value, ASCII letters upper-cased) are negotiated too and compared.
  *
- * Built by scripts/fuzz.sh with clang -fsanitize=fuzzer. With
- * -DGW_FUZZ_REPLAY it gets a main() instead, which runs the files and
- * directories named on the command line once each, so any compiler can
- * replay the seed corpus as a regression test.
+ * Built by scripts/fuzz.sh (GATEWAY_FUZZ, clang -fsanitize=fuzzer); every
+ * build also replays the seed corpus, tests/fuzz/corpus/accept_encoding/
+ * (see fuzz.h).
  */
-#if !defined(_GNU_SOURCE) && !defined(_POSIX_C_SOURCE)
-#define _POSIX_C_SOURCE 200809L /* opendir() and stat() for the replay main */
-#endif
-#include <stdbool.h>
-#include <stddef.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
+#define FUZZ_NAME "fuzz_accept_encoding"
+#include "tests/fuzz/fuzz.h"
+
 #include <string.h>
 
 #include "gateway/encoding.h"
-
-/* A broken invariant: say which and abort, so libFuzzer keeps the input. The
- * checks do not use assert(): CMake's release builds define NDEBUG. */
-#define FUZZ_CHECK(cond)                                                                                     \
-    do {                                                                                                     \
-        if (!(cond)) {                                                                                       \
-            fprintf(stderr, "fuzz_accept_encoding: invariant broken at line %d: %s\n", __LINE__, #cond);     \
-            abort();                                                                                         \
-        }                                                                                                    \
-    } while (0)
 
 typedef struct pref_order {
     const gw_encoding *prefs;
@@ -154,8 +138,6 @@ static bool same_verdict(const verdict *a, const verdict *b)
     return true;
 }
 
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
-
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     char *header = malloc(size + 1);
@@ -192,79 +174,3 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     variant = NULL;
     return 0;
 }
-
-#ifdef GW_FUZZ_REPLAY
-#include <dirent.h>
-#include <sys/stat.h>
-
-#define REPLAY_MAX_BYTES (1024 * 1024) /* a seed larger than this is a mistake */
-
-/* Run one file through the target; false when it cannot be read. */
-static bool replay_file(const char *path)
-{
-    FILE *f = fopen(path, "rb");
-    uint8_t *buf = malloc(REPLAY_MAX_BYTES);
-    size_t n = 0;
-    bool ok = false;
-
-    if (f == NULL || buf == NULL) {
-        fprintf(stderr, "fuzz_accept_encoding: cannot read %s\n", path);
-        goto fail;
-    }
-    n = fread(buf, 1, REPLAY_MAX_BYTES, f);
-    if (ferror(f)) {
-        fprintf(stderr, "fuzz_accept_encoding: cannot read %s\n", path);
-        goto fail;
-    }
-    LLVMFuzzerTestOneInput(buf, n);
-    ok = true;
-fail:
-    if (f != NULL)
-        fclose(f);
-    free(buf);
-    return ok;
-}
-
-/* Each argument is an input file or a directory of them (not recursive).
- * Exits 1 when an argument cannot be read or names no input at all. */
-int main(int argc, char **argv)
-{
-    size_t runs = 0;
-    for (int a = 1; a < argc; a++) {
-        struct stat st;
-        if (stat(argv[a], &st) != 0) {
-            fprintf(stderr, "fuzz_accept_encoding: %s: no such file or directory\n", argv[a]);
-            return 1;
-        }
-        if (!S_ISDIR(st.st_mode)) {
-            if (!replay_file(argv[a]))
-                return 1;
-            runs++;
-            continue;
-        }
-        DIR *d = opendir(argv[a]);
-        if (d == NULL) {
-            fprintf(stderr, "fuzz_accept_encoding: cannot open %s\n", argv[a]);
-            return 1;
-        }
-        for (struct dirent *e; (e = readdir(d)) != NULL;) {
-            char path[4096];
-            if (e->d_name[0] == '.')
-                continue;
-            snprintf(path, sizeof path, "%s/%s", argv[a], e->d_name);
-            if (!replay_file(path)) {
-                closedir(d);
-                return 1;
-            }
-            runs++;
-        }
-        closedir(d);
-    }
-    if (runs == 0) {
-        fprintf(stderr, "usage: %s FILE-OR-DIR...: no inputs replayed\n", argv[0]);
-        return 1;
-    }
-    printf("fuzz_accept_encoding: %zu inputs replayed, all invariants held\n", runs);
-    return 0;
-}
-#endif
