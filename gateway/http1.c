@@ -495,7 +495,8 @@ static http1_result parse_head(http1_message *r, struct evbuffer *in, size_t len
     return frame_body(r);
 }
 
-/* Take one line (CRLF or LF) of at most size-1 bytes. 1, 0 (incomplete), -1 (too long). */
+/* Take one line (CRLF or LF) of at most size-1 bytes. 1, 0 (incomplete), -1 (too
+ * long), -2 (a NUL in it: the line would read shorter than it is). */
 static int take_line(struct evbuffer *in, char *buf, size_t size)
 {
     size_t eol_len = 0;
@@ -507,7 +508,7 @@ static int take_line(struct evbuffer *in, char *buf, size_t size)
     evbuffer_remove(in, buf, (size_t)p.pos);
     buf[p.pos] = '\0';
     evbuffer_drain(in, eol_len);
-    return 1;
+    return memchr(buf, '\0', (size_t)p.pos) ? -2 : 1;
 }
 
 static http1_result move_body(http1_message *r, struct evbuffer *in, uint64_t want, uint64_t *moved)
@@ -584,6 +585,8 @@ http1_result http1_parse(http1_message *r, struct evbuffer *in, bool eof)
                        : HTTP1_NEED_MORE;
         case ST_CHUNK_SIZE: {
             got = take_line(in, line, sizeof line);
+            if (got == -2)
+                return fail(r, "NUL in a chunk line");
             if (got < 0)
                 return fail(r, "chunk size line too long");
             if (got == 0)
@@ -617,6 +620,8 @@ http1_result http1_parse(http1_message *r, struct evbuffer *in, bool eof)
             got = take_line(in, line, sizeof line);
             if (got == 0)
                 return eof ? fail(r, "connection closed in a chunk") : HTTP1_NEED_MORE;
+            if (got == -2)
+                return fail(r, "NUL in a chunk line");
             if (got < 0 || line[0] != '\0')
                 return fail(r, "chunk not followed by CRLF");
             r->state = ST_CHUNK_SIZE;
@@ -625,6 +630,8 @@ http1_result http1_parse(http1_message *r, struct evbuffer *in, bool eof)
             /* Trailer fields are read and dropped (they would need a chunked
              * answer to pass on). */
             got = take_line(in, line, sizeof line);
+            if (got == -2)
+                return fail(r, "NUL in a trailer line");
             if (got < 0)
                 return fail(r, "trailer line too long");
             if (got == 0)

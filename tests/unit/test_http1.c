@@ -662,6 +662,39 @@ static void test_request_eof(void **state)
     assert_string_equal(f->r.error, "connection closed in the request body");
 }
 
+/* A NUL in a chunk-size line, after a chunk's data or in a trailer is an error
+ * (read as a C string the line would end early), on both sides. */
+static void test_nul_in_chunk_lines(void **state)
+{
+    fixture *f = *state;
+    static const struct {
+        const char *text;
+        size_t len;
+    } cases[] = {
+        {"3\0zz\r\nabc\r\n0\r\n\r\n", 18},
+        {"3\r\nabc\0junk\r\n0\r\n\r\n", 19},
+        {"3\r\nabc\r\n0\r\n\0X: y\r\n\r\n", 20},
+    };
+    for (int request = 0; request < 2; request++) {
+        for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+            http1_free_and_init(f, 1024);
+            if (!request) {
+                http1_response_free(&f->r);
+                assert_int_equal(http1_response_init(&f->r, 1024, 1 << 16), 0);
+                evbuffer_add_printf(f->in, "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n");
+            } else {
+                evbuffer_add_printf(f->in, "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n");
+            }
+            evbuffer_add(f->in, cases[i].text, cases[i].len);
+            http1_result r = http1_parse(&f->r, f->in, false);
+            if (r != HTTP1_ERROR)
+                fail_msg("%s case %zu: result %d", request ? "request" : "response", i, (int)r);
+            if (request)
+                assert_int_equal(f->r.error_status, 400);
+        }
+    }
+}
+
 /* ---- writing an answer's head ------------------------------------------------ */
 
 static void assert_head(struct evbuffer *out, const char *expected)
@@ -776,6 +809,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_request_limits, setup_request, teardown),
         cmocka_unit_test_setup_teardown(test_request_keep_alive_and_expect, setup_request, teardown),
         cmocka_unit_test_setup_teardown(test_request_eof, setup_request, teardown),
+        cmocka_unit_test_setup_teardown(test_nul_in_chunk_lines, setup_request, teardown),
         cmocka_unit_test(test_write_head),
         cmocka_unit_test(test_date),
     };
