@@ -95,6 +95,9 @@ void http1_response_free(http1_response *r)
     free(r->head);
     r->head = NULL;
     r->head_cap = 0;
+    free(r->fields);
+    r->fields = NULL;
+    r->fields_cap = 0;
 }
 
 /* An error; a request's is answered with status (a response's is not answered). */
@@ -322,6 +325,16 @@ static http1_result parse_field(http1_message *r, char *line, size_t len)
         return fail(r, "CR in a header value");
     if (r->field_count == HTTP1_MAX_FIELDS)
         return fail_status(r, 431, "too many header fields");
+    if (r->field_count == r->fields_cap) {
+        size_t cap = r->fields_cap ? r->fields_cap * 2 : 16;
+        if (cap > HTTP1_MAX_FIELDS)
+            cap = HTTP1_MAX_FIELDS;
+        http1_field *grown = realloc(r->fields, cap * sizeof *grown);
+        if (!grown)
+            return fail_status(r, 503, "out of memory");
+        r->fields = grown;
+        r->fields_cap = cap;
+    }
     *colon = '\0';
     *end = '\0';
     http1_field *f = &r->fields[r->field_count];

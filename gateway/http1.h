@@ -73,10 +73,11 @@ typedef struct http1_message {
     int host_count;       /* request: Host fields */
     bool expect_continue; /* request: Expect: 100-continue (the client waits before its body) */
     bool expect_other;    /* request: another expectation (417) */
-    int error_status;     /* request, with HTTP1_ERROR: 400, 413, 417, 431 or 505 */
+    int error_status;     /* request, with HTTP1_ERROR: 400, 413, 417, 431, 505 (503: out of memory) */
     int minor_version;    /* 0 or 1 */
-    http1_field fields[HTTP1_MAX_FIELDS];
+    http1_field *fields;  /* grown as needed, up to HTTP1_MAX_FIELDS */
     size_t field_count;
+    size_t fields_cap;
     struct evbuffer *body;  /* owned; the caller may move its contents out */
     bool keep_alive;        /* the connection may carry another request */
     const char *error;      /* with HTTP1_ERROR: what was wrong (static text) */
