@@ -59,6 +59,7 @@ void http1_response_reset(http1_response *r, bool head_request)
     r->field_count = 0;
     r->connection_field = r->length_field = r->coding_field = -1;
     r->length_conflict = false;
+    r->coding_count = 0;
     r->keep_alive = false;
     r->error = NULL;
     r->got_bytes = false;
@@ -291,8 +292,10 @@ static void note_field(http1_message *r, const http1_field *f, size_t index)
         }
         break;
     case 17:
-        if (strncasecmp(f->name, "Transfer-Encoding", 17) == 0)
+        if (strncasecmp(f->name, "Transfer-Encoding", 17) == 0) {
             r->coding_field = (int)index;
+            r->coding_count++;
+        }
         break;
     default:
         break;
@@ -408,6 +411,8 @@ static http1_result frame_request_body(http1_message *r)
             return fail(r, "Transfer-Encoding in an HTTP/1.0 request");
         if (!chunked_last(te))
             return fail(r, "request body coding is not chunked");
+        if (r->coding_count > 1 || strcasecmp(te, "chunked") != 0)
+            return fail_status(r, 501, "transfer coding not implemented");
         r->head_done = true;
         r->state = ST_CHUNK_SIZE;
         return HTTP1_NEED_MORE;
@@ -495,6 +500,7 @@ static http1_result parse_head(http1_message *r, struct evbuffer *in, size_t len
     r->field_count = 0;
     r->connection_field = r->length_field = r->coding_field = -1;
     r->length_conflict = false;
+    r->coding_count = 0;
     r->host_count = 0;
     r->expect_continue = r->expect_other = false;
     while ((line = next_line(&p, end, &line_len)) != NULL && line[0] != '\0')

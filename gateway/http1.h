@@ -21,10 +21,12 @@
  * (RFC 9112 sections 3, 5 and 6), each error with the status that answers it
  * (error_status): a method that is a token, a request-target without space or
  * control bytes, HTTP/1.0 or HTTP/1.1 (another version is 505), header names
- * that are tokens, no line folding. The body is chunked (the last coding) or
- * Content-Length framed or absent; any other Transfer-Encoding, one in an
- * HTTP/1.0 request, or one beside a Content-Length is 400: a request framed two
- * ways is how requests are smuggled past a proxy. A header block over its limit
+ * that are tokens, no line folding. The body is chunked (Transfer-Encoding
+ * exactly "chunked", in one field) or Content-Length framed or absent; another
+ * coding before chunked is 501 (it would be lost: the body goes on with a
+ * Content-Length), chunked not last, Transfer-Encoding in an HTTP/1.0 request,
+ * or beside a Content-Length is 400: a request framed two ways is how requests
+ * are smuggled past a proxy. A header block over its limit
  * is 431, a body over its limit 413 (a Content-Length over it at once, before
  * any body byte is read). Empty lines before the request line are skipped.
  */
@@ -73,7 +75,7 @@ typedef struct http1_message {
     int host_count;       /* request: Host fields */
     bool expect_continue; /* request: Expect: 100-continue (the client waits before its body) */
     bool expect_other;    /* request: another expectation (417) */
-    int error_status;     /* request, with HTTP1_ERROR: 400, 413, 417, 431, 505 (503: out of memory) */
+    int error_status;     /* request, with HTTP1_ERROR: 400, 413, 417, 431, 501, 505 (503: out of memory) */
     int minor_version;    /* 0 or 1 */
     http1_field *fields;  /* grown as needed, up to HTTP1_MAX_FIELDS */
     size_t field_count;
@@ -90,6 +92,7 @@ typedef struct http1_message {
     int length_field;     /* of the first Content-Length, or -1 */
     int coding_field;     /* of the last Transfer-Encoding, or -1 */
     bool length_conflict; /* a later Content-Length differs from the first */
+    int coding_count;     /* Transfer-Encoding fields */
     char *head;           /* the header block, NUL-separated after parsing */
     size_t head_cap;
     int state;

@@ -6,8 +6,8 @@
  * until an error or the end, twice: cut into reads, and in one piece. Both
  * must agree on every request (result, method, target, fields, body, status of
  * an error), and every request must hold what the server relies on:
- *   - an error has a reason and one of the statuses 400, 413, 417, 431, 505
- *     (503 when out of memory);
+ *   - an error has a reason and one of the statuses 400, 413, 417, 431, 501,
+ *     505 (503 when out of memory);
  *   - a method and header names are RFC 9110 tokens, the target has no space,
  *     control or DEL byte, values no CR, LF or NUL, lengths match the strings;
  *   - the version is 1.0 or 1.1; the body is within the limit, and exactly
@@ -73,7 +73,7 @@ static void record(http1_request *r, http1_result res, outcome *o)
     if (res == HTTP1_ERROR) {
         FUZZ_CHECK(r->error != NULL);
         int s = r->error_status;
-        FUZZ_CHECK(s == 400 || s == 413 || s == 417 || s == 431 || s == 505 || s == 503);
+        FUZZ_CHECK(s == 400 || s == 413 || s == 417 || s == 431 || s == 501 || s == 505 || s == 503);
         o->error_status = s;
         return;
     }

@@ -477,7 +477,7 @@ static void test_request_get_and_pipelined(void **state)
 static void test_request_byte_at_a_time(void **state)
 {
     fixture *f = *state;
-    const char *text = "\r\nPUT /x HTTP/1.1\nHost: h\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+    const char *text = "\r\nPUT /x HTTP/1.1\nHost: h\r\nTransfer-Encoding: Chunked\r\n\r\n"
                        "3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\nTrailer: t\r\n\r\n";
     size_t n = strlen(text);
     for (size_t i = 0; i < n; i++) {
@@ -527,6 +527,9 @@ static void test_request_errors(void **state)
         {"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", 400},
         {"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", 400},
         {"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", 400},
+        {"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501},
+        {"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n", 501},
+        {"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", 501},
         {"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", 400},
         {"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n", 400},
         {"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400},
@@ -667,14 +670,19 @@ static void test_request_eof(void **state)
 static void test_nul_in_chunk_lines(void **state)
 {
     fixture *f = *state;
+#define NUL_CASE(text)                                                                                       \
+    {                                                                                                        \
+        text, sizeof text - 1                                                                                \
+    }
     static const struct {
         const char *text;
         size_t len;
     } cases[] = {
-        {"3\0zz\r\nabc\r\n0\r\n\r\n", 18},
-        {"3\r\nabc\0junk\r\n0\r\n\r\n", 19},
-        {"3\r\nabc\r\n0\r\n\0X: y\r\n\r\n", 20},
+        NUL_CASE("3\0zz\r\nabc\r\n0\r\n\r\n"),
+        NUL_CASE("3\r\nabc\0junk\r\n0\r\n\r\n"),
+        NUL_CASE("3\r\nabc\r\n0\r\n\0X: y\r\n\r\n"),
     };
+#undef NUL_CASE
     for (int request = 0; request < 2; request++) {
         for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
             http1_free_and_init(f, 1024);
