@@ -111,8 +111,16 @@ enum {
     OWN_BUSY,      /* on_request has the request; no answer yet */
     OWN_STREAMING, /* the answer's head went; pieces follow */
     OWN_REPLIED,   /* the whole answer is queued: done once it is written */
-    OWN_CLOSING    /* an error answer is queued: close once it is written */
+    OWN_CLOSING,   /* an error answer is queued: close once it is written */
+    OWN_LINGERING  /* written and shut down for writing: what the client still sends is
+                    * read and dropped until it closes or OWN_LINGER_MS pass */
 };
+
+/* How long a connection closed after an error answer (or with a request still
+ * arriving) reads and drops what the client still sends: closing at once with
+ * unread bytes makes the kernel send a reset, which can destroy the answer
+ * before the client has read it (nginx's lingering_close). */
+#define OWN_LINGER_MS 2000
 
 /* Answering a request, whichever server side read it: evhttp's (TLS, or
  * GATEWAY_OWN_HTTP=0) or ours. Same contracts as the evhttp_send_* calls. */
@@ -3769,9 +3777,15 @@ static void on_connection_closed(struct evhttp_connection *evcon, void *arg)
     uncount_connection(w);
 }
 
+static void own_fail(gw_conn *c);
+
 static void read_deadline_cb(evutil_socket_t fd, short what, void *arg)
 {
     gw_conn *c = arg;
+    if (c->own) {
+        own_fail(c); /* lets a request the pipeline holds go first */
+        return;
+    }
     /* Not inside any evhttp callback, and the only request of ours that can be
      * in flight on it is one streaming its answer to a client that stopped
      * reading (the timer stops when a request has been read, and runs again
@@ -4119,12 +4133,28 @@ static void own_error(gw_conn *c, int status, const char *text)
     http1_head_framing fr = {.content_length = body ? (int64_t)evbuffer_get_length(body) : 0,
                              .close = true,
                              .date = http1_date(time(NULL))};
-    http1_write_head(out, 1, status, NULL, &h, &fr);
-    if (body) {
+    if (http1_write_head(out, 1, status, NULL, &h, &fr) == 0 && body)
         evbuffer_add_buffer(out, body);
+    if (body)
         evbuffer_free(body);
-    }
     c->own_state = OWN_CLOSING;
+}
+
+/* The answer before a close is out: stop writing, and read and drop what the
+ * client still sends until it closes or OWN_LINGER_MS pass (the read timer,
+ * whose callback closes). */
+static void own_linger(gw_conn *c)
+{
+    static const struct timeval tv = {OWN_LINGER_MS / 1000, (OWN_LINGER_MS % 1000) * 1000};
+    if (c->eof_pending) { /* the client has closed its side already */
+        evhttp_connection_free(c->evcon);
+        return;
+    }
+    shutdown(c->fd, SHUT_WR);
+    c->own_state = OWN_LINGERING;
+    evbuffer_drain(bufferevent_get_input(c->bev), evbuffer_get_length(bufferevent_get_input(c->bev)));
+    evtimer_add(c->read_timer, &tv);
+    mark_dirty(c); /* read what is already waiting */
 }
 
 /* A complete request: make it an evhttp_request and hand it to on_request. */
@@ -4149,7 +4179,11 @@ static void own_dispatch(gw_conn *c)
     req->uri = malloc(p->target_len + 1);
     if (req->uri) {
         memcpy(req->uri, p->target, p->target_len + 1);
-        req->uri_elems = evhttp_uri_parse_with_flags(req->uri, EVHTTP_URI_NONCONFORMANT);
+        /* CONNECT's target is host:port (authority-form), no URI: an empty one,
+         * so that routing sees "/" and answers 405, as with evhttp. */
+        req->uri_elems = type == EVHTTP_REQ_CONNECT
+                             ? evhttp_uri_new()
+                             : evhttp_uri_parse_with_flags(req->uri, EVHTTP_URI_NONCONFORMANT);
     }
     bool ok = req->uri_elems != NULL;
     for (size_t i = 0; ok && i < p->field_count; i++)
@@ -4172,7 +4206,13 @@ static void own_parse(gw_conn *c)
 {
     struct evbuffer *in = bufferevent_get_input(c->bev);
     while (c->own_state == OWN_READING && !c->closed) {
-        http1_result res = http1_parse(c->parser, in, c->eof_pending);
+        /* Without the end of stream first: an error in what did arrive is
+         * answered; only a request cut short by the end is closed silently. */
+        http1_result res = http1_parse(c->parser, in, false);
+        if (res == HTTP1_NEED_MORE && c->eof_pending) {
+            own_fail(c); /* gone between requests, or in the middle of one */
+            return;
+        }
         if (res == HTTP1_NEED_MORE) {
             if (c->parser->head_done && c->parser->expect_continue && !c->own_continue_sent) {
                 c->own_continue_sent = true;
@@ -4181,12 +4221,7 @@ static void own_parse(gw_conn *c)
             return;
         }
         if (res == HTTP1_ERROR) {
-            /* Gone between requests, or in the middle of one: just close, as
-             * evhttp did. Otherwise the status that names what was wrong. */
-            if (c->eof_pending || !c->parser->got_bytes)
-                own_fail(c);
-            else
-                own_error(c, c->parser->error_status, c->parser->error);
+            own_error(c, c->parser->error_status, c->parser->error);
             return;
         }
         own_dispatch(c);
@@ -4211,7 +4246,12 @@ static void own_complete(gw_conn *c)
     if (c->closed)
         return;
     if (c->own_close) {
-        evhttp_connection_free(c->evcon);
+        /* A client that sent more (pipelined, or a body we did not read)
+         * gets the answer before the close. */
+        if (evbuffer_get_length(bufferevent_get_input(c->bev)) > 0 || c->readable)
+            own_linger(c);
+        else
+            evhttp_connection_free(c->evcon);
         return;
     }
     http1_request_reset(c->parser);
@@ -4221,7 +4261,7 @@ static void own_complete(gw_conn *c)
 /* The answer's head: the status line, the output entries, and the framing
  * evhttp would have added (Content-Length, chunked for a stream of unknown
  * length over HTTP/1.1, Date, Connection). */
-static void own_write_head(gw_conn *c, struct evhttp_request *req, int status, const char *reason,
+static bool own_write_head(gw_conn *c, struct evhttp_request *req, int status, const char *reason,
                            size_t body_len, bool streaming)
 {
     struct evkeyvalq *oh = evhttp_request_get_output_headers(req);
@@ -4275,7 +4315,10 @@ static void own_write_head(gw_conn *c, struct evhttp_request *req, int status, c
         evhttp_add_header(oh, "Connection", "keep-alive");
     fr.date = has_date ? NULL : http1_date(time(NULL));
     c->own_close = close;
-    http1_write_head(bufferevent_get_output(c->bev), req->minor, status, reason, oh, &fr);
+    if (http1_write_head(bufferevent_get_output(c->bev), req->minor, status, reason, oh, &fr) == 0)
+        return true;
+    c->own_close = true; /* out of memory: no head, so no body either, and the close */
+    return false;
 }
 
 static void gw_reply(struct evhttp_request *req, int status, const char *reason, struct evbuffer *body)
@@ -4290,12 +4333,13 @@ static void gw_reply(struct evhttp_request *req, int status, const char *reason,
         return;
     }
     size_t len = body ? evbuffer_get_length(body) : 0;
-    own_write_head(c, req, status, reason, len, false);
-    if (len && req->type != EVHTTP_REQ_HEAD && status >= 200 && status != 204 && status != 304)
+    bool head_ok = own_write_head(c, req, status, reason, len, false);
+    if (head_ok && len && req->type != EVHTTP_REQ_HEAD && status >= 200 && status != 204 && status != 304)
         evbuffer_add_buffer(bufferevent_get_output(c->bev), body);
     else if (len)
         evbuffer_drain(body, len);
     c->own_state = OWN_REPLIED;
+    mark_dirty(c); /* finished from the pump, even with nothing written */
 }
 
 static void gw_reply_start(struct evhttp_request *req, int status, const char *reason)
@@ -4307,8 +4351,8 @@ static void gw_reply_start(struct evhttp_request *req, int status, const char *r
     gw_conn *c = own_conn_of(req);
     if (!c)
         return; /* freed by the stream's end (stream_client_gone) */
-    own_write_head(c, req, status, reason, 0, true);
-    c->own_state = OWN_STREAMING;
+    /* Out of memory for the head: the pieces are dropped and the end closes. */
+    c->own_state = own_write_head(c, req, status, reason, 0, true) ? OWN_STREAMING : OWN_BUSY;
 }
 
 static void gw_reply_chunk(struct evhttp_request *req, struct evbuffer *buf,
@@ -4320,7 +4364,7 @@ static void gw_reply_chunk(struct evhttp_request *req, struct evbuffer *buf,
     }
     gw_conn *c = own_conn_of(req);
     size_t len = evbuffer_get_length(buf);
-    if (!c || len == 0)
+    if (!c || len == 0 || c->own_state != OWN_STREAMING)
         return;
     struct evbuffer *out = bufferevent_get_output(c->bev);
     if (c->own_chunked) {
@@ -4352,7 +4396,7 @@ static void gw_reply_end(struct evhttp_request *req)
         evhttp_request_free(req);
         return;
     }
-    if (c->own_chunked)
+    if (c->own_chunked && c->own_state == OWN_STREAMING)
         evbuffer_add(bufferevent_get_output(c->bev), "0\r\n\r\n", 5);
     c->own_chunk_cb = NULL;
     c->own_state = OWN_REPLIED;
@@ -4404,8 +4448,10 @@ static void client_pump_own(gw_conn *c)
                 progress = true;
             }
             if (c->own_state == OWN_CLOSING) {
-                evhttp_connection_free(c->evcon);
-                return;
+                own_linger(c);
+                if (c->closed)
+                    return;
+                progress = true;
             }
             if (c->own_state == OWN_REPLIED) {
                 own_complete(c);
@@ -4415,7 +4461,12 @@ static void client_pump_own(gw_conn *c)
             }
         }
         bool reading = c->own_state == OWN_READING;
-        if (c->readable && !c->eof_pending && reading && evbuffer_get_length(in) < w->input_high) {
+        /* While an answer streams, and while lingering, reading only watches
+         * for the client's close (bytes of a pipelined request wait in `in`;
+         * lingering drops them). */
+        bool watching = c->own_state == OWN_STREAMING || c->own_state == OWN_LINGERING;
+        if (c->readable && !c->eof_pending && (reading || watching) &&
+            evbuffer_get_length(in) < w->input_high) {
             size_t got;
             int r = client_read(c, in, &got);
             if (r < 0) {
@@ -4424,12 +4475,27 @@ static void client_pump_own(gw_conn *c)
             }
             if (r > 0)
                 c->eof_pending = true;
-            if (got > 0 || r > 0) {
+            if (c->own_state == OWN_LINGERING) {
+                evbuffer_drain(in, evbuffer_get_length(in));
+                if (r > 0) {
+                    evhttp_connection_free(c->evcon);
+                    return;
+                }
+                progress = got > 0;
+            } else if (watching) {
+                if (r > 0) { /* the client left while its answer streamed */
+                    own_fail(c);
+                    return;
+                }
+            } else if (got > 0 || r > 0) {
                 own_parse(c);
                 if (c->closed)
                     return;
                 progress = true;
             }
+        } else if (c->eof_pending && watching) {
+            own_fail(c);
+            return;
         } else if (c->eof_pending && reading) {
             own_parse(c); /* what is buffered, then the end */
             if (c->closed)

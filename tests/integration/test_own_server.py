@@ -98,6 +98,8 @@ MALFORMED = {
     "te-and-length": (b"POST /own/s HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n"
                       b"0\r\n\r\n", 400),
     "te-not-chunked": (b"POST /own/s HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: gzip\r\n\r\n", 400),
+    "te-gzip-chunked": (b"POST /own/s HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+                        501),
     "te-in-http10": (b"POST /own/s HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
     "two-lengths": (b"POST /own/s HTTP/1.1\r\n" + HOST + b"Content-Length: 1\r\nContent-Length: 2\r\n\r\nab", 400),
     "bad-chunk-size": (b"POST /own/s HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n", 400),
@@ -220,3 +222,55 @@ def test_proxy_and_pipelining_either_server_side(stack, own):
     answers, _ = split_answers(buf)
     assert [json.loads(a[2])["path"] for a in answers] == ["/either/%d/echo" % i for i in range(20)]
     assert all(a[0] == 200 and len(a[1].get("x-request-id", "")) == 32 for a in answers)
+
+
+def test_error_while_the_body_still_arrives_is_read_by_the_client(env):
+    """A chunked body over the limit, sent whole before the client reads (as
+    most clients do): the 413 went while the body was still arriving. The
+    gateway reads and drops the rest before closing (a close with unread bytes
+    is a reset, which destroys the answer before the client reads it): every
+    try gets its 413."""
+    piece = b"%x\r\n%s\r\n" % (8192, b"b" * 8192)
+    send_errors = []
+    for i in range(10):
+        with raw_connect(env.gw.port, timeout=10) as s:
+            try:
+                s.sendall(b"POST /own/linger%d HTTP/1.1\r\n" % i + HOST + b"Transfer-Encoding: chunked\r\n\r\n")
+                for _ in range(128):  # 1 MiB against a 4 KiB limit
+                    s.sendall(piece)
+                s.sendall(b"0\r\n\r\n")
+            except OSError as e:  # a reset: what a client like requests reports instead of the answer
+                send_errors.append("try %d: %r" % (i, e))
+            buf, _ = read_until(s, lambda b: split_answers(b)[0], 5.0)
+        answers, _ = split_answers(buf)
+        assert answers and answers[0][0] == 413, "try %d: %r" % (i, buf[:200])
+    assert not send_errors, "the gateway reset connections whose body was still arriving: %s" % send_errors
+    assert env.up.count(prefix="/own/linger") == 0
+
+
+@pytest.mark.parametrize("raw,want", [(b"GET /own/v HTTP/2.0\r\n" + HOST + b"\r\n", 505),
+                                      (b"GET /own/n HTTP/1.1\r\n" + HOST + b"X A: b\r\n\r\n", 400)])
+def test_malformed_request_then_half_close_still_answered(env, raw, want):
+    """The client sends a malformed request and shuts its side: the error in
+    what arrived is answered all the same (only a request cut short by the
+    end of stream closes without one)."""
+    for i in range(10):
+        with raw_connect(env.gw.port) as s:
+            s.sendall(raw)
+            s.shutdown(socket.SHUT_WR)
+            buf, eof = read_until(s, lambda b: split_answers(b)[0], 5.0)
+            answers, _ = split_answers(buf)
+            assert answers and answers[0][0] == want, "try %d: %r" % (i, buf[:200])
+    # Cut short by the end: closed without an answer.
+    with raw_connect(env.gw.port) as s:
+        s.sendall(b"GET /own/cut HTTP/1.1\r\nHo")
+        s.shutdown(socket.SHUT_WR)
+        buf, eof = read_until(s, lambda b: False, 3.0)
+        assert eof and buf == b"", buf[:200]
+
+
+def test_connect_is_405_with_allow(env):
+    status, headers, body, closed = one_answer(env.gw.port, b"CONNECT 127.0.0.1:443 HTTP/1.1\r\nHost: 127.0.0.1:443\r\n\r\n")
+    assert status == 405, (status, body[:200])
+    assert headers.get("allow"), headers
+    assert closed

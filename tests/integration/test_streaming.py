@@ -662,6 +662,31 @@ def test_client_leaving_mid_stream(gw, up):
     assert live(gw)
 
 
+def test_client_closing_during_a_quiet_stream_is_noticed(gw, up):
+    """A client that closes while its event stream is quiet (the upstream pauses
+    5 s after the first event) is noticed at once, not at the next write: the
+    request ends and the upstream call with it (it was 4 s late on the own
+    server side before it watched for the close while streaming)."""
+    def in_flight():
+        return gw.metrics().sum("http_requests_in_flight")
+    assert in_flight() == 0
+    s = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+    s.sendall(("GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % path(frame="chunked", sse=1, pause_ms=5000,
+                                                         events=2)).encode())
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        b = s.recv(65536)
+        assert b, "closed before the head"
+        buf += b
+    assert buf.startswith(b"HTTP/1.1 200 "), buf[:200]
+    assert in_flight() == 1
+    t0 = time.monotonic()
+    s.close()  # a FIN, in the upstream's pause
+    wait_until(lambda: in_flight() == 0, 2.0, "the gateway to notice the client left during the stream's pause")
+    assert time.monotonic() - t0 < 2.0
+    assert live(gw)
+
+
 def test_idle_timeout_mid_stream(module_stack, up):
     """Nothing from the upstream for longer than its timeout (1 s): the stream
     is cut about then, not before."""
