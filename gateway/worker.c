@@ -3920,6 +3920,32 @@ static void client_io_cb(evutil_socket_t fd, short what, void *arg)
     client_pump(c);
 }
 
+/* Write what waits in out until it is empty or the socket is full. -1: a
+ * write error (the caller fails the connection). A client slow to read has
+ * read_timeout between two writes that make progress (the timer is otherwise
+ * idle while an answer is out: it stops when the request has been read). */
+static int client_write(gw_conn *c, struct evbuffer *out)
+{
+    bool wrote = false;
+    while (evbuffer_get_length(out) > 0) {
+        ssize_t n = gw_write_socket(c->fd, out);
+        if (n >= 0) {
+            wrote = true;
+            continue;
+        }
+        if (errno == EINTR)
+            continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            c->writable = false;
+            break;
+        }
+        return -1;
+    }
+    if (evbuffer_get_length(out) > 0 && (wrote || !evtimer_pending(c->read_timer, NULL)))
+        evtimer_add(c->read_timer, c->w->read_deadline);
+    return 0;
+}
+
 /* Read what the client sent into in, up to w->input_high. 1: end of stream;
  * 0: fine; -1: error. *got: bytes read. */
 static int client_read(gw_conn *c, struct evbuffer *in, size_t *got)
@@ -3958,29 +3984,11 @@ static void client_pump(gw_conn *c)
         struct evbuffer *out = bufferevent_get_output(bev);
         struct evbuffer *in = bufferevent_get_input(bev);
         if (c->writable && evbuffer_get_length(out) > 0) {
-            bool wrote = false;
-            while (evbuffer_get_length(out) > 0) {
-                ssize_t n = gw_write_socket(c->fd, out);
-                if (n >= 0) {
-                    wrote = true;
-                    continue;
-                }
-                if (errno == EINTR)
-                    continue;
-                if (errno == EAGAIN || errno == EWOULDBLOCK) {
-                    c->writable = false;
-                    break;
-                }
+            if (client_write(c, out) != 0) {
                 bufferevent_trigger_event(bev, BEV_EVENT_ERROR | BEV_EVENT_WRITING, 0);
                 return;
             }
-            if (evbuffer_get_length(out) > 0) {
-                /* The client is slow to read: it has read_timeout between two
-                 * writes that make progress (the timer is otherwise idle while
-                 * an answer is out: it stops when the request has been read). */
-                if (wrote || !evtimer_pending(c->read_timer, NULL))
-                    evtimer_add(c->read_timer, w->read_deadline);
-            } else if (bufferevent_get_enabled(bev) & EV_WRITE) {
+            if (evbuffer_get_length(out) == 0 && (bufferevent_get_enabled(bev) & EV_WRITE)) {
                 bufferevent_trigger(bev, EV_WRITE, 0); /* evhttp: the answer is out */
                 if (c->closed)
                     return;
@@ -4414,29 +4422,9 @@ static void client_pump_own(gw_conn *c)
     gw_worker *w = c->w;
     for (int round = 0; round < 8 && !c->closed; round++) {
         bool progress = false;
-        if (c->writable && evbuffer_get_length(out) > 0) {
-            bool wrote = false;
-            while (evbuffer_get_length(out) > 0) {
-                ssize_t n = gw_write_socket(c->fd, out);
-                if (n >= 0) {
-                    wrote = true;
-                    continue;
-                }
-                if (errno == EINTR)
-                    continue;
-                if (errno == EAGAIN || errno == EWOULDBLOCK) {
-                    c->writable = false;
-                    break;
-                }
-                own_fail(c);
-                return;
-            }
-            if (evbuffer_get_length(out) > 0) {
-                /* The client is slow to read: read_timeout between two writes
-                 * that make progress (as in client_pump). */
-                if (wrote || !evtimer_pending(c->read_timer, NULL))
-                    evtimer_add(c->read_timer, w->read_deadline);
-            }
+        if (c->writable && evbuffer_get_length(out) > 0 && client_write(c, out) != 0) {
+            own_fail(c);
+            return;
         }
         if (evbuffer_get_length(out) == 0) {
             if (c->own_chunk_cb) {
