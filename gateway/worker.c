@@ -103,6 +103,8 @@ typedef struct gw_conn {
     struct evhttp_request *own_req; /* the request being answered, ours until the answer is out */
     void (*own_chunk_cb)(struct evhttp_connection *, void *); /* once the output is written */
     void *own_chunk_arg;
+    bool data_waiting;      /* seen (peeked) while an answer streamed: read it after the answer */
+    uint64_t linger_end_ns; /* OWN_LINGERING: no later than this */
 } gw_conn;
 
 /* What an own-server connection is doing. */
@@ -119,8 +121,11 @@ enum {
 /* How long a connection closed after an error answer (or with a request still
  * arriving) reads and drops what the client still sends: closing at once with
  * unread bytes makes the kernel send a reset, which can destroy the answer
- * before the client has read it (nginx's lingering_close). */
+ * before the client has read it (nginx's lingering_close, lingering_timeout
+ * and lingering_time). OWN_LINGER_MS between two reads, OWN_LINGER_MAX_MS in
+ * all. */
 #define OWN_LINGER_MS 2000
+#define OWN_LINGER_MAX_MS 30000
 
 /* Answering a request, whichever server side read it: evhttp's (TLS, or
  * GATEWAY_OWN_HTTP=0) or ours. Same contracts as the evhttp_send_* calls. */
@@ -4160,9 +4165,34 @@ static void own_linger(gw_conn *c)
     }
     shutdown(c->fd, SHUT_WR);
     c->own_state = OWN_LINGERING;
+    c->linger_end_ns = gw_now_ns() + (uint64_t)OWN_LINGER_MAX_MS * 1000000ULL;
     evbuffer_drain(bufferevent_get_input(c->bev), evbuffer_get_length(bufferevent_get_input(c->bev)));
+    if (c->data_waiting)
+        c->readable = true;
     evtimer_add(c->read_timer, &tv);
     mark_dirty(c); /* read what is already waiting */
+}
+
+/* While an answer streams: has the client closed? Looked for without taking
+ * what it sent, so a pipelined request stays in the socket under TCP's flow
+ * control, and the close behind it (if any) is seen after the answer, as a
+ * half-closing client is owed. true: closed or failed (at its end of stream
+ * a client is gone, as nginx judges it: 499). */
+static bool client_closed_while_streaming(gw_conn *c)
+{
+    char b;
+    ssize_t n = recv(c->fd, &b, 1, MSG_PEEK | MSG_DONTWAIT);
+    if (n == 0)
+        return true;
+    if (n < 0) {
+        if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
+            return true;
+        c->readable = false; /* nothing there */
+        return false;
+    }
+    c->readable = false; /* a request waits: read once the answer is out */
+    c->data_waiting = true;
+    return false;
 }
 
 /* A complete request: make it an evhttp_request and hand it to on_request. */
@@ -4263,6 +4293,10 @@ static void own_complete(gw_conn *c)
         return;
     }
     http1_request_reset(c->parser);
+    if (c->data_waiting) {
+        c->data_waiting = false;
+        c->readable = true;
+    }
     own_parse(c);
 }
 
@@ -4359,8 +4393,9 @@ static void gw_reply_start(struct evhttp_request *req, int status, const char *r
     gw_conn *c = own_conn_of(req);
     if (!c)
         return; /* freed by the stream's end (stream_client_gone) */
-    /* Out of memory for the head: the pieces are dropped and the end closes. */
-    c->own_state = own_write_head(c, req, status, reason, 0, true) ? OWN_STREAMING : OWN_BUSY;
+    c->own_state = OWN_STREAMING;
+    if (!own_write_head(c, req, status, reason, 0, true))
+        own_fail(c); /* out of memory for the head: the stream ends as if the client left */
 }
 
 static void gw_reply_chunk(struct evhttp_request *req, struct evbuffer *buf,
@@ -4449,11 +4484,13 @@ static void client_pump_own(gw_conn *c)
             }
         }
         bool reading = c->own_state == OWN_READING;
-        /* While an answer streams, and while lingering, reading only watches
-         * for the client's close (bytes of a pipelined request wait in `in`;
-         * lingering drops them). */
-        bool watching = c->own_state == OWN_STREAMING || c->own_state == OWN_LINGERING;
-        if (c->readable && !c->eof_pending && (reading || watching) &&
+        bool lingering = c->own_state == OWN_LINGERING;
+        if (c->own_state == OWN_STREAMING && (c->readable || c->peer_closed) && !c->data_waiting &&
+            evbuffer_get_length(in) == 0 && (c->eof_pending || client_closed_while_streaming(c))) {
+            own_fail(c); /* the client left while its answer streamed */
+            return;
+        }
+        if (c->readable && !c->eof_pending && (reading || lingering) &&
             evbuffer_get_length(in) < w->input_high) {
             size_t got;
             int r = client_read(c, in, &got);
@@ -4463,17 +4500,16 @@ static void client_pump_own(gw_conn *c)
             }
             if (r > 0)
                 c->eof_pending = true;
-            if (c->own_state == OWN_LINGERING) {
+            if (lingering) {
                 evbuffer_drain(in, evbuffer_get_length(in));
-                if (r > 0) {
+                if (r > 0 || gw_now_ns() >= c->linger_end_ns) {
                     evhttp_connection_free(c->evcon);
                     return;
                 }
-                progress = got > 0;
-            } else if (watching) {
-                if (r > 0) { /* the client left while its answer streamed */
-                    own_fail(c);
-                    return;
+                if (got > 0) { /* still sending: another OWN_LINGER_MS */
+                    static const struct timeval tv = {OWN_LINGER_MS / 1000, (OWN_LINGER_MS % 1000) * 1000};
+                    evtimer_add(c->read_timer, &tv);
+                    progress = true;
                 }
             } else if (got > 0 || r > 0) {
                 own_parse(c);
@@ -4481,8 +4517,8 @@ static void client_pump_own(gw_conn *c)
                     return;
                 progress = true;
             }
-        } else if (c->eof_pending && watching) {
-            own_fail(c);
+        } else if (c->eof_pending && lingering) {
+            evhttp_connection_free(c->evcon);
             return;
         } else if (c->eof_pending && reading) {
             own_parse(c); /* what is buffered, then the end */

@@ -274,3 +274,18 @@ def test_connect_is_405_with_allow(env):
     assert status == 405, (status, body[:200])
     assert headers.get("allow"), headers
     assert closed
+
+
+def test_slow_uploader_over_the_limit_gets_its_413(env):
+    """A Content-Length over the limit, sent slowly (about 3 s at 100 KiB/s)
+    before the client reads: the linger goes on while the client still sends,
+    so its sends do not fail and it reads its 413."""
+    with raw_connect(env.gw.port, timeout=10) as s:
+        s.sendall(b"POST /own/slow HTTP/1.1\r\n" + HOST + b"Content-Length: 307200\r\n\r\n")
+        chunk = b"s" * 10240
+        for _ in range(30):
+            s.sendall(chunk)  # a reset would raise here
+            time.sleep(0.1)
+        buf, _ = read_until(s, lambda b: split_answers(b)[0], 5.0)
+    answers, _ = split_answers(buf)
+    assert answers and answers[0][0] == 413, buf[:200]

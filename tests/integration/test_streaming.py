@@ -687,6 +687,27 @@ def test_client_closing_during_a_quiet_stream_is_noticed(gw, up):
     assert live(gw)
 
 
+def test_half_closing_pipelined_client_gets_a_streamed_answer_and_the_next(gw, up):
+    """A client pipelines a streamed answer (4 MiB, over the buffer) and a small
+    one, then shuts its side: it gets both whole. Only a client whose end of
+    stream is all that follows is taken as gone (the test above)."""
+    s = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
+    big, small = path(4 * MIB, kind="blob", frame="chunked"), path(10)
+    s.sendall(("GET %s HTTP/1.1\r\nHost: t\r\n\r\nGET %s HTTP/1.1\r\nHost: t\r\n\r\n" % (big, small)).encode())
+    s.shutdown(socket.SHUT_WR)
+    buf = b""
+    while True:
+        b = s.recv(1 << 20)
+        if not b:
+            break
+        buf += b
+    s.close()
+    assert buf.startswith(b"HTTP/1.1 200 "), buf[:200]
+    assert buf.count(b"HTTP/1.1 200 ") == 2, "got %d bytes, %d answers" % (len(buf), buf.count(b"HTTP/1.1 200 "))
+    assert len(buf) > 4 * MIB, len(buf)
+    assert buf.endswith(body_of(10, "json")), buf[-200:]
+
+
 def test_idle_timeout_mid_stream(module_stack, up):
     """Nothing from the upstream for longer than its timeout (1 s): the stream
     is cut about then, not before."""
