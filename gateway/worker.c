@@ -4094,21 +4094,24 @@ static bool is_own_request(const struct evhttp_request *req)
     return req->cb == own_request_tag;
 }
 
+_Static_assert(CONFIG_METHOD_GET == EVHTTP_REQ_GET && CONFIG_METHOD_POST == EVHTTP_REQ_POST &&
+                   CONFIG_METHOD_HEAD == EVHTTP_REQ_HEAD && CONFIG_METHOD_PUT == EVHTTP_REQ_PUT &&
+                   CONFIG_METHOD_DELETE == EVHTTP_REQ_DELETE && CONFIG_METHOD_OPTIONS == EVHTTP_REQ_OPTIONS &&
+                   CONFIG_METHOD_TRACE == EVHTTP_REQ_TRACE && CONFIG_METHOD_CONNECT == EVHTTP_REQ_CONNECT &&
+                   CONFIG_METHOD_PATCH == EVHTTP_REQ_PATCH,
+               "CONFIG_METHOD_* are evhttp's command values");
+
+/* The method token as evhttp's command (the CONFIG_METHOD_* bits are its
+ * values, see on_request); false for one evhttp 2.1 has none for. */
 static bool own_method(const char *m, size_t n, enum evhttp_cmd_type *type)
 {
-    static const struct {
-        const char *name;
-        size_t len;
-        enum evhttp_cmd_type type;
-    } methods[] = {
-        {"GET", 3, EVHTTP_REQ_GET},     {"POST", 4, EVHTTP_REQ_POST},     {"HEAD", 4, EVHTTP_REQ_HEAD},
-        {"PUT", 3, EVHTTP_REQ_PUT},     {"DELETE", 6, EVHTTP_REQ_DELETE}, {"OPTIONS", 7, EVHTTP_REQ_OPTIONS},
-        {"PATCH", 5, EVHTTP_REQ_PATCH}, {"TRACE", 5, EVHTTP_REQ_TRACE},   {"CONNECT", 7, EVHTTP_REQ_CONNECT}};
-    for (size_t i = 0; i < sizeof methods / sizeof methods[0]; i++)
-        if (methods[i].len == n && memcmp(methods[i].name, m, n) == 0) {
-            *type = methods[i].type;
+    for (unsigned bit = CONFIG_METHOD_GET; bit <= CONFIG_METHOD_PATCH; bit <<= 1) {
+        const char *name = gw_method_name(bit);
+        if (strlen(name) == n && memcmp(name, m, n) == 0) {
+            *type = (enum evhttp_cmd_type)bit;
             return true;
         }
+    }
     return false;
 }
 
