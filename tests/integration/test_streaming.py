@@ -339,6 +339,18 @@ def live(gw):
     return resp.status == 200
 
 
+def read_to_eof(s):
+    """Everything the gateway sends on s until it closes; s is closed after."""
+    data = b""
+    while True:
+        b = s.recv(1 << 20)
+        if not b:
+            break
+        data += b
+    s.close()
+    return data
+
+
 # ---------------------------------------------------------------------------
 # Byte-equal bodies, buffered and streamed
 
@@ -378,13 +390,7 @@ def test_http10_client_gets_close_delimited_stream(gw, up):
     s = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
     s.sendall(("GET %s HTTP/1.0\r\nAccept-Encoding: gzip\r\nConnection: keep-alive\r\n\r\n"
                % path(size, frame="chunked")).encode())
-    data = b""
-    while True:
-        b = s.recv(1 << 20)
-        if not b:
-            break
-        data += b
-    s.close()
+    data = read_to_eof(s)
     head, raw = data.split(b"\r\n\r\n", 1)
     text = head.decode().lower()
     assert text.startswith("http/1.") and " 200 " in text.split("\r\n")[0], text
@@ -695,13 +701,7 @@ def test_half_closing_pipelined_client_gets_a_streamed_answer_and_the_next(gw, u
     big, small = path(4 * MIB, kind="blob", frame="chunked"), path(10)
     s.sendall(("GET %s HTTP/1.1\r\nHost: t\r\n\r\nGET %s HTTP/1.1\r\nHost: t\r\n\r\n" % (big, small)).encode())
     s.shutdown(socket.SHUT_WR)
-    buf = b""
-    while True:
-        b = s.recv(1 << 20)
-        if not b:
-            break
-        buf += b
-    s.close()
+    buf = read_to_eof(s)
     assert buf.startswith(b"HTTP/1.1 200 "), buf[:200]
     assert buf.count(b"HTTP/1.1 200 ") == 2, "got %d bytes, %d answers" % (len(buf), buf.count(b"HTTP/1.1 200 "))
     assert len(buf) > 4 * MIB, len(buf)
